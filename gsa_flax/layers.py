@@ -1,0 +1,167 @@
+"""The GSA module (Shen et al. 2020, Fig. 1) as a Flax linen layer.
+
+The layer owns the parameters (the fused 1x1 query/key/value projection, the relative
+position embeddings, the BatchNorm between the axial steps) and calls the pure ops of
+:mod:`gsa_flax.ops`, where the math lives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gsa_flax import ops
+
+POSITIONAL_MODES = ('axial', 'column', 'none')
+POSITION_EMBEDDINGS = ('relative', 'absolute')
+
+
+def global_rel_length(height: int, width: int) -> int:
+  """The relative-embedding length that reaches every pixel of a row and column."""
+  return 2 * max(height, width) - 1
+
+
+def check_gsa_config(
+  features: int,
+  num_heads: int,
+  key_features: int,
+  content: bool,
+  positional: str,
+  position_embedding: str,
+  rel_length: int | None,
+) -> None:
+  """Raises ValueError, naming the knob, when a GSA configuration cannot be built."""
+  if features <= 0 or key_features <= 0:
+    raise ValueError(
+      f'GSA needs positive widths, got features={features}, key_features={key_features}.'
+    )
+  if num_heads <= 0 or features % num_heads or key_features % num_heads:
+    raise ValueError(
+      f'GSA num_heads={num_heads} must divide both the value width features={features} and '
+      f'the key width key_features={key_features}; choose heads that divide both.'
+    )
+  if positional not in POSITIONAL_MODES:
+    raise ValueError(f'GSA positional={positional!r}; valid: {", ".join(POSITIONAL_MODES)}.')
+  if position_embedding not in POSITION_EMBEDDINGS:
+    raise ValueError(
+      f'GSA position_embedding={position_embedding!r}; valid: {", ".join(POSITION_EMBEDDINGS)}.'
+    )
+  if not content and positional == 'none':
+    raise ValueError('GSA with content=False and positional="none" computes nothing; enable one.')
+  if rel_length is not None and (rel_length <= 0 or rel_length % 2 == 0):
+    raise ValueError(f'GSA rel_length must be a positive odd number or None, got {rel_length}.')
+
+
+class GSA(nn.Module):
+  """Global self-attention module: content attention + axial positional attention.
+
+  ``F_out = F_content + F_positional`` with no output projection, residual or
+  normalisation around it (GSA_METHOD "The GSA module"); in a network a BatchNorm and
+  ReLU follow, as they followed the 3x3 convolution that the module replaces.
+
+  Attributes:
+    features: output (value) channels ``d_out``.
+    num_heads: heads; must divide ``features`` and ``key_features``.
+    key_features: query/key channels ``d_k``; ``None`` means ``features // 2``.
+    rel_length: length ``L`` (odd) of the relative position embeddings; ``None`` means
+      global, ``2 * max(H, W) - 1`` sized from the input at ``init``. Inputs larger than
+      the ``L`` a model was initialised with attend within the ``(L-1)/2`` neighbourhood.
+    content: keep the content branch (ablation: ``False`` is positional-only).
+    positional: ``'axial'`` (column step, BatchNorm, row step), ``'column'`` (column step
+      only) or ``'none'`` (content-only).
+    position_embedding: ``'relative'`` (the paper) or ``'absolute'`` (ablation: one
+      learned embedding per key position along each axis, shared by every query).
+    normalize_queries: softmax each query over its channels in the content branch.
+    positional_softmax: softmax the positional weights over the neighbourhood.
+    bn_momentum: momentum of the BatchNorm between the column and row steps.
+    dtype: computation dtype (e.g. ``jnp.bfloat16``).
+    param_dtype: parameter dtype.
+  """
+
+  features: int
+  num_heads: int = 8
+  key_features: int | None = None
+  rel_length: int | None = None
+  content: bool = True
+  positional: str = 'axial'
+  position_embedding: str = 'relative'
+  normalize_queries: bool = False
+  positional_softmax: bool = False
+  bn_momentum: float = 0.9
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Applies GSA to ``x`` ``[batch, height, width, channels]``.
+
+    Returns:
+      ``[batch, height, width, features]``.
+    """
+    key_features = self.features // 2 if self.key_features is None else self.key_features
+    check_gsa_config(
+      self.features,
+      self.num_heads,
+      key_features,
+      self.content,
+      self.positional,
+      self.position_embedding,
+      self.rel_length,
+    )
+    batch, height, width, _ = x.shape
+    heads = self.num_heads
+    dk, dv = key_features // heads, self.features // heads
+
+    # One fused 1x1 projection (no bias: a BatchNorm follows in the network).
+    qkv = nn.Dense(
+      2 * key_features + self.features,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='qkv',
+    )(x)
+    q, k, v = jnp.split(qkv, [key_features, 2 * key_features], axis=-1)
+    q = q.reshape(batch, height, width, heads, dk)
+    k = k.reshape(batch, height, width, heads, dk)
+    v = v.reshape(batch, height, width, heads, dv)
+
+    out = jnp.zeros_like(v)
+    if self.content:
+      out = out + ops.content_attention(q, k, v, normalize_queries=self.normalize_queries)
+    if self.positional != 'none':
+      out = out + self._positional(q, v, train=train)
+    return out.reshape(batch, height, width, self.features)
+
+  def _positional(self, q: jax.Array, v: jax.Array, *, train: bool) -> jax.Array:
+    """Column step, BatchNorm, row step; the same queries in both steps."""
+    _, height, width, heads, dk = q.shape
+    init = nn.initializers.normal(stddev=dk**-0.5)
+    y = self._axial_step(q, v, 'col', height, init, axis=ops.HEIGHT_AXIS)
+    if self.positional == 'column':
+      return y
+    y = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='bn_col',
+    )(y.reshape(*y.shape[:3], -1)).reshape(y.shape)
+    return self._axial_step(q, y, 'row', width, init, axis=ops.WIDTH_AXIS)
+
+  def _axial_step(self, q, v, name, length, init, *, axis):
+    _, height, width, heads, dk = q.shape
+    if self.position_embedding == 'absolute':
+      emb = self.param(f'abs_{name}', init, (length, heads, dk), self.param_dtype)
+      table = jnp.broadcast_to(emb[None], (length, length, heads, dk))
+      return ops.axial_attention(q, v, table, axis=axis, softmax=self.positional_softmax)
+    param_name = f'rel_{name}'
+    if self.rel_length is None and self.has_variable('params', param_name):
+      # Global length was fixed by the input seen at init; other sizes reuse that table.
+      rel = self.get_variable('params', param_name)
+    else:
+      rel_length = self.rel_length or global_rel_length(height, width)
+      rel = self.param(param_name, init, (rel_length, heads, dk), self.param_dtype)
+    return ops.positional_attention(q, v, rel, axis=axis, softmax=self.positional_softmax)

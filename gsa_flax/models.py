@@ -1,0 +1,213 @@
+"""ResNet (the convolutional baseline) and GSA-ResNet, in one family.
+
+GSA-ResNet is ResNet (v1.5 bottleneck blocks, stride on the 3x3) with every 3x3
+convolution of the residual blocks replaced by a :class:`~gsa_flax.layers.GSA` module of
+the same widths; where that convolution had stride 2, a 2x2 average pool (stride 2)
+follows the GSA module. The convolutional stem is kept (GSA_METHOD "GSA-ResNet").
+``attention_stages`` chooses, per stage, attention or convolution, so "where in the network
+global attention pays" is a config change.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gsa_flax.layers import GSA
+
+ModuleDef = Any
+
+
+class BottleneckBlock(nn.Module):
+  """ResNet v1.5 bottleneck block; the 3x3 spatial layer is a conv or a GSA module."""
+
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  gsa: Callable[..., nn.Module] | None = None  # None: 3x3 convolution
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    residual = x
+    y = self.conv(self.filters, (1, 1))(x)
+    y = nn.relu(self.norm()(y))
+    if self.gsa is None:
+      y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
+    else:
+      y = self.gsa(self.filters)(y, train=train)
+      if self.strides > 1:
+        s = (self.strides, self.strides)
+        # SAME + count_include_pad=False keeps odd sizes aligned with the strided shortcut.
+        y = nn.avg_pool(y, s, s, padding='SAME', count_include_pad=False)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    # Zero-init the last BN scale so each block starts as the identity (Goyal et al. 2017).
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(
+        self.filters * 4, (1, 1), (self.strides, self.strides), name='conv_proj'
+      )(residual)
+      residual = self.norm(name='norm_proj')(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """ResNet with bottleneck blocks; stages listed in ``attention_stages`` use GSA.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. ``(3, 4, 6, 3)`` for depth 50.
+    num_classes: classifier outputs.
+    num_filters: width of the first stage (doubles every stage).
+    attention_stages: per stage, True to replace its 3x3 convs by GSA modules; empty means
+      all convolutional.
+    small_stem: a 3x3 stride-1 conv stem without max pooling (small images such as
+      CIFAR); False is the ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool).
+    num_heads, key_ratio, rel_length, content, positional, position_embedding,
+    normalize_queries, positional_softmax: the GSA knobs (see :class:`GSA`);
+      ``key_ratio`` sets ``key_features = int(features * key_ratio)``.
+    bn_momentum: BatchNorm momentum everywhere.
+    dtype: computation dtype; parameters are always ``param_dtype``.
+  """
+
+  stage_sizes: Sequence[int]
+  num_classes: int = 1000
+  num_filters: int = 64
+  attention_stages: Sequence[bool] = ()
+  small_stem: bool = False
+  num_heads: int = 8
+  key_ratio: float = 0.5
+  rel_length: int | None = None
+  content: bool = True
+  positional: str = 'axial'
+  position_embedding: str = 'relative'
+  normalize_queries: bool = False
+  positional_softmax: bool = False
+  bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Maps images ``[batch, height, width, channels]`` to logits ``[batch, num_classes]``."""
+    attention = tuple(self.attention_stages) or (False,) * len(self.stage_sizes)
+    if len(attention) != len(self.stage_sizes):
+      raise ValueError(
+        f'attention_stages has {len(attention)} entries but the network has '
+        f'{len(self.stage_sizes)} stages; give one bool per stage.'
+      )
+    conv = functools.partial(
+      nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    if self.small_stem:
+      x = conv(self.num_filters, (3, 3), name='conv_init')(x)
+      x = nn.relu(norm(name='bn_init')(x))
+    else:
+      x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='conv_init')(x)
+      x = nn.relu(norm(name='bn_init')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    for i, block_count in enumerate(self.stage_sizes):
+      gsa = None
+      if attention[i]:
+        gsa = functools.partial(
+          _GSAFor,
+          num_heads=self.num_heads,
+          key_ratio=self.key_ratio,
+          rel_length=self.rel_length,
+          content=self.content,
+          positional=self.positional,
+          position_embedding=self.position_embedding,
+          normalize_queries=self.normalize_queries,
+          positional_softmax=self.positional_softmax,
+          bn_momentum=self.bn_momentum,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+        )
+      for j in range(block_count):
+        x = BottleneckBlock(
+          self.num_filters * 2**i,
+          conv=conv,
+          norm=norm,
+          strides=2 if i > 0 and j == 0 else 1,
+          gsa=gsa,
+        )(x, train=train)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return x.astype(jnp.float32)
+
+
+def _GSAFor(features: int, *, key_ratio: float, **kwargs) -> GSA:  # noqa: N802
+  """A GSA module of ``features`` value channels and ``key_ratio * features`` key channels."""
+  return GSA(features, key_features=int(features * key_ratio), **kwargs)
+
+
+class GSAResNet(ResNet):
+  """ResNet whose residual-block 3x3 convolutions are all GSA modules (Shen et al. 2020)."""
+
+  attention_stages: Sequence[bool] = (True, True, True, True)
+
+
+ResNet26 = functools.partial(ResNet, stage_sizes=(1, 2, 4, 1))
+ResNet38 = functools.partial(ResNet, stage_sizes=(2, 3, 5, 2))
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3))
+GSAResNet26 = functools.partial(GSAResNet, stage_sizes=(1, 2, 4, 1))
+GSAResNet38 = functools.partial(GSAResNet, stage_sizes=(2, 3, 5, 2))
+GSAResNet50 = functools.partial(GSAResNet, stage_sizes=(3, 4, 6, 3))
+GSAResNet101 = functools.partial(GSAResNet, stage_sizes=(3, 4, 23, 3))
+
+# Small networks for tests, CPU runs and the embedded digits set: one block per stage,
+# a quarter of the width, the small stem.
+ResNetTiny = functools.partial(
+  ResNet, stage_sizes=(1, 1, 1, 1), num_filters=16, small_stem=True, num_heads=4
+)
+GSAResNetTiny = functools.partial(
+  GSAResNet, stage_sizes=(1, 1, 1, 1), num_filters=16, small_stem=True, num_heads=4
+)
+
+MODELS: dict[str, Callable[..., ResNet]] = {
+  'resnet26': ResNet26,
+  'resnet38': ResNet38,
+  'resnet50': ResNet50,
+  'resnet101': ResNet101,
+  'gsa_resnet26': GSAResNet26,
+  'gsa_resnet38': GSAResNet38,
+  'gsa_resnet50': GSAResNet50,
+  'gsa_resnet101': GSAResNet101,
+  'resnet_tiny': ResNetTiny,
+  'gsa_resnet_tiny': GSAResNetTiny,
+}
+
+
+def create_model(name: str, **kwargs: Any) -> ResNet:
+  """Builds a registered network by name.
+
+  Args:
+    name: one of :data:`MODELS` (``resnet50``, ``gsa_resnet50``, ...).
+    **kwargs: module attributes to set or override (``num_classes``, ``dtype``, GSA knobs).
+
+  Returns:
+    The (unbound) linen module.
+  """
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; valid: {", ".join(MODELS)}.')
+  return MODELS[name](**kwargs)
+
+
+def downsampling(model: ResNet) -> int:
+  """Total spatial stride of ``model`` (stem and stages), for input-size checks."""
+  stem = 1 if model.small_stem else 4
+  return stem * 2 ** (len(model.stage_sizes) - 1)
