@@ -1,0 +1,115 @@
+"""ResNet / GSA-ResNet: parameter counts against closed forms, shapes, modes, registry."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gsa_flax import models
+
+DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def _param_count(model, size=224):
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+  )
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(shapes['params']))
+
+
+def closed_form_count(stage_sizes, attention, *, image=224, width=64, classes=1000, key_ratio=0.5):
+  """Parameters of a (GSA-)ResNet by arithmetic over its architecture (GSA_METHOD)."""
+  total = 7 * 7 * 3 * width + 2 * width  # stem conv + BN
+  size = math.ceil(math.ceil(image / 2) / 2)  # 7x7/2 conv, 3x3/2 max pool
+  c_in = width
+  for i, blocks in enumerate(stage_sizes):
+    f = width * 2**i
+    for j in range(blocks):
+      stride = 2 if i > 0 and j == 0 else 1
+      total += c_in * f + 2 * f  # 1x1 reduce + BN
+      if attention[i]:
+        dk = int(f * key_ratio)
+        rel_length = 2 * size - 1  # global, at the block's input resolution
+        total += f * (2 * dk + f) + 2 * rel_length * dk + 2 * f  # qkv, R_col + R_row, BN
+      else:
+        total += 3 * 3 * f * f
+      total += 2 * f  # BN after the spatial layer
+      total += f * 4 * f + 2 * 4 * f  # 1x1 expand + BN
+      if stride != 1 or c_in != 4 * f:
+        total += c_in * 4 * f + 2 * 4 * f  # projection shortcut + BN
+      size = math.ceil(size / stride)
+      c_in = 4 * f
+  return total + c_in * classes + classes
+
+
+def test_resnet50_has_the_standard_parameter_count():
+  assert _param_count(models.ResNet50(num_classes=1000)) == 25_557_032
+  assert closed_form_count(DEPTHS[50], (False,) * 4) == 25_557_032
+
+
+@pytest.mark.parametrize('depth', [26, 38, 50, 101])
+def test_parameter_counts_match_closed_form(depth):
+  gsa = models.create_model(f'gsa_resnet{depth}')
+  assert _param_count(gsa) == closed_form_count(DEPTHS[depth], (True,) * 4)
+  conv = models.create_model(f'resnet{depth}')
+  assert _param_count(conv) == closed_form_count(DEPTHS[depth], (False,) * 4)
+
+
+def test_attention_stages_and_key_ratio_counts():
+  model = models.GSAResNet26(attention_stages=(False, False, True, True), key_ratio=0.25)
+  want = closed_form_count(DEPTHS[26], (False, False, True, True), key_ratio=0.25)
+  assert _param_count(model) == want
+
+
+@pytest.mark.parametrize('name', ['resnet_tiny', 'gsa_resnet_tiny'])
+def test_non_square_forward_and_train_mode(name):
+  model = models.create_model(name, num_classes=7)
+  x = jnp.asarray(np.random.standard_normal((3, 20, 13, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), x, train=False)
+  logits = model.apply(variables, x, train=False)
+  assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+  logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert np.isfinite(np.asarray(logits)).all()
+  changed = jax.tree.map(
+    lambda a, b: not np.allclose(a, b), variables['batch_stats'], updates['batch_stats']
+  )
+  assert all(jax.tree.leaves(changed))
+
+
+def test_gsa_resnet_uses_gsa_in_every_block_and_no_3x3_conv():
+  model = models.GSAResNet26(num_classes=10)
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  )
+  blocks = [k for k in shapes['params'] if k.startswith('BottleneckBlock')]
+  assert len(blocks) == sum(DEPTHS[26])
+  for name in blocks:
+    block = shapes['params'][name]
+    assert 'GSA_0' in block
+    kernels = [leaf.shape for leaf in jax.tree.leaves(block) if leaf.ndim == 4]
+    assert all(k[:2] == (1, 1) for k in kernels)
+
+
+def test_bfloat16_close_to_float32():
+  model = models.GSAResNetTiny(num_classes=10)
+  x = jnp.asarray(np.random.standard_normal((2, 16, 24, 3)), jnp.float32)
+  variables = model.init(jax.random.key(1), x, train=False)
+  # Non-zero final BN scales so the residual branches contribute.
+  variables = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, variables)
+  f32 = model.apply(variables, x, train=False)
+  bf16 = models.GSAResNetTiny(num_classes=10, dtype=jnp.bfloat16).apply(variables, x, train=False)
+  err = np.abs(np.asarray(bf16) - np.asarray(f32)).max() / np.abs(np.asarray(f32)).max()
+  assert err < 5e-2
+
+
+def test_unknown_model_lists_valid_names():
+  with pytest.raises(ValueError, match='gsa_resnet50') as info:
+    models.create_model('gsa_resnet51')
+  assert 'resnet101' in str(info.value)
+
+
+def test_downsampling_factor():
+  assert models.downsampling(models.ResNet50()) == 32
+  assert models.downsampling(models.GSAResNetTiny()) == 8
