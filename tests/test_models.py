@@ -67,10 +67,11 @@ def test_attention_stages_and_key_ratio_counts():
 def test_non_square_forward_and_train_mode(name):
   model = models.create_model(name, num_classes=7)
   x = jnp.asarray(np.random.standard_normal((3, 20, 13, 3)), jnp.float32)
-  variables = model.init(jax.random.key(0), x, train=False)
-  logits = model.apply(variables, x, train=False)
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   assert logits.shape == (3, 7) and logits.dtype == jnp.float32
-  logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  train_apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
+  logits, updates = train_apply(variables, x)
   assert np.isfinite(np.asarray(logits)).all()
   changed = jax.tree.map(
     lambda a, b: not np.allclose(a, b), variables['batch_stats'], updates['batch_stats']
@@ -95,11 +96,12 @@ def test_gsa_resnet_uses_gsa_in_every_block_and_no_3x3_conv():
 def test_bfloat16_close_to_float32():
   model = models.GSAResNetTiny(num_classes=10)
   x = jnp.asarray(np.random.standard_normal((2, 16, 24, 3)), jnp.float32)
-  variables = model.init(jax.random.key(1), x, train=False)
+  variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x)
   # Non-zero final BN scales so the residual branches contribute.
   variables = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, variables)
-  f32 = model.apply(variables, x, train=False)
-  bf16 = models.GSAResNetTiny(num_classes=10, dtype=jnp.bfloat16).apply(variables, x, train=False)
+  f32 = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  bf16_model = models.GSAResNetTiny(num_classes=10, dtype=jnp.bfloat16)
+  bf16 = jax.jit(lambda v, x: bf16_model.apply(v, x, train=False))(variables, x)
   err = np.abs(np.asarray(bf16) - np.asarray(f32)).max() / np.abs(np.asarray(f32)).max()
   assert err < 5e-2
 
