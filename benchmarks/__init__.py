@@ -1,0 +1,1 @@
+"""Rerunnable benchmarks for gsa-flax (not part of the test suite); see BENCHMARKS.md."""
