@@ -1,0 +1,66 @@
+"""Default: a small GSA-ResNet on the embedded digits set (no download, minutes on a CPU).
+
+Every other config imports this one and overrides fields, so every field is defined and
+commented here once. Override any field on the command line: ``--config.batch_size=256``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # --- Model -------------------------------------------------------------------------
+  # A name from gsa_flax.models.MODELS: resnet26|38|50|101, gsa_resnet26|38|50|101,
+  # resnet_tiny, gsa_resnet_tiny.
+  config.model = 'gsa_resnet_tiny'
+  config.num_filters = 16  # Width of the first stage (64 for the paper's networks).
+  config.small_stem = True  # 3x3/1 conv stem, no max pool (small images); False: ImageNet stem.
+  config.dtype = 'float32'  # Compute dtype: 'bfloat16' on TPU/GPU; params stay float32.
+
+  # The GSA module's knobs (GSA_METHOD.md); ignored by the convolutional stages.
+  config.gsa = ml_collections.ConfigDict()
+  config.gsa.num_heads = 4  # Heads per GSA module; must divide every stage's width and d_k.
+  config.gsa.key_ratio = 0.5  # d_k = key_ratio * d_out (paper: unstated; 0.5 is our choice).
+  config.gsa.rel_length = 0  # Odd L of the relative embeddings; 0 = global (2*max(H, W) - 1).
+  config.gsa.content = True  # Content branch on (False: positional-only ablation).
+  config.gsa.positional = 'axial'  # 'axial' | 'column' (column-only) | 'none' (content-only).
+  config.gsa.position_embedding = 'relative'  # 'relative' | 'absolute' (ablation).
+  config.gsa.normalize_queries = False  # Softmax each query over channels (efficient attention).
+  config.gsa.positional_softmax = False  # Softmax the positional weights (paper: none).
+  # One bool per stage: which stages use GSA. () = the model's default (GSA models: all).
+  config.gsa.attention_stages = ()
+
+  # --- Data --------------------------------------------------------------------------
+  config.dataset = (
+    'digits'  # 'digits' (embedded, built from scikit-learn) | 'cifar100' | 'imagenet2012'.
+  )
+  config.data_dir = (
+    ''  # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+  )
+  config.image_size = 32  # Training and eval resolution (digits are upscaled from 8x8).
+
+  # --- Optimisation ------------------------------------------------------------------
+  config.batch_size = 64  # Global batch, over all devices and hosts.
+  config.eval_batch_size = 0  # Global eval batch; 0 = batch_size.
+  config.num_epochs = 8.0  # Length of training in epochs of the train split...
+  config.num_train_steps = -1  # ...unless this is > 0 (-1: from num_epochs).
+  config.learning_rate = 0.4  # Peak learning rate per 256 examples (scaled by batch_size/256).
+  config.warmup_epochs = 1.0  # Linear warmup, then cosine decay to zero.
+  config.momentum = 0.9  # SGD momentum.
+  config.nesterov = True  # Nesterov momentum.
+  config.weight_decay = 5e-5  # L2 on kernels and embeddings (not on BatchNorm or biases).
+  config.label_smoothing = 0.0  # Label smoothing of the cross-entropy targets.
+  config.seed = 0  # Initialisation and data order; the same seed gives the same run.
+
+  # --- Bookkeeping -------------------------------------------------------------------
+  config.log_every_steps = 20  # Train metrics (TensorBoard + log) every this many steps.
+  config.eval_every_steps = 100  # Full eval-split evaluation every this many steps and at the end.
+  config.checkpoint_every_steps = 100  # Checkpoint every this many steps and at the end.
+  config.keep_checkpoints = 3  # Newest checkpoints kept under <workdir>/checkpoints.
+  config.profile_steps = (
+    0  # Steps to trace with the JAX profiler (0: off; needs a GPU/TPU to matter).
+  )
+  config.eval_only = False  # Evaluate the latest checkpoint and exit.
+  config.attention_maps = True  # Write attention-map images to TensorBoard at eval time.
+  return config
