@@ -104,15 +104,37 @@ def matmul_peak_flops(n: int = 2048, dtype: str = 'float32', iters: int = 5) -> 
   return 2 * n**3 / t['min_s']
 
 
-def run_isolated(module: str, args: list[str], python: str | None = None) -> dict[str, Any]:
+def run_isolated(
+  module: str, args: list[str], python: str | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
   """Runs ``python -m module args`` in a fresh process; it prints one JSON line last.
 
   A fresh process per case makes ru_maxrss a per-case peak and keeps allocator state
   from one case out of the next.
   """
   cmd = [python or sys.executable, '-m', module, *args]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  proc = subprocess.run(
+    cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}
+  )
   lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
   if proc.returncode != 0 or not lines:
     return {'error': (proc.stderr.strip().splitlines() or ['?'])[-1], 'rc': proc.returncode}
   return json.loads(lines[-1])
+
+
+def memory_bandwidth(mib: int = 256, iters: int = 5) -> float:
+  """Measured streaming bandwidth (bytes/s): read + write of a ``mib`` MiB float32 array."""
+  import jax
+  import jax.numpy as jnp
+
+  x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+  f = jax.jit(lambda x: x * 1.0001 + 1.0)
+  t = time_fn(lambda: f(x).block_until_ready(), warmup=2, iters=iters)
+  return 2 * x.nbytes / t['min_s']
+
+
+def fit_exponent(xs: list[float], ys: list[float]) -> float:
+  """Least-squares slope of log(y) against log(x): the growth exponent."""
+  import numpy as np
+
+  return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])

@@ -90,6 +90,7 @@ def axial_attention(
   *,
   axis: int,
   softmax: bool = False,
+  order: str = 'auto',
 ) -> Array:
   """Attention along one image axis with position embeddings as the only keys.
 
@@ -106,16 +107,38 @@ def axial_attention(
       step).
     softmax: if True, the weights of each query are softmaxed over its valid keys (an
       ablation knob; the paper uses none).
+    order: contraction order, the same result either way. ``'logits'`` forms the weights
+      ``w`` (``[batch, height, width, heads, n]``) and then sums the values;
+      ``'values'`` first sums the values under the table (``[.., heads, d, e]`` per
+      pixel, one GEMM per head over the key axis) and then contracts with ``q``, which
+      never forms ``w``. ``'auto'`` picks ``'values'`` when it is cheaper (see
+      :func:`_values_first`); a softmax needs the weights, so it always uses ``'logits'``.
 
   Returns:
     ``[batch, height, width, heads, e]``.
   """
+  if axis not in (HEIGHT_AXIS, WIDTH_AXIS):
+    raise ValueError(f'axis must be {HEIGHT_AXIS} (height) or {WIDTH_AXIS} (width), got {axis}.')
+  if order not in ('auto', 'logits', 'values'):
+    raise ValueError(f"order must be 'auto', 'logits' or 'values', got {order!r}.")
+  if softmax and order == 'values':
+    raise ValueError("order='values' never forms the weights, so it cannot softmax them.")
+  if order == 'auto':
+    order = 'logits' if softmax else ('values' if _values_first(q, v, axis) else 'logits')
+  if order == 'values':
+    # Associativity: sum_z (q . T[x, z]) v[z] = q . (sum_z T[x, z] v[z]^T). The inner sum is
+    # a dense [n*d, n] x [n, batch*other*e] GEMM per head, which XLA runs near the matmul
+    # rate, while the weights have a contraction of only d (4-8) and cost memory traffic.
+    table = table.astype(v.dtype)
+    if axis == HEIGHT_AXIS:
+      context = jnp.einsum('xznd,bzyne->bxynde', table, v)
+    else:
+      context = jnp.einsum('yznd,bxzne->bxynde', table, v)
+    return jnp.einsum('bxynd,bxynde->bxyne', q.astype(v.dtype), context)
   if axis == HEIGHT_AXIS:
     logits = jnp.einsum('bxynd,xznd->bxynz', q, table.astype(q.dtype))
-  elif axis == WIDTH_AXIS:
-    logits = jnp.einsum('bxynd,yznd->bxynz', q, table.astype(q.dtype))
   else:
-    raise ValueError(f'axis must be {HEIGHT_AXIS} (height) or {WIDTH_AXIS} (width), got {axis}.')
+    logits = jnp.einsum('bxynd,yznd->bxynz', q, table.astype(q.dtype))
   if softmax:
     # mask [query, key] -> broadcast over [b, x, y, n, z] with the query on `axis`.
     mask = None if valid is None else (valid[:, None, None, :] if axis == 1 else valid[:, None, :])
@@ -128,8 +151,29 @@ def axial_attention(
   return jnp.einsum('bxynz,bxzne->bxyne', logits, v)
 
 
+def _values_first(q: Array, v: Array, axis: int) -> bool:
+  """Whether the values-first order of :func:`axial_attention` is the faster one.
+
+  Per pixel and head, logits-first keeps ``n`` weights (``n`` the length of the attended
+  axis) and does ``n * (d + e)`` multiply-adds in batched dots whose contraction is only
+  ``d``, plus transposes of the weights: it is bound by memory traffic, which grows worse
+  once the weights leave the caches. Values-first keeps ``d * e`` sums and does
+  ``n * d * e`` multiply-adds, in GEMMs that run near the matmul rate. Measured on CPU
+  (BENCHMARKS.md, "Contraction order"), values-first wins when ``d * e <= 0.6 * n``:
+  GSA-ResNet-50's first stage at 224 (``d * e = 32``, ``n = 56``), and ``d = e = 8`` at
+  112x112; never the deeper stages, whose ``d * e`` grows 4x per stage while ``n`` halves.
+  """
+  return q.shape[-1] * v.shape[-1] <= 0.6 * q.shape[axis]
+
+
 def positional_attention(
-  q: Array, v: Array, rel: Array, *, axis: int, softmax: bool = False
+  q: Array,
+  v: Array,
+  rel: Array,
+  *,
+  axis: int,
+  softmax: bool = False,
+  order: str = 'auto',
 ) -> Array:
   """One axial step of GSA positional attention with relative position embeddings.
 
@@ -145,9 +189,11 @@ def positional_attention(
     rel: relative embeddings ``[L, heads, d]``, ``L`` odd, ``rel[(L-1)//2]`` = offset 0.
     axis: ``1`` for the column step, ``2`` for the row step.
     softmax: softmax the weights over the neighbourhood (ablation; default off).
+    order: contraction order (``'auto'``, ``'logits'``, ``'values'``); see
+      :func:`axial_attention`.
 
   Returns:
     ``[batch, height, width, heads, e]``.
   """
   table, valid = relative_table(rel, q.shape[axis])
-  return axial_attention(q, v, table, valid, axis=axis, softmax=softmax)
+  return axial_attention(q, v, table, valid, axis=axis, softmax=softmax, order=order)

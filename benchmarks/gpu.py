@@ -1,0 +1,207 @@
+"""GPU benchmark: GSA-ResNet-50 and ResNet-50 train steps in bfloat16, and the GSA module.
+
+One script, under 8 minutes on one H100:
+
+1. the accelerator's measured bfloat16 matmul rate (a large ``jnp.dot``) and memory
+   bandwidth (a large elementwise pass): the ceilings;
+2. the project's real train step (``gsa_flax.train.train_step``, jitted with donated state
+   as ``train_and_evaluate`` does) of ResNet-50 and GSA-ResNet-50 at 224x224,
+   ``config.dtype='bfloat16'`` (parameters stay float32), batch 128 and 256, on a fixed
+   random batch: compile time, per-step times, images/s and model FLOPs utilisation
+   (XLA's FLOPs of the compiled step / step time / measured matmul rate);
+3. the GSA module alone (GSA-ResNet-50's first stage: 64 channels, 8 heads, 56x56) forward
+   + backward in bfloat16, against its floors: FLOPs / matmul rate and bytes accessed
+   (XLA's estimate) / bandwidth.
+
+Cases that would overrun ``--budget-s`` are skipped and listed; a case that fails (e.g.
+out of memory) is reported and the rest still run.
+
+  python -m benchmarks.gpu                 # on the GPU machine
+  python -m benchmarks.gpu --smoke         # CPU, tiny models and sizes, < 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+
+
+def matmul_rate(n: int, dtype, iters: int = 10) -> float:
+  """Measured dense matmul FLOP/s at ``n x n`` in ``dtype`` (best of ``iters``)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
+  t = common.time_fn(lambda: f(a, b).block_until_ready(), warmup=3, iters=iters)
+  return 2 * n**3 / t['min_s']
+
+
+def bandwidth(mib: int, iters: int = 10) -> float:
+  """Measured bytes/s of an elementwise read + write pass over ``mib`` MiB of float32."""
+  x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+  f = jax.jit(lambda x: x * 1.0001 + 1.0)
+  t = common.time_fn(lambda: f(x).block_until_ready(), warmup=3, iters=iters)
+  return 2 * x.nbytes / t['min_s']
+
+
+def train_case(model_name: str, batch: int, image_size: int, dtype: str, steps: int) -> dict:
+  """Compile and time the project's train step; per-step wall times."""
+  from configs import imagenet
+  from gsa_flax import train
+
+  config = imagenet.get_config()
+  config.model = model_name
+  config.batch_size = batch
+  config.image_size = image_size
+  config.dtype = dtype
+  if model_name.endswith('tiny'):  # the smoke test's small networks
+    config.num_filters, config.small_stem, config.gsa.num_heads = 16, True, 4
+  schedule = train.learning_rate_schedule(config, steps_per_epoch=1000, num_train_steps=10_000)
+  model = train.create_model(config, 1000)
+  tx = train.create_optimizer(config, schedule)
+  state = jax.jit(
+    functools.partial(train.create_train_state, config, model, tx, image_size=image_size)
+  )(jax.random.key(0))
+  data = {
+    'image': jax.random.normal(jax.random.key(1), (batch, image_size, image_size, 3)),
+    'label': jax.random.randint(jax.random.key(2), (batch,), 0, 1000),
+  }
+  step = jax.jit(
+    functools.partial(
+      train.train_step,
+      schedule=schedule,
+      num_classes=1000,
+      label_smoothing=config.label_smoothing,
+    ),
+    donate_argnums=0,
+  )
+  t0 = time.perf_counter()
+  compiled = step.lower(state, data).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(steps + 2):  # the first two steps warm up (allocation, autotuning)
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, data)
+    jax.block_until_ready((state, metrics))
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  return {
+    'compile_s': compile_s,
+    'step_s': statistics.median(times),
+    'step_times_s': times,
+    'flops': common.xla_flops(compiled),
+    'peak_bytes': common.xla_peak_bytes(compiled),
+  }
+
+
+def gsa_case(batch: int, size: int, channels: int, heads: int, dtype, iters: int) -> dict:
+  """The GSA module alone, forward + backward (params and input), train-mode BatchNorm."""
+  from gsa_flax.layers import GSA
+
+  module = GSA(channels, num_heads=heads, dtype=dtype)
+  x = jax.random.normal(jax.random.key(0), (batch, size, size, channels), dtype)
+  variables = module.init(jax.random.key(1), x, train=False)
+
+  def loss(params, x):
+    y, _ = module.apply(
+      {'params': params, 'batch_stats': variables['batch_stats']},
+      x,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(variables['params'], x)
+  compiled = compiled.compile()
+  t = common.time_fn(
+    lambda: jax.block_until_ready(compiled(variables['params'], x)), warmup=3, iters=iters
+  )
+  mem = compiled.memory_analysis()
+  return {
+    'step_s': t['median_s'],
+    'flops': common.xla_flops(compiled),
+    'bytes_accessed': common.xla_bytes(compiled),
+    # What any implementation must at least move: read inputs + params, write grads.
+    'io_bytes': mem.argument_size_in_bytes + mem.output_size_in_bytes,
+    'peak_bytes': common.xla_peak_bytes(compiled),
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--smoke', action='store_true', help='CPU, tiny models and sizes')
+  parser.add_argument('--batches', type=int, nargs='+', default=[128, 256])
+  parser.add_argument('--steps', type=int, default=10, help='timed train steps per case')
+  parser.add_argument('--budget-s', type=float, default=450.0, help='skip cases past this')
+  args = parser.parse_args()
+  if args.smoke:
+    models, batches, image_size, steps = ('resnet_tiny', 'gsa_resnet_tiny'), [2], 32, 2
+    mm_n, bw_mib, gsa_shape = 512, 64, (2, 16, 32, 4)
+  else:
+    models, batches, image_size, steps = ('resnet50', 'gsa_resnet50'), args.batches, 224, args.steps
+    mm_n, bw_mib, gsa_shape = 8192, 2048, (128, 56, 64, 8)
+  start = time.perf_counter()
+  device = jax.devices()[0]
+  print(f'# {device.device_kind} ({device.platform}); jax {jax.__version__}; smoke={args.smoke}')
+  peak = matmul_rate(mm_n, jnp.bfloat16)
+  bw = bandwidth(bw_mib)
+  print(
+    f'# measured bf16 matmul ({mm_n}^2): {peak / 1e12:.1f} TFLOP/s; bandwidth {bw / 1e9:.0f} GB/s'
+  )
+
+  print(
+    '\n| model | batch | step ms (median) | images/s | compile s | GFLOP/step | MFU '
+    '| XLA plan GiB |'
+  )
+  print('|---|---:|---:|---:|---:|---:|---:|---:|')
+  skipped = []
+  for batch in batches:
+    for name in models:
+      if time.perf_counter() - start > args.budget_s:
+        skipped.append(f'{name} batch {batch}')
+        continue
+      try:
+        r = train_case(name, batch, image_size, 'bfloat16', steps)
+      except Exception as e:  # noqa: BLE001 - report (e.g. OOM) and go on with the others
+        print(f'| {name} | {batch} | failed: {type(e).__name__}: {str(e)[:120]} | | | | | |')
+        traceback.print_exc(limit=1)
+        continue
+      print(
+        f'| {name} | {batch} | {r["step_s"] * 1e3:.1f} | {batch / r["step_s"]:.0f} '
+        f'| {r["compile_s"]:.0f} | {r["flops"] / 1e9:.1f} '
+        f'| {100 * r["flops"] / r["step_s"] / peak:.1f}% | {r["peak_bytes"] / 2**30:.1f} |',
+        flush=True,
+      )
+      print(f'<!-- per-step ms: {", ".join(f"{t * 1e3:.1f}" for t in r["step_times_s"])} -->')
+
+  b, s, c, h = gsa_shape
+  r = gsa_case(b, s, c, h, jnp.bfloat16, iters=steps)
+  flop_floor = r['flops'] / peak
+  bw_floor = r['bytes_accessed'] / bw
+  io_floor = r['io_bytes'] / bw
+  print(f'\nGSA module alone, batch {b}, {s}x{s}, {c} channels, {h} heads, bf16, fwd + bwd:\n')
+  print(
+    '| step ms | GFLOP | FLOP floor ms | XLA bytes GB | bandwidth floor ms | I/O floor ms '
+    '| bound | time / max(floors) |'
+  )
+  print('|---:|---:|---:|---:|---:|---:|---|---:|')
+  bound = 'memory' if bw_floor > flop_floor else 'arithmetic'
+  print(
+    f'| {r["step_s"] * 1e3:.2f} | {r["flops"] / 1e9:.1f} | {flop_floor * 1e3:.2f} '
+    f'| {r["bytes_accessed"] / 1e9:.2f} | {bw_floor * 1e3:.2f} | {io_floor * 1e3:.2f} | {bound} '
+    f'| {r["step_s"] / max(flop_floor, bw_floor):.1f}x |'
+  )
+  if skipped:
+    print(f'\nskipped (time budget {args.budget_s:.0f} s): {"; ".join(skipped)}')
+  print(f'\n# total {time.perf_counter() - start:.0f} s')
+
+
+if __name__ == '__main__':
+  main()

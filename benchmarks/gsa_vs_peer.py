@@ -1,0 +1,242 @@
+"""Our GSA layer against the public PyTorch peer (`gsa-pytorch`), forward + backward, CPU.
+
+Both sides compute the same module: the peer's ``dim_key`` is per head and it uses the same
+width for queries, keys and values, so ours is configured with ``key_features = features``
+(``d = e = features / heads`` per head); its ``rel_pos_length=S`` gives ``2S - 1`` relative
+offsets, our global default. Differences that remain, and how they are handled:
+
+* the peer ends with a 1x1 output convolution (with bias) that the paper's module does not
+  have: ``peer`` has it replaced by the identity (the same math as ours) and is the
+  baseline of the ratio; ``peer+out`` is the module as shipped, for reference;
+* the peer shares each position table over heads (``[2S-1, d]``) where ours has one per
+  head (``[2S-1, heads, d]``): a parameter-count difference; the compute is the same;
+* the peer's BatchNorm between the axial steps normalises ``d`` channels pooled over
+  heads, ours each of the ``heads * d`` channels: the same cost.
+
+torch runs with ``--threads`` (2) intra-op threads and ``OMP_WAIT_POLICY=PASSIVE``: on this
+shared machine, OpenMP's default spin-waiting made the peer 10-60x slower whenever another
+process held a core (3.3 s instead of 52 ms at 28x28), which would flatter us.
+``--omp-active`` restores the default.
+
+Every case runs in a fresh process (so peaks are per case), cases are interleaved
+(A, B, A, B, ...) so machine load hits both sides alike, and each process reports the
+one-minute load average. Time: median of ``--iters`` steps after one warm-up step (the
+warm-up, which includes JAX's compile, is reported separately). Memory beyond inputs and
+parameters: for JAX, XLA's compiled plan (``memory_analysis``: outputs + temporaries);
+for torch, the growth of the process's peak RSS (``ru_maxrss``) over the step.
+
+  /work/venv-bench/bin/python -m benchmarks.gsa_vs_peer            # 28, 56, 112; ~5 min
+  /work/venv-bench/bin/python -m benchmarks.gsa_vs_peer --sizes 28 --reps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from benchmarks import common
+
+IMPLS = ('ours', 'ours-logits', 'peer', 'peer+out')
+
+
+def _run_jax(args: argparse.Namespace, impl: str, size: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from gsa_flax import ops
+  from gsa_flax.layers import GSA
+
+  if impl == 'ours-logits':
+    # The order of contraction the ops had before the speed work (weights first).
+    ops._values_first = lambda q, v, axis: False
+  c, h, b = args.channels, args.heads, args.batch
+  module = GSA(c, num_heads=h, key_features=c)
+  x = jax.random.normal(jax.random.key(0), (b, size, size, c))
+  variables = module.init(jax.random.key(1), x, train=False)
+
+  def loss(params, x):
+    y, _ = module.apply(
+      {'params': params, 'batch_stats': variables['batch_stats']},
+      x,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    return jnp.sum(y * y)
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  compiled = step.lower(variables['params'], x).compile()
+  mem = compiled.memory_analysis()
+  t = common.time_fn(
+    lambda: jax.block_until_ready(compiled(variables['params'], x)), iters=args.iters
+  )
+  return {
+    **t,
+    'flops': common.xla_flops(compiled),
+    'bytes_accessed': common.xla_bytes(compiled),
+    'peak_mib': (mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**20,
+    'memory': 'XLA plan: outputs + temporaries',
+  }
+
+
+def _run_torch(args: argparse.Namespace, impl: str, size: int) -> dict:
+  import torch
+  from gsa_pytorch import GSA
+
+  torch.set_num_threads(args.threads)
+  c, h, b = args.channels, args.heads, args.batch
+  torch.manual_seed(0)
+  module = GSA(c, rel_pos_length=size, heads=h, dim_key=c // h)
+  if impl == 'peer':
+    module.to_out = torch.nn.Identity()
+  x = torch.randn(b, c, size, size, requires_grad=True)
+
+  def step():
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    loss = (module(x) ** 2).sum()
+    loss.backward()
+
+  base = common.maxrss_mib()
+  t = common.time_fn(step, iters=args.iters)
+  flops = None
+  try:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+      step()
+    flops = float(counter.get_total_flops())
+  except Exception:  # noqa: BLE001 - the counter is optional; time and memory still stand.
+    pass
+  return {
+    **t,
+    'flops': flops,
+    'peak_mib': common.maxrss_mib() - base,
+    'memory': 'ru_maxrss growth over the step',
+  }
+
+
+def run_case(args: argparse.Namespace) -> None:
+  """One (impl, size) case in this process; prints one JSON line."""
+  impl, size = args.case.split(',')
+  size = int(size)
+  load0 = common.loadavg()
+  run = _run_jax if impl.startswith('ours') else _run_torch
+  result = run(args, impl, size)
+  result.update(impl=impl, size=size, load_before=load0)
+  print(json.dumps(result))
+
+
+def matmul_rates(args: argparse.Namespace) -> None:
+  """Prints JAX's and torch's measured float32 matmul rate (GFLOP/s) as one JSON line."""
+  import torch
+
+  torch.set_num_threads(args.threads)
+  n = 2048
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  t = common.time_fn(lambda: a @ b, warmup=2, iters=5)
+  print(
+    json.dumps(
+      {
+        'jax_gflops': common.matmul_peak_flops(n) / 1e9,
+        'torch_gflops': 2 * n**3 / t['min_s'] / 1e9,
+        'load': common.loadavg(),
+      }
+    )
+  )
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--sizes', type=int, nargs='+', default=[28, 56, 112])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--channels', type=int, default=64)
+  parser.add_argument('--heads', type=int, default=8)
+  parser.add_argument('--iters', type=int, default=3)
+  parser.add_argument('--reps', type=int, default=2, help='interleaved repetitions per case')
+  parser.add_argument('--threads', type=int, default=2, help='torch intra-op threads')
+  parser.add_argument('--impls', nargs='+', default=list(IMPLS), choices=IMPLS)
+  parser.add_argument('--omp-active', action='store_true', help="torch: OpenMP's default wait")
+  parser.add_argument('--json', help='also write all raw results to this file')
+  parser.add_argument('--case', help=argparse.SUPPRESS)
+  parser.add_argument('--matmul', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.case:
+    return run_case(args)
+  if args.matmul:
+    return matmul_rates(args)
+
+  passthrough = [
+    f'--{k}={getattr(args, k)}' for k in ('batch', 'channels', 'heads', 'iters', 'threads')
+  ]
+  print(f'# GSA forward+backward, ours vs gsa-pytorch; {common.machine()}', flush=True)
+  print(f'# {" ".join(sys.argv)}', flush=True)
+  torch_env = {'OMP_WAIT_POLICY': 'PASSIVE'}
+  rates = common.run_isolated(
+    'benchmarks.gsa_vs_peer', ['--matmul', *passthrough], env=None if args.omp_active else torch_env
+  )
+  print(f'# float32 matmul (2048^2): {json.dumps(rates)}', flush=True)
+  results = []
+  for rep in range(args.reps):
+    for size in args.sizes:
+      impls = args.impls if rep % 2 == 0 else args.impls[::-1]
+      for impl in impls:
+        env = None if args.omp_active or impl.startswith('ours') else torch_env
+        r = common.run_isolated(
+          'benchmarks.gsa_vs_peer', [f'--case={impl},{size}', *passthrough], env=env
+        )
+        r.setdefault('impl', impl)
+        r.setdefault('size', size)
+        print(f'#   rep {rep} {json.dumps(r)}', flush=True)
+        results.append(r)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'matmul': rates, 'args': vars(args), 'results': results}, f, indent=1)
+  print_table(args, results, rates)
+
+
+def print_table(args: argparse.Namespace, results: list[dict], rates: dict) -> None:
+  """Markdown: per size and impl, median time over reps, compile, memory, ratio to peer."""
+
+  def agg(impl, size, key):
+    vals = [r[key] for r in results if r['impl'] == impl and r['size'] == size and key in r]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+  print(
+    f'\nbatch {args.batch}, {args.channels} channels, {args.heads} heads '
+    f'(d = e = {args.channels // args.heads} per head), float32, forward + backward '
+    '(gradients of params and input), train-mode BatchNorm.\n'
+  )
+  print(
+    '| size | impl | step ms (median) | first call ms | extra memory MiB | GFLOP | GFLOP/s '
+    '| % of matmul rate | speed vs peer | load |'
+  )
+  print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+  for size in args.sizes:
+    peer = agg('peer', size, 'median_s')
+    for impl in args.impls:
+      t = agg(impl, size, 'median_s')
+      if t is None:
+        err = next((r.get('error') for r in results if r['impl'] == impl and r['size'] == size), '')
+        print(f'| {size} | {impl} | failed: {err} | | | | | | | |')
+        continue
+      flops = agg(impl, size, 'flops')
+      rate = rates.get('jax_gflops' if impl.startswith('ours') else 'torch_gflops')
+      gfs = flops / t / 1e9 if flops else None
+      print(
+        f'| {size} | {impl} | {t * 1e3:.1f} | {agg(impl, size, "first_s") * 1e3:.0f} '
+        f'| {agg(impl, size, "peak_mib"):.0f} '
+        f'| {flops / 1e9:.2f} | {gfs:.1f} | {100 * gfs / rate:.0f}% '
+        if flops and rate
+        else f'| {size} | {impl} | {t * 1e3:.1f} | {agg(impl, size, "first_s") * 1e3:.0f} '
+        f'| {agg(impl, size, "peak_mib"):.0f} | - | - | - ',
+        end='',
+      )
+      ratio = f'{peer / t:.2f}x' if peer else '-'
+      print(f'| {ratio} | {agg(impl, size, "load"):.1f} |')
+
+
+if __name__ == '__main__':
+  main()
