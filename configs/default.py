@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   # A name from gsa_flax.models.MODELS: resnet26|38|50|101, gsa_resnet26|38|50|101,
   # resnet_tiny, gsa_resnet_tiny.
   config.model = 'gsa_resnet_tiny'
+  config.stage_sizes = ()  # Blocks per stage, e.g. (3, 4, 6, 3); () = the model's own depth.
   config.num_filters = 16  # Width of the first stage (64 for the paper's networks).
   config.small_stem = True  # 3x3/1 conv stem, no max pool (small images); False: ImageNet stem.
   config.dtype = 'float32'  # Compute dtype: 'bfloat16' on TPU/GPU; params stay float32.
@@ -38,14 +39,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = (
     ''  # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
   )
-  config.image_size = 32  # Training and eval resolution (digits are upscaled from 8x8).
+  config.image_size = 16  # Training and eval resolution (digits are upscaled from 8x8).
 
   # --- Optimisation ------------------------------------------------------------------
   config.batch_size = 64  # Global batch, over all devices and hosts.
   config.eval_batch_size = 0  # Global eval batch; 0 = batch_size.
-  config.num_epochs = 8.0  # Length of training in epochs of the train split...
+  config.num_epochs = 15.0  # Length of training in epochs of the train split...
   config.num_train_steps = -1  # ...unless this is > 0 (-1: from num_epochs).
-  config.learning_rate = 0.4  # Peak learning rate per 256 examples (scaled by batch_size/256).
+  config.learning_rate = 1.0  # Peak learning rate per 256 examples (scaled by batch_size/256).
   config.warmup_epochs = 1.0  # Linear warmup, then cosine decay to zero.
   config.momentum = 0.9  # SGD momentum.
   config.nesterov = True  # Nesterov momentum.
@@ -55,8 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Bookkeeping -------------------------------------------------------------------
   config.log_every_steps = 20  # Train metrics (TensorBoard + log) every this many steps.
-  config.eval_every_steps = 100  # Full eval-split evaluation every this many steps and at the end.
-  config.checkpoint_every_steps = 100  # Checkpoint every this many steps and at the end.
+  config.eval_every_steps = 110  # Full eval-split evaluation every this many steps and at the end.
+  config.checkpoint_every_steps = 110  # Checkpoint every this many steps and at the end.
   config.keep_checkpoints = 3  # Newest checkpoints kept under <workdir>/checkpoints.
   config.profile_steps = (
     0  # Steps to trace with the JAX profiler (0: off; needs a GPU/TPU to matter).

@@ -96,12 +96,15 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
     config.model, num_filters=config.num_filters, small_stem=config.small_stem
   )
   stages = len(model.stage_sizes)
-  attention = tuple(gsa.attention_stages) or tuple(model.attention_stages) or (False,) * stages
+  if gsa.attention_stages:
+    model = model.clone(attention_stages=tuple(gsa.attention_stages))
   _require(
-    len(attention) == stages,
-    f'config.gsa.attention_stages={tuple(gsa.attention_stages)} has {len(attention)} entries; '
-    f'{config.model} has {stages} stages: give one bool per stage.',
+    not gsa.attention_stages or len(gsa.attention_stages) == stages,
+    f'config.gsa.attention_stages={tuple(gsa.attention_stages)} has '
+    f'{len(gsa.attention_stages)} entries; {config.model} has {stages} stages: give one '
+    'bool per stage.',
   )
+  attention = model.stage_attention()
   for i, uses_gsa in enumerate(attention):
     if not uses_gsa:
       continue

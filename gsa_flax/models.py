@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -65,7 +65,7 @@ class ResNet(nn.Module):
     num_classes: classifier outputs.
     num_filters: width of the first stage (doubles every stage).
     attention_stages: per stage, True to replace its 3x3 convs by GSA modules; empty means
-      all convolutional.
+      the class's default (ResNet: none, GSAResNet: every stage).
     small_stem: a 3x3 stride-1 conv stem without max pooling (small images such as
       CIFAR); False is the ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool).
     num_heads, key_ratio, rel_length, content, positional, position_embedding,
@@ -92,15 +92,23 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """Maps images ``[batch, height, width, channels]`` to logits ``[batch, num_classes]``."""
-    attention = tuple(self.attention_stages) or (False,) * len(self.stage_sizes)
+  # Whether stages use GSA when attention_stages is empty (GSAResNet: all of them).
+  attention_by_default: ClassVar[bool] = False
+
+  def stage_attention(self) -> tuple[bool, ...]:
+    """One bool per stage: True where the 3x3 convolutions are GSA modules."""
+    attention = tuple(self.attention_stages) or (self.attention_by_default,) * len(self.stage_sizes)
     if len(attention) != len(self.stage_sizes):
       raise ValueError(
         f'attention_stages has {len(attention)} entries but the network has '
         f'{len(self.stage_sizes)} stages; give one bool per stage.'
       )
+    return attention
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Maps images ``[batch, height, width, channels]`` to logits ``[batch, num_classes]``."""
+    attention = self.stage_attention()
     conv = functools.partial(
       nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
     )
@@ -157,7 +165,7 @@ def _GSAFor(features: int, *, key_ratio: float, **kwargs) -> GSA:  # noqa: N802
 class GSAResNet(ResNet):
   """ResNet whose residual-block 3x3 convolutions are all GSA modules (Shen et al. 2020)."""
 
-  attention_stages: Sequence[bool] = (True, True, True, True)
+  attention_by_default: ClassVar[bool] = True
 
 
 ResNet26 = functools.partial(ResNet, stage_sizes=(1, 2, 4, 1))

@@ -7,7 +7,6 @@ its own: the pipeline is a deterministic function of ``(seed, step)``, so resumi
 ``k`` replays exactly the batches an uninterrupted run would have seen.
 """
 
-
 import collections
 import functools
 import json
@@ -56,7 +55,7 @@ class FirstNonFinite(metrics.Metric):
   _NONE = np.iinfo(np.int32).max
 
   @classmethod
-  def from_model_output(cls, *, step, loss, grad_norm, **_) -> "FirstNonFinite":
+  def from_model_output(cls, *, step, loss, grad_norm, **_) -> 'FirstNonFinite':
     bad_loss = ~jnp.isfinite(loss)
     bad = bad_loss | ~jnp.isfinite(grad_norm)
     return cls(
@@ -64,7 +63,7 @@ class FirstNonFinite(metrics.Metric):
       which=jnp.where(bad_loss, 0, 1).astype(jnp.int32),
     )
 
-  def merge(self, other: "FirstNonFinite") -> "FirstNonFinite":
+  def merge(self, other: 'FirstNonFinite') -> 'FirstNonFinite':
     take_other = other.step < self.step
     return type(self)(
       step=jnp.where(take_other, other.step, self.step),
@@ -117,6 +116,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
     normalize_queries=gsa.normalize_queries,
     positional_softmax=gsa.positional_softmax,
   )
+  if config.stage_sizes:
+    kwargs['stage_sizes'] = tuple(config.stage_sizes)
   if gsa.attention_stages:
     kwargs['attention_stages'] = tuple(gsa.attention_stages)
   return models.create_model(config.model, **kwargs)
@@ -197,7 +198,7 @@ def train_step(
     logits=logits,
     labels=batch['label'],
     learning_rate=schedule(state.step),
-    grad_norm=optax.global_norm(grads),
+    grad_norm=optax.tree.norm(grads),
     step=state.step + 1,
   )
   return new_state, step_metrics

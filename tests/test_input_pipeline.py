@@ -18,14 +18,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+import tfds_mock
 from sklearn.datasets import load_digits
+from tfds_mock import MOCK_EXAMPLES
 
 from gsa_flax import input_pipeline
 from gsa_flax.datasets import digits as digits_lib
 
 # A multiple of 8, so the stored digits are the source pixels replicated 2x2 (np.kron).
 IMAGE_SIZE = 16
-MOCK_EXAMPLES = 12
 
 
 @pytest.fixture(scope='module')
@@ -320,41 +321,9 @@ def test_missing_dataset(tmp_path, dataset):
 # cifar100 and imagenet2012 on mocked data
 
 
-@pytest.fixture(scope='module')
-def mock_data_dir(tmp_path_factory):
-  """Real TFDS metadata (features, labels) of cifar100 and imagenet2012, tiny splits."""
-  root = tmp_path_factory.mktemp('mock_metadata')
-  for name in ['cifar100', 'imagenet2012']:
-    builder = tfds.builder(name, data_dir=str(root))
-    splits = [input_pipeline.train_split_name(name), input_pipeline.eval_split_name(name)]
-    builder.info.set_splits(
-      tfds.core.SplitDict(
-        [
-          tfds.core.SplitInfo(
-            name=split,
-            shard_lengths=[MOCK_EXAMPLES],
-            num_bytes=0,
-            filename_template=tfds.core.ShardedFileTemplate(
-              data_dir=builder.data_path,
-              dataset_name=name,
-              split=split,
-              filetype_suffix='tfrecord',
-            ),
-          )
-          for split in splits
-        ]
-      )
-    )
-    builder.data_path.mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_path)
-  return str(root)
-
-
 @pytest.mark.parametrize(('dataset', 'image_size'), [('cifar100', 40), ('imagenet2012', 24)])
 def test_mocked_dataset_through_real_loading(mock_data_dir, dataset, image_size):
-  with tfds.testing.mock_data(
-    num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=mock_data_dir
-  ):
+  with tfds_mock.mock(mock_data_dir):
     builder = input_pipeline.get_builder(dataset, '/data/dir/ignored/by/mock')
     assert input_pipeline.num_classes(builder) == (1000 if dataset == 'imagenet2012' else 100)
     kwargs = dict(dataset=dataset, global_batch_size=4, image_size=image_size, seed=3)

@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections); each file has get_config()."""

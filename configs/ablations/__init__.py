@@ -1,0 +1,1 @@
+"""Ablations of the GSA module (Shen et al. 2020, Sec. 4.4) on the ImageNet recipe."""
