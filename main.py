@@ -7,6 +7,7 @@ Every host of a multi-host run (Cloud TPU pod slice, GPU cluster) runs the same 
 A run restarted with the same --workdir resumes from its latest checkpoint.
 """
 
+import logging as logging_std
 import os
 import sys
 
@@ -47,7 +48,15 @@ def _init_distributed() -> None:
     jax.distributed.initialize()
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax (dozens of lines per save); keeps its warnings."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   _init_distributed()
