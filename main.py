@@ -68,7 +68,7 @@ def main(argv):
   user_errors = (
     config_validation.ConfigError,
     input_pipeline.DatasetNotFoundError,
-    checkpointing.CheckpointMismatchError,
+    checkpointing.CheckpointError,
     FloatingPointError,
   )
 

@@ -16,10 +16,18 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+  """The checkpoints of a workdir cannot be used as they are."""
+
+
+class CheckpointMismatchError(CheckpointError):
   """The checkpoint was written by a different model or configuration."""
+
+
+UNREADABLE = 'checkpoints_unreadable'
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -104,22 +112,40 @@ class Checkpointer:
           ),
         )
       except Exception as error:  # noqa: BLE001  (any unreadable step: fall back, delete nothing)
+        kept = self._set_aside(step)
         logging.warning(
-          'Checkpoint %s is unreadable (%s: %s); trying an older one. It was not deleted.',
-          self.directory / str(step),
+          'Checkpoint step %d is unreadable (%s: %s); moved to %s (nothing deleted) and trying '
+          'an older one.',
+          step,
           type(error).__name__,
           str(error).splitlines()[0][:300] if str(error) else '',
+          kept,
         )
         continue
       if step != steps[-1]:
         logging.warning('Resumed from step %d, the newest intact checkpoint.', step)
       return restored['state'], dict(restored['meta']), step
     if steps:
-      raise RuntimeError(
-        f'none of the checkpoints {steps} in {self.directory} could be read; move the directory '
-        'away to start from scratch, or point --workdir elsewhere.'
+      raise CheckpointError(
+        f'none of the checkpoints {steps} in {self.directory} could be read (set aside in '
+        f'{self.directory.parent / UNREADABLE}); fix or remove them, or use a new --workdir.'
       )
     return None
+
+  def _set_aside(self, step: int) -> epath.Path:
+    """Moves an unreadable step out of orbax's way, so it is neither reused nor deleted."""
+    target = self.directory.parent / UNREADABLE / str(step)
+    if jax.process_index() == 0:
+      suffix = 0
+      while target.exists():
+        suffix += 1
+        target = self.directory.parent / UNREADABLE / f'{step}.{suffix}'
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'set_aside_{step}')
+    self.manager.reload()
+    return target
 
   def _check_shapes(self, step: int, target: dict[str, Any]) -> None:
     """Compares stored array shapes with ``target``'s from metadata, before reading data."""
@@ -129,7 +155,12 @@ class Checkpointer:
       return
     if stored is None:
       return
-    problem = _first_mismatch(target, _to_plain(getattr(stored, 'tree', stored)))
+    stored = _to_plain(getattr(stored, 'tree', stored))
+    # Parameters first: the mismatch a user can act on, before optimizer state mirrors it.
+    problem = None
+    if isinstance(stored, dict) and 'params' in stored and 'params' in target:
+      problem = _first_mismatch({'params': target['params']}, {'params': stored['params']})
+    problem = problem or _first_mismatch(target, stored)
     if problem:
       raise CheckpointMismatchError(
         f'checkpoint {self.directory / str(step)} was written by a different model or config: '

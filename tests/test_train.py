@@ -14,34 +14,12 @@ import pytest
 import tfds_mock
 from conftest import DIGITS_IMAGE_SIZE
 from events import count_writes, read_scalars
+from tiny import tiny_config
 
-from configs import default
 from gsa_flax import input_pipeline, train
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_TEST_EXAMPLES = 360
-
-
-def tiny_config(data_dir: str, **overrides):
-  config = default.get_config()
-  config.data_dir = data_dir
-  config.image_size = DIGITS_IMAGE_SIZE
-  config.stage_sizes = (1, 1)  # Two stages: the whole model is exercised, compiles fast.
-  config.num_filters = 8
-  config.gsa.num_heads = 2
-  config.batch_size = 16
-  config.eval_batch_size = 48  # Does not divide the 360 test examples: padding is exercised.
-  config.num_train_steps = 6
-  config.log_every_steps = 2
-  config.eval_every_steps = 6
-  config.checkpoint_every_steps = 3
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
 
 
 def _params(state):
