@@ -1,0 +1,115 @@
+"""Killed, crashed or preempted runs resume to exactly the uninterrupted result.
+
+Each run is a real ``main.py`` subprocess on the embedded digits set. ``tests/run_main.py``
+wraps it to make the timing of the interruption deterministic (a kill in the middle of a
+chosen checkpoint save; a pause per step so SIGTERM lands mid-run).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import DIGITS_IMAGE_SIZE
+from events import read_scalars
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 16, 4
+
+
+def _command(data_dir: str, workdir: Path, **env_hooks) -> tuple[list[str], dict]:
+  overrides = dict(
+    data_dir=data_dir,
+    image_size=DIGITS_IMAGE_SIZE,
+    num_filters=8,
+    batch_size=16,
+    eval_batch_size=48,
+    num_train_steps=STEPS,
+    log_every_steps=2,
+    eval_every_steps=STEPS,
+    checkpoint_every_steps=EVERY,
+  )
+  command = [
+    sys.executable,
+    str(REPO / 'tests' / 'run_main.py'),
+    f'--config={REPO / "configs" / "default.py"}',
+    f'--workdir={workdir}',
+    '--config.gsa.num_heads=2',
+    '--config.stage_sizes=(1,1)',
+    *(f'--config.{k}={v}' for k, v in overrides.items()),
+  ]
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  env.update({k: str(v) for k, v in env_hooks.items()})
+  return command, env
+
+
+def _run(data_dir, workdir, **hooks) -> subprocess.CompletedProcess:
+  command, env = _command(data_dir, workdir, **hooks)
+  return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _final_params(workdir: Path) -> dict:
+  restored = ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / str(STEPS) / 'state')
+  return jax.tree.map(np.asarray, restored['params'])
+
+
+def _steps(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(digits_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  result = _run(digits_dir, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return _final_params(workdir), read_scalars(str(workdir))
+
+
+def _assert_same_run(workdir: Path, uninterrupted):
+  params, scalars = uninterrupted
+  jax.tree.map(np.testing.assert_array_equal, _final_params(workdir), params)
+  resumed = read_scalars(str(workdir))
+  for tag in ('eval_loss', 'eval_accuracy', 'eval_top5_accuracy'):
+    assert resumed[tag][STEPS] == scalars[tag][STEPS], tag
+
+
+def test_sigkill_during_a_save_then_restart_is_exact(digits_dir, tmp_path, uninterrupted):
+  # Killed (SIGKILL) right after the second checkpoint's save began, its files half written.
+  killed = _run(digits_dir, tmp_path, GSA_TEST_KILL_AT_SAVE=2 * EVERY)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert EVERY in _steps(tmp_path)  # the first checkpoint is intact
+  # Restarted with the same command: resumes and ends bit-identical to the uninterrupted run.
+  resumed = _run(digits_dir, tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from checkpoint at step' in resumed.stderr
+  _assert_same_run(tmp_path, uninterrupted)
+
+
+def test_sigterm_saves_the_current_step_and_exits(digits_dir, tmp_path, uninterrupted):
+  command, env = _command(digits_dir, tmp_path, GSA_TEST_STEP_PAUSE=0.5)
+  log = tmp_path / 'stderr.txt'
+  with log.open('w') as stderr:
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 300
+    while 'train_loss' not in log.read_text():  # training is under way (step 2 logged)
+      assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+  assert time.time() - sent < 60
+  text = log.read_text()
+  assert 'Preempted: checkpoint saved at step' in text
+  step = int(text.split('Preempted: checkpoint saved at step ')[1].split(';')[0])
+  assert 2 <= step < STEPS and step in _steps(tmp_path)
+  resumed = _run(digits_dir, tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'Resumed from checkpoint at step {step}' in resumed.stderr
+  _assert_same_run(tmp_path, uninterrupted)
