@@ -135,20 +135,40 @@ def axial_attention(
     else:
       context = jnp.einsum('yznd,bxzne->bxynde', table, v)
     return jnp.einsum('bxynd,bxynde->bxyne', q.astype(v.dtype), context)
-  if axis == HEIGHT_AXIS:
-    logits = jnp.einsum('bxynd,xznd->bxynz', q, table.astype(q.dtype))
-  else:
-    logits = jnp.einsum('bxynd,yznd->bxynz', q, table.astype(q.dtype))
+  if axis == WIDTH_AXIS:
+    # The row step is the column step of the transposed image (copies of q and v only).
+    out = _logits_first_columns(q.swapaxes(1, 2), v.swapaxes(1, 2), table, valid, softmax)
+    return out.swapaxes(1, 2)
+  return _logits_first_columns(q, v, table, valid, softmax)
+
+
+def _logits_first_columns(
+  q: Array, v: Array, table: Array, valid: Array | None, softmax: bool
+) -> Array:
+  """Logits-first attention along the height, in the layouts XLA's batched dots want.
+
+  The first dot batches over (query row ``x``, head), the second over (batch, column,
+  head); each is written with its batch dimensions leading and its contraction last, so
+  the ``[.., x, z]`` weights are transposed exactly once between them (and their gradient
+  once in the backward pass) instead of XLA adding layout copies around both dots.
+  """
+  b, x, y, n, d = q.shape
+  z = table.shape[1]
+  # (b, y) merged into one free dimension: with it, XLA's transposed dots in the backward
+  # pass read the weights' gradient in the layout it is produced in (one copy fewer).
+  qx = q.transpose(1, 3, 0, 2, 4).reshape(x, n, b * y, d)
+  tx = table.astype(q.dtype).transpose(0, 2, 3, 1)  # x n d z
+  logits = jax.lax.dot_general(qx, tx, (((3,), (2,)), ((0, 1), (0, 1))))  # x n (b y) z
+  logits = logits.reshape(x, n, b, y, z).transpose(2, 3, 1, 0, 4)  # b y n x z
   if softmax:
-    # mask [query, key] -> broadcast over [b, x, y, n, z] with the query on `axis`.
-    mask = None if valid is None else (valid[:, None, None, :] if axis == 1 else valid[:, None, :])
+    mask = None if valid is None else valid[None, None, None]  # [query x, key z]
     logits = jax.nn.softmax(_at_least_f32(logits), axis=-1, where=mask)
     if mask is not None:
       logits = jnp.where(mask, logits, 0.0)
     logits = logits.astype(v.dtype)
-  if axis == HEIGHT_AXIS:
-    return jnp.einsum('bxynz,bzyne->bxyne', logits, v)
-  return jnp.einsum('bxynz,bxzne->bxyne', logits, v)
+  vy = v.transpose(0, 2, 3, 1, 4)  # b y n z e
+  out = jnp.einsum('bynxz,bynze->bynxe', logits, vy)
+  return out.transpose(0, 3, 1, 2, 4)  # b x y n e
 
 
 def _values_first(q: Array, v: Array, axis: int) -> bool:
