@@ -62,7 +62,15 @@ def main(argv):
   _init_distributed()
   import jax
 
-  from gsa_flax import checkpointing, config_validation, input_pipeline, train
+  from gsa_flax import config_validation
+
+  try:
+    # Before TensorFlow, the data or any compile: a typo costs seconds.
+    config_validation.validate(FLAGS.config, FLAGS.workdir)
+  except config_validation.ConfigError as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
+  from gsa_flax import checkpointing, input_pipeline, train
 
   # Mistakes in the input, and a diverged run: one line, no traceback.
   user_errors = (

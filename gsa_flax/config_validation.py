@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from gsa_flax import input_pipeline, layers, models
+from gsa_flax import datasets, layers, models
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -49,8 +49,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
     f'config.model={config.model!r} is unknown; valid: {", ".join(models.MODELS)}.',
   )
   _require(
-    config.dataset in input_pipeline.DATASETS,
-    f'config.dataset={config.dataset!r} is unknown; valid: {", ".join(input_pipeline.DATASETS)}.',
+    config.dataset in datasets.NAMES,
+    f'config.dataset={config.dataset!r} is unknown; valid: {", ".join(datasets.NAMES)}.',
   )
   _require(
     config.dtype in DTYPES, f'config.dtype={config.dtype!r} is unknown; valid: {", ".join(DTYPES)}.'
@@ -133,6 +133,19 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
 
   if workdir is not None:
     _check_writable(workdir)
+
+
+def validate_against_data(config: ml_collections.ConfigDict, builder) -> None:
+  """Checks the fields that depend on the prepared dataset (cheap: metadata only)."""
+  from gsa_flax import input_pipeline  # TensorFlow: only once a dataset is in hand.
+
+  split = input_pipeline.train_split_name(config.dataset)
+  available = input_pipeline.num_examples(builder, split)
+  _require(
+    config.batch_size <= available,
+    f'config.batch_size={config.batch_size} is larger than the {available} examples of '
+    f'{config.dataset}:{split}; use a smaller batch_size.',
+  )
 
 
 def _check_writable(workdir: str) -> None:

@@ -32,9 +32,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from gsa_flax import datasets
 from gsa_flax.datasets import digits as digits_lib
 
-DATASETS: tuple[str, ...] = ('digits', 'cifar100', 'imagenet2012')
+DATASETS: tuple[str, ...] = datasets.NAMES
 
 # Per-channel mean and standard deviation on the 0..255 scale, subtracted and divided after
 # resizing. ImageNet and CIFAR-100: the usual published statistics of their train splits.

@@ -1,0 +1,105 @@
+"""Bad input stops main.py within seconds, before any compile, with one clear line.
+
+Every case runs the real ``main.py`` in a subprocess (8 forced CPU devices); they run
+concurrently to keep the suite fast.
+"""
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DIGITS_IMAGE_SIZE
+
+REPO = Path(__file__).resolve().parents[1]
+
+# case -> (extra flags, workdir relative to tmp (None: default), words the message must name)
+CASES = {
+  'unknown_model': (
+    ['--config.model=gsa_resnet51'],
+    ['config.model', 'gsa_resnet51', 'gsa_resnet50'],
+  ),
+  'unknown_dataset': (['--config.dataset=mnist'], ['config.dataset', 'mnist', 'cifar100']),
+  'batch_not_divisible': (['--config.batch_size=12'], ['config.batch_size=12', '8 devices']),
+  'eval_batch_not_divisible': (['--config.eval_batch_size=20'], ['config.eval_batch_size=20']),
+  'heads_do_not_divide': (['--config.gsa.num_heads=3'], ['num_heads=3', 'divide']),
+  'image_too_small': (['--config.image_size=4'], ['config.image_size=4', 'downsamples by 8']),
+  'missing_dataset': (['--config.dataset=cifar100'], ['cifar100', 'tfds build', 'data_dir']),
+  'unwritable_workdir': ([], ['--workdir', 'cannot be written']),
+  'zero_steps': (['--config.num_train_steps=0', '--config.num_epochs=0'], ['num_train_steps']),
+  'negative_learning_rate': (['--config.learning_rate=-0.1'], ['config.learning_rate=-0.1']),
+  'bad_dtype': (['--config.dtype=float8'], ['config.dtype', 'bfloat16']),
+  'even_rel_length': (['--config.gsa.rel_length=4'], ['rel_length', 'odd']),
+  'attention_stages_length': (['--config.gsa.attention_stages=(True,)'], ['attention_stages']),
+  'bad_label_smoothing': (['--config.label_smoothing=1.5'], ['config.label_smoothing=1.5']),
+  'batch_larger_than_data': (['--config.batch_size=2048'], ['batch_size=2048', '1437']),
+  'bad_positional_mode': (["--config.gsa.positional='row'"], ['positional', 'axial']),
+}
+
+
+def _run(case: str, data_dir: str, tmp: Path):
+  flags, _ = CASES[case]
+  workdir = tmp / case
+  if case == 'unwritable_workdir':
+    (tmp / 'a_file').write_text('not a directory')
+    workdir = tmp / 'a_file' / 'run'
+  if case == 'missing_dataset':
+    data_dir = str(tmp / 'empty_data_dir')
+  command = [
+    sys.executable,
+    str(REPO / 'main.py'),
+    f'--config={REPO / "configs" / "default.py"}',
+    f'--workdir={workdir}',
+    f'--config.data_dir={data_dir}',
+    f'--config.image_size={DIGITS_IMAGE_SIZE}',
+    '--config.num_train_steps=5',
+    *flags,
+  ]
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  start = time.time()
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  return result, time.time() - start, workdir
+
+
+@pytest.fixture(scope='module')
+def results(digits_dir, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('bad_input')
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    futures = {case: pool.submit(_run, case, digits_dir, tmp) for case in CASES}
+    return {case: future.result() for case, future in futures.items()}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_bad_input_is_one_clear_line(results, case):
+  result, seconds, workdir = results[case]
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: '), result.stderr[-2000:]
+  for word in CASES[case][1]:
+    assert word in last, f'{word!r} not in {last!r}'
+  # Stopped before training: nothing compiled, no checkpoint written.
+  assert 'Training from step' not in result.stderr
+  assert not (workdir / 'checkpoints').exists()
+  assert seconds < 120
+
+
+def test_unknown_config_field_is_rejected(digits_dir, tmp_path):
+  result = subprocess.run(
+    [
+      sys.executable,
+      str(REPO / 'main.py'),
+      f'--config={REPO / "configs" / "default.py"}',
+      f'--workdir={tmp_path}',
+      '--config.batchsize=64',
+    ],
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode != 0
+  assert 'batchsize' in result.stderr
