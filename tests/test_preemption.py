@@ -7,6 +7,7 @@ chosen checkpoint save; a pause per step so SIGTERM lands mid-run).
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,3 +114,35 @@ def test_sigterm_saves_the_current_step_and_exits(digits_dir, tmp_path, uninterr
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'Resumed from checkpoint at step {step}' in resumed.stderr
   _assert_same_run(tmp_path, uninterrupted)
+
+
+def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(digits_dir, tmp_path):
+  """Two gloo-joined processes; only process 1 gets SIGTERM; both save one common step."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  procs, logs = [], []
+  for index in range(2):
+    command, env = _command(digits_dir, tmp_path / 'run', GSA_TEST_STEP_PAUSE=0.5)
+    command += [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
+    logs.append((tmp_path / f'process{index}.txt').open('w'))
+    procs.append(
+      subprocess.Popen(
+        [*command, f'--process_id={index}'], env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]
+      )
+    )
+  texts = [tmp_path / f'process{index}.txt' for index in range(2)]
+  deadline = time.time() + 300
+  while 'train_loss' not in texts[0].read_text():
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, texts[0].read_text()
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  for proc, log in zip(procs, logs, strict=True):
+    assert proc.wait(timeout=120) == 0
+    log.close()
+  steps = [
+    int(text.read_text().split('Preempted: checkpoint saved at step ')[1].split(';')[0])
+    for text in texts
+  ]
+  assert steps[0] == steps[1] and 2 <= steps[0] < STEPS
+  assert steps[0] in _steps(tmp_path / 'run')
