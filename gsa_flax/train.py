@@ -342,6 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   builder = input_pipeline.get_builder(
     config.dataset, config.data_dir, image_size=config.image_size
   )
+  config_validation.validate_against_data(config, builder)
   num_classes = input_pipeline.num_classes(builder)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -416,7 +417,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if jax.process_index() == 0:
     hooks.append(report_progress)
     if config.profile_steps > 0:
-      hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir))
+      # After compilation and warm-up: the 10th step of this (possibly resumed) run.
+      hooks.append(
+        periodic_actions.Profile(
+          num_profile_steps=config.profile_steps,
+          profile_duration_ms=0,
+          first_profile=step_offset + 10,
+          logdir=workdir,
+        )
+      )
 
   def save(step: int) -> None:
     ckpt.save(step, _state_dict(state), {'step': step, 'config': config.to_dict()})
