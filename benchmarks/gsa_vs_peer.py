@@ -13,6 +13,9 @@ offsets, our global default. Differences that remain, and how they are handled:
 * the peer's BatchNorm between the axial steps normalises ``d`` channels pooled over
   heads, ours each of the ``heads * d`` channels: the same cost.
 
+``ours-before`` is our layer on the ops as they were before the speed work
+(``benchmarks/ops_before.py``, a frozen copy), for the before/after record.
+
 torch runs with ``--threads`` (2) intra-op threads and ``OMP_WAIT_POLICY=PASSIVE``: on this
 shared machine, OpenMP's default spin-waiting made the peer 10-60x slower whenever another
 process held a core (3.3 s instead of 52 ms at 28x28), which would flatter us.
@@ -38,19 +41,21 @@ import sys
 
 from benchmarks import common
 
-IMPLS = ('ours', 'ours-logits', 'peer', 'peer+out')
+IMPLS = ('ours', 'ours-before', 'peer', 'peer+out')
 
 
 def _run_jax(args: argparse.Namespace, impl: str, size: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from gsa_flax import ops
+  from gsa_flax import layers
   from gsa_flax.layers import GSA
 
-  if impl == 'ours-logits':
-    # The order of contraction the ops had before the speed work (weights first).
-    ops._values_first = lambda q, v, axis: False
+  if impl == 'ours-before':
+    # The ops as they were before the speed work (a frozen copy), under the same layer.
+    from benchmarks import ops_before
+
+    layers.ops = ops_before
   c, h, b = args.channels, args.heads, args.batch
   module = GSA(c, num_heads=h, key_features=c)
   x = jax.random.normal(jax.random.key(0), (b, size, size, c))
@@ -210,32 +215,36 @@ def print_table(args: argparse.Namespace, results: list[dict], rates: dict) -> N
     '(gradients of params and input), train-mode BatchNorm.\n'
   )
   print(
-    '| size | impl | step ms (median) | first call ms | extra memory MiB | GFLOP | GFLOP/s '
-    '| % of matmul rate | speed vs peer | load |'
+    '| size | impl | step ms (median) | step ms (min) | first call ms | extra memory MiB '
+    '| GFLOP | GFLOP/s | % of matmul rate | speed vs peer | load |'
   )
-  print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+  print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
   for size in args.sizes:
     peer = agg('peer', size, 'median_s')
     for impl in args.impls:
       t = agg(impl, size, 'median_s')
       if t is None:
         err = next((r.get('error') for r in results if r['impl'] == impl and r['size'] == size), '')
-        print(f'| {size} | {impl} | failed: {err} | | | | | | | |')
+        print(f'| {size} | {impl} | failed: {err} | | | | | | | | |')
         continue
       flops = agg(impl, size, 'flops')
       rate = rates.get('jax_gflops' if impl.startswith('ours') else 'torch_gflops')
-      gfs = flops / t / 1e9 if flops else None
-      print(
-        f'| {size} | {impl} | {t * 1e3:.1f} | {agg(impl, size, "first_s") * 1e3:.0f} '
-        f'| {agg(impl, size, "peak_mib"):.0f} '
-        f'| {flops / 1e9:.2f} | {gfs:.1f} | {100 * gfs / rate:.0f}% '
-        if flops and rate
-        else f'| {size} | {impl} | {t * 1e3:.1f} | {agg(impl, size, "first_s") * 1e3:.0f} '
-        f'| {agg(impl, size, "peak_mib"):.0f} | - | - | - ',
-        end='',
-      )
-      ratio = f'{peer / t:.2f}x' if peer else '-'
-      print(f'| {ratio} | {agg(impl, size, "load"):.1f} |')
+      tmin = min(r['min_s'] for r in results if r['impl'] == impl and r['size'] == size)
+      cells = [
+        str(size),
+        impl,
+        f'{t * 1e3:.1f}',
+        f'{tmin * 1e3:.1f}',
+        f'{agg(impl, size, "first_s") * 1e3:.0f}',
+        f'{agg(impl, size, "peak_mib"):.0f}',
+      ]
+      if flops and rate:
+        gfs = flops / t / 1e9
+        cells += [f'{flops / 1e9:.2f}', f'{gfs:.1f}', f'{100 * gfs / rate:.0f}%']
+      else:
+        cells += ['-', '-', '-']
+      cells += [f'{peer / t:.2f}x' if peer else '-', f'{agg(impl, size, "load"):.1f}']
+      print('| ' + ' | '.join(cells) + ' |')
 
 
 if __name__ == '__main__':

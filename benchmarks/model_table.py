@@ -4,6 +4,12 @@ FLOPs come from XLA's own cost analysis of the compiled forward pass (eval mode,
 224x224, float32). XLA counts a multiply-add as 2 FLOPs; the table reports both XLA's
 FLOPs and multiply-adds (= FLOPs / 2), which is the unit papers usually quote as "FLOPs".
 
+The positional attention is counted in its logits-first contraction order, the one with
+the fewest FLOPs (``n * (d + e)`` multiply-adds per pixel, head and axis step) and the one
+a paper counts. Where the values-first order is faster (GSA-ResNet's first stage on CPU,
+see ``gsa_flax.ops._values_first``) it executes more FLOPs for fewer bytes; that is a
+choice of schedule, not of model, and is left out of the model's cost.
+
   /work/venv/bin/python -m benchmarks.model_table
 """
 
@@ -16,25 +22,40 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import xla_flops
-from gsa_flax import models
+from gsa_flax import models, ops
 
 DEPTHS = (26, 38, 50, 101)
 
 
-def count_and_flops(name: str, size: int) -> tuple[int, float]:
-  """Parameter count and XLA forward FLOPs (batch 1, eval mode) of a registered model."""
-  model = models.create_model(name)
+def count_and_flops(name: str, size: int, **kwargs) -> tuple[int, float, int]:
+  """Parameters, XLA forward FLOPs (batch 1, eval) and parameters of the spatial layers.
+
+  The spatial layers are the residual blocks' 3x3 convolutions (ResNet) or GSA modules.
+  """
+  model = models.create_model(name, **kwargs)
   x = jnp.zeros((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  params = sum(math.prod(p.shape) for p in jax.tree.leaves(variables['params']))
+  leaves = jax.tree_util.tree_leaves_with_path(variables['params'])
+  params = sum(math.prod(p.shape) for _, p in leaves)
+  spatial = sum(
+    math.prod(p.shape)
+    for path, p in leaves
+    if 'GSA' in jax.tree_util.keystr(path) or p.shape[:2] == (3, 3)
+  )
   fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  compiled = fwd.lower(variables, x).compile()
-  return params, xla_flops(compiled)
+  original = ops._values_first
+  ops._values_first = lambda q, v, axis: False  # count the minimal-FLOP order (see above)
+  try:
+    compiled = fwd.lower(variables, x).compile()
+  finally:
+    ops._values_first = original
+  return params, xla_flops(compiled), spatial
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--no-breakdown', action='store_true', help='skip the depth-50 breakdown')
   args = parser.parse_args()
   rows = []
   for depth in DEPTHS:
@@ -48,11 +69,33 @@ def main() -> None:
     '| GSA-ResNet GFLOPs (GMACs) | FLOPs ratio |'
   )
   print('|---|---:|---:|---:|---:|---:|---:|')
-  for depth, (bp, bf), (gp, gf) in rows:
+  for depth, (bp, bf, _), (gp, gf, _) in rows:
     print(
       f'| {depth} | {bp:,} | {gp:,} | {gp / bp:.3f} | {bf / 1e9:.2f} ({bf / 2e9:.2f}) '
       f'| {gf / 1e9:.2f} ({gf / 2e9:.2f}) | {gf / bf:.3f} |'
     )
+  if args.no_breakdown:
+    return
+  (bp, bf, bs), (gp, gf, gs) = rows[DEPTHS.index(50)][1:]
+  print('\nDepth 50, where the parameters and FLOPs go:\n')
+  print('| variant | params | of ResNet-50 | GFLOPs | of ResNet-50 |')
+  print('|---|---:|---:|---:|---:|')
+  print(f'| ResNet-50 | {bp:,} | 1.000 | {bf / 1e9:.2f} | 1.000 |')
+  print(f'| ResNet-50, its 3x3 convs alone | {bs:,} | {bs / bp:.3f} | | |')
+  print(f'| ResNet-50 without its 3x3 convs (the floor) | {bp - bs:,} | {(bp - bs) / bp:.3f} | | |')
+  print(
+    f'| GSA-ResNet-50 (d_k = d_out/2, global L) | {gp:,} | {gp / bp:.3f} | {gf / 1e9:.2f} '
+    f'| {gf / bf:.3f} |'
+  )
+  print(f'| GSA-ResNet-50, its GSA modules alone | {gs:,} | {gs / bp:.3f} | | |')
+  variants = [
+    ('GSA-ResNet-50, d_k = d_out/4', dict(key_ratio=0.25)),
+    ('GSA-ResNet-50, content-only (no positional branch)', dict(positional='none')),
+    ('GSA-ResNet-50, positional L = 15 (local)', dict(rel_length=15)),
+  ]
+  for label, kwargs in variants:
+    p, f, _ = count_and_flops('gsa_resnet50', args.size, **kwargs)
+    print(f'| {label} | {p:,} | {p / bp:.3f} | {f / 1e9:.2f} | {f / bf:.3f} |')
 
 
 if __name__ == '__main__':
