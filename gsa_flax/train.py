@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gsa_flax import checkpointing, config_validation, input_pipeline, models
+from gsa_flax import checkpointing, config_validation, input_pipeline, models, visualize
 
 DATA_AXIS = 'data'
 
@@ -384,6 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       )
     results = evaluate(p_eval_step, state, builder, config, data_sharding)
     writer.write_scalars(step_offset, results)
+    if config.attention_maps and jax.process_index() == 0:
+      visualize.write_attention_maps(writer, step_offset, state, model, builder, config)
     writer.flush()
     return state
 
@@ -456,6 +458,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if done % config.eval_every_steps == 0 or is_last:
         with report_progress.timed('eval'):
           writer.write_scalars(done, evaluate(p_eval_step, state, builder, config, data_sharding))
+          if config.attention_maps and jax.process_index() == 0:
+            visualize.write_attention_maps(writer, done, state, model, builder, config)
       if must_save:
         with report_progress.timed('checkpoint'):
           save(done)
