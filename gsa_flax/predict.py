@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -108,7 +109,7 @@ def load(workdir: str, data_dir: str | None = None) -> Loaded:
   model = train.create_model(config, len(names))
   # The restore target only needs shapes: nothing is initialised. The optimizer is built
   # with a schedule, as in training, so its state has the same structure.
-  tx = train.create_optimizer(config, train.learning_rate_schedule(config, 1, 1))
+  tx = train.create_optimizer(config, optax.constant_schedule(0.0))
   abstract = jax.eval_shape(
     functools.partial(train.create_train_state, config, model, tx, image_size=config.image_size),
     jax.random.key(0),

@@ -26,6 +26,7 @@ Attention maps from a checkpoint, for the first eval images or for image files::
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import glob
@@ -336,14 +337,22 @@ def attention_maps(
 
 
 def pick_layer(captures: Sequence[GSACapture], layer: int | str) -> GSACapture:
-  """A capture by index in call order (``-1``: the last) or by module path."""
-  if isinstance(layer, str) and not layer.lstrip('-').isdigit():
-    for cap in captures:
-      if cap.layer.path == layer:
-        return cap
-    paths = ', '.join(c.layer.path for c in captures)
-    raise ValueError(f'no GSA layer {layer!r}; the network has: {paths}.')
-  return captures[int(layer)]
+  """A capture by index in call order (``-1``: the last) or by module path.
+
+  Raises:
+    ValueError: no such layer (the message lists the network's GSA layers).
+  """
+  paths = [c.layer.path for c in captures]
+  if isinstance(layer, int) or layer.lstrip('-').isdigit():
+    index = int(layer)
+    if -len(captures) <= index < len(captures):
+      return captures[index]
+  elif layer in paths:
+    return captures[paths.index(layer)]
+  raise ValueError(
+    f'no GSA layer {layer!r}; the network has {len(paths)}: {", ".join(paths)} '
+    '(pass an index or a path).'
+  )
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -375,7 +384,9 @@ def _draw_layer(axes, image: np.ndarray, maps: AttentionMaps, head: int | None) 
   ax_img, ax_content, ax_pos = axes
   ax_img.imshow(image, extent=extent)
   _mark_query(ax_img, maps, hw)
-  ax_img.set_title(f'{layer.path or "GSA"} ({layer.height}x{layer.width})\nquery {maps.query}')
+  ax_img.set_title(
+    f'{layer.path or "GSA"} ({layer.height}x{layer.width})\nquery {maps.query}', fontsize='small'
+  )
 
   ax_content.imshow(image.mean(axis=-1), cmap='gray', extent=extent)
   if maps.content is not None:
@@ -385,9 +396,9 @@ def _draw_layer(axes, image: np.ndarray, maps: AttentionMaps, head: int | None) 
       content, cmap='RdBu_r', vmin=-bound, vmax=bound, alpha=0.75, extent=extent
     )
     ax_content.figure.colorbar(shown, ax=ax_content, fraction=0.046, pad=0.04)
-    ax_content.set_title(f'content weights ({heads})')
+    ax_content.set_title(f'content weights ({heads})', fontsize='small')
   else:
-    ax_content.set_title('no content branch')
+    ax_content.set_title('no content branch', fontsize='small')
   _mark_query(ax_content, maps, hw)
 
   for name, weights, valid, at, color in (
@@ -409,11 +420,12 @@ def _draw_layer(axes, image: np.ndarray, maps: AttentionMaps, head: int | None) 
       )
     ax_pos.axvline(at, color=color, linestyle=':')
   if maps.column is None:
-    ax_pos.set_title('no positional branch')
+    ax_pos.set_title('no positional branch', fontsize='small')
   else:
     ax_pos.axhline(0.0, color='gray', linewidth=0.5)
-    ax_pos.set_title(f'positional weights ({heads}; band: heads)')
-    ax_pos.set_xlabel('key position (dotted: query)')
+    band = '; band: range over heads' if head is None else ''
+    ax_pos.set_title(f'positional weights ({heads}{band})', fontsize='small')
+    ax_pos.set_xlabel('key position (dotted: query)', fontsize='small')
     ax_pos.legend(fontsize='small')
   for ax in (ax_img, ax_content):
     ax.set_xticks([])
@@ -626,9 +638,7 @@ def learning_curves_figure(workdir: str) -> Figure:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """``python -m gsa_flax.visualize``: attention maps of a trained checkpoint as a PNG."""
-  import argparse
-
-  from gsa_flax import predict
+  from gsa_flax import predict  # here: predict imports train, which imports this module
 
   parser = argparse.ArgumentParser(
     description='Attention maps (content weights, positional weights) of a trained GSA network.'
@@ -655,14 +665,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {error}', file=sys.stderr)
     return 2
   config = loaded.config
+  failed = 0
   if args.images:
-    decoded = [predict.read_image(path, config) for path in args.images]
-    for path, result in zip(args.images, decoded, strict=True):
-      if isinstance(result, str):
-        print(f'error: {path}: {result}', file=sys.stderr)
-    images = np.stack([r for r in decoded if not isinstance(r, str)] or [None])
-    if images.dtype == object:
+    decoded = []
+    for path in args.images:
+      try:
+        decoded.append(predict.read_image(path, config))
+      except predict.ImageError as error:
+        print(f'error: {path}: {error}', file=sys.stderr)
+        failed += 1
+    if not decoded:
       return 1
+    images = np.stack(decoded)
   else:
     images, _ = eval_images(
       loaded.builder, dataset=config.dataset, image_size=config.image_size, count=args.count
@@ -679,11 +693,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       query=query,
       head=args.head,
     )
-  except (ValueError, IndexError) as error:
+  except ValueError as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
   print(f'wrote {args.output} ({len(images)} images)')
-  return 0
+  return 1 if failed else 0
 
 
 if __name__ == '__main__':

@@ -1,0 +1,154 @@
+"""summary: parameter counts against known totals, FLOPs against a closed form, the CLI."""
+
+import functools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from tiny import tiny_config
+
+from configs import default, imagenet, imagenet_resnet50
+from gsa_flax import summary, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# torchvision's resnet50: conv1 + bn1, layer1..layer4, fc (1000 classes).
+RESNET50_PARTS = {
+  'stem': 9_536,
+  'stage1': 215_808,
+  'stage2': 1_219_584,
+  'stage3': 7_098_368,
+  'stage4': 14_964_736,
+  'head': 2_049_000,
+}
+
+
+def _eval_shape_total(config):
+  model = train.create_model(config, summary.num_classes(config))
+  x = jnp.zeros((1, config.image_size, config.image_size, 3))
+  params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(params['params']))
+
+
+def test_resnet50_parts_match_torchvision():
+  result = summary.summarize(imagenet_resnet50.get_config(), flops=False)
+  assert result.params == RESNET50_PARTS
+  assert result.total_params == 25_557_032
+
+
+@pytest.mark.parametrize(
+  'config',
+  [
+    imagenet.get_config(),
+    default.get_config(),
+    tiny_config('', **{'gsa.attention_stages': (False, True)}),
+  ],
+  ids=['gsa_resnet50', 'gsa_resnet_tiny', 'tiny_mixed'],
+)
+def test_parts_sum_to_total(config):
+  result = summary.summarize(config, flops=False)
+  assert list(result.params) == ['stem'] + [
+    f'stage{i + 1}' for i in range(len(result.params) - 2)
+  ] + ['head']
+  assert sum(result.params.values()) == result.total_params == _eval_shape_total(config)
+  # The counterpart differs only where the stage is attention in one and convolution in the other.
+  other = summary.summarize(summary.counterpart_config(config), flops=False)
+  assert other.model == summary.counterpart(config.model)
+  assert other.params['stem'] == result.params['stem']
+  assert other.params['head'] == result.params['head']
+
+
+def _taps(size, stride, kernel=3):
+  """Kernel taps that land inside the image, summed over the outputs of one axis (SAME).
+
+  XLA counts the multiply-adds with real inputs only, not those with the zero padding.
+  """
+  out = -(-size // stride)
+  pad = max((out - 1) * stride + kernel - size, 0) // 2
+  return sum(0 <= o * stride + t - pad < size for o in range(out) for t in range(kernel))
+
+
+def _resnet_macs(stage_sizes, filters, image_size, classes):
+  """Multiply-adds of a small-stem bottleneck ResNet's convolutions and classifier."""
+  size = image_size
+  macs = _taps(size, 1) ** 2 * 3 * filters  # 3x3 stem, stride 1
+  channels = filters
+  for i, blocks in enumerate(stage_sizes):
+    width = filters * 2**i
+    for j in range(blocks):
+      stride = 2 if i > 0 and j == 0 else 1
+      out = size // stride
+      macs += size * size * channels * width  # 1x1 reduce, at the input resolution
+      macs += _taps(size, stride) ** 2 * width * width  # 3x3, strided
+      macs += out * out * width * 4 * width  # 1x1 expand
+      if channels != 4 * width or stride > 1:
+        macs += out * out * channels * 4 * width  # projection shortcut
+      channels, size = 4 * width, out
+  return macs + channels * classes
+
+
+def test_flops_match_closed_form():
+  config = tiny_config('', model='resnet26', stage_sizes=(), num_filters=16, image_size=32)
+  got = summary.summarize(config, flops=True).gflops * 1e9
+  want = 2 * _resnet_macs((1, 2, 4, 1), 16, 32, 10)  # XLA: a multiply-add is 2 FLOPs
+  # BatchNorm, ReLU, residual adds and pooling add a few percent on top of the convolutions.
+  assert want <= got <= 1.08 * want, got / want
+
+
+def test_train_step_memory_grows_with_batch():
+  config = tiny_config('')
+  model = train.create_model(config, 10)
+  state = summary._abstract_state(config, model)
+  temp2, total2 = summary.train_step_memory(config, model, state, 2)
+  temp8, total8 = summary.train_step_memory(config, model, state, 8)
+  assert 0 < temp2 < temp8 and temp2 < total2 < total8
+  # Each example keeps at least its 16x16 feature maps of every stage for the backward pass.
+  assert (temp8 - temp2) / 6 > 16 * 16 * (8 + 32) * 4
+
+
+def test_summary_cli():
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'gsa_flax.summary',
+      f'--config={REPO / "configs" / "default.py"}',
+      '--config.stage_sizes=(1,1)',
+      '--config.num_filters=8',
+      '--config.gsa.num_heads=2',
+      '--config.batch_size=8',
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert '4 examples per device (batch_size 8 / 2 devices)' in result.stdout
+  header = next(line for line in lines if 'gsa_resnet_tiny' in line and 'ratio' in line)
+  assert header.split() == ['gsa_resnet_tiny', 'resnet_tiny', 'ratio']
+  rows = {
+    ' '.join(line.split()[:2]): line.split()[2:] for line in lines if line.startswith('params ')
+  }
+  config = tiny_config('')
+  totals = [int(v.replace(',', '')) for v in rows['params total'][:2]]
+  assert totals == [
+    _eval_shape_total(config),
+    _eval_shape_total(summary.counterpart_config(config)),
+  ]
+  assert list(rows) == [
+    'params stem',
+    'params stage1',
+    'params stage2',
+    'params head',
+    'params total',
+  ]
+  assert any(line.startswith('GFLOPs / image') for line in lines)
+  assert any(line.startswith('train temporaries (b=4)') for line in lines)
