@@ -9,8 +9,10 @@ with the first mismatching parameter named.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -87,7 +89,16 @@ class Checkpointer:
     )
 
   def wait(self) -> None:
+    """Blocks until every started save is complete on disk."""
     self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def finally_wait(self) -> Iterator[None]:
+    """Waits for saves in flight when the block ends, also when it raises."""
+    try:
+      yield
+    finally:
+      self.wait()
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

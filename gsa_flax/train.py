@@ -436,7 +436,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     'Training from step %d to %d (%d per epoch).', step_offset, num_train_steps, steps_per_epoch
   )
   train_metrics = None
-  with metric_writers.ensure_flushes(writer), _Preemption() as preemption:
+  # ckpt.finally_wait: whatever ends the loop (an error too), saves in flight complete.
+  with metric_writers.ensure_flushes(writer), _Preemption() as preemption, ckpt.finally_wait():
     for step in range(step_offset, num_train_steps):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = next(train_iter)
@@ -472,7 +473,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           'Preempted: checkpoint saved at step %d; rerun the same command to resume.', done
         )
         break
-  ckpt.wait()
   return state
 
 
