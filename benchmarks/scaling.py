@@ -108,10 +108,20 @@ def main() -> None:
   parser.add_argument(
     '--json', default=os.path.join(common.REPO, 'docs', 'benchmarks', 'scaling.json')
   )
+  parser.add_argument(
+    '--replot', action='store_true', help='redraw the table and plot from --json, no runs'
+  )
   parser.add_argument('--case', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.case:
     return run_case(args)
+  if args.replot:
+    with open(args.json) as f:
+      saved = json.load(f)
+    for key in ('batch', 'channels', 'heads', 'mem_budget_gib', 'fit_from'):
+      setattr(args, key, saved['args'][key])
+    print_table(args, saved['results'], saved['matmul_flops'], saved['bandwidth'])
+    return plot(args, saved['results'])
 
   print(f'# scaling; {common.machine()}; load {common.loadavg():.1f}', flush=True)
   flags = [
@@ -219,7 +229,7 @@ def plot(args, results) -> None:
           f'OOM at {r["size"]}x{r["size"]}',
           (r['size'] ** 2, r['peak_bytes'] / 2**20),
           textcoords='offset points',
-          xytext=(-90, 5),
+          xytext=(-120, -4),
           color=color,
         )
   ax_m.axhline(args.mem_budget_gib * 1024, ls='--', c='k', lw=1, label='memory budget')
