@@ -465,9 +465,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         with report_progress.timed('checkpoint'):
           save(done)
       if not is_last and preemption.should_stop(done):
-        if train_metrics is not None:
-          _check_finite(train_metrics)
-        save(done)
+        if not must_save:  # (a periodic save of this step is already under way)
+          if train_metrics is not None:
+            _check_finite(train_metrics)
+          save(done)
         ckpt.wait()
         logging.warning(
           'Preempted: checkpoint saved at step %d; rerun the same command to resume.', done

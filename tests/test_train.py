@@ -1,56 +1,60 @@
 """train_and_evaluate for real: digits, mocked cifar100/imagenet2012, resume, devices, hosts."""
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import tfds_mock
-from conftest import DIGITS_IMAGE_SIZE
 from events import count_writes, read_scalars
-from tiny import tiny_config
+from tiny import main_command, tiny_config
 
 from gsa_flax import input_pipeline, train
 
-REPO = Path(__file__).resolve().parents[1]
 DIGITS_TEST_EXAMPLES = 360
+FOUR_STEPS = dict(num_train_steps=4, eval_every_steps=4, checkpoint_every_steps=4)
 
 
 def _params(state):
   return jax.tree.map(np.asarray, state.params)
 
 
-def test_digits_train_evaluate_and_resume(digits_dir, tmp_path):
-  config = tiny_config(digits_dir)
-  state = train.train_and_evaluate(config, str(tmp_path / 'a'))
+@pytest.fixture(scope='module')
+def digits_run(digits_dir, tmp_path_factory):
+  """The tiny digits run (8 devices, in this process): its workdir and final parameters."""
+  workdir = tmp_path_factory.mktemp('digits')
+  state = train.train_and_evaluate(tiny_config(digits_dir), str(workdir))
   assert int(state.step) == 6
-  scalars = read_scalars(str(tmp_path / 'a'))
+  return workdir, _params(state)
+
+
+def test_digits_train_evaluate_and_resume(digits_run, digits_dir, tmp_path):
+  workdir, final_params = digits_run
+  scalars = read_scalars(str(workdir))
   for tag in ('train_loss', 'train_accuracy', 'learning_rate', 'eval_loss', 'eval_accuracy'):
     assert tag in scalars, tag
   assert 'eval_top5_accuracy' in scalars
   # Every test example evaluated exactly once, whatever the batch.
   assert scalars['eval_examples'][6] == DIGITS_TEST_EXAMPLES
-  assert sorted(int(p.name) for p in (tmp_path / 'a' / 'checkpoints').iterdir()) == [3, 6]
-  assert (tmp_path / 'a' / 'config.json').exists()
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [3, 6]
+  assert (workdir / 'config.json').exists()
 
   # A copy of the run that lost its last checkpoint resumes at step 3 (it does not start
   # over) and ends exactly where the uninterrupted run ended.
-  shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+  shutil.copytree(workdir, tmp_path / 'b')
   shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '6')
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  resumed = train.train_and_evaluate(tiny_config(digits_dir), str(tmp_path / 'b'))
   assert count_writes(str(tmp_path / 'b'), 'train_loss')[2] == 1  # step 2 was not rerun
   assert count_writes(str(tmp_path / 'b'), 'train_loss')[4] == 2  # steps 4-6 were rerun
-  jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(state))
+  jax.tree.map(np.testing.assert_array_equal, _params(resumed), final_params)
 
   # eval_only evaluates the latest checkpoint and changes nothing.
-  evaluated = train.train_and_evaluate(tiny_config(digits_dir, eval_only=True), str(tmp_path / 'b'))
-  jax.tree.map(np.testing.assert_array_equal, _params(evaluated), _params(state))
+  config = tiny_config(digits_dir, eval_only=True)
+  evaluated = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  jax.tree.map(np.testing.assert_array_equal, _params(evaluated), final_params)
 
 
 @pytest.mark.parametrize(
@@ -84,37 +88,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict[str, str]:
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  env['PYTHONPATH'] = str(REPO)
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
-
-
-def _main_args(data_dir: str, workdir: str) -> list[str]:
-  overrides = dict(
-    data_dir=data_dir,
-    image_size=DIGITS_IMAGE_SIZE,
-    num_filters=8,
-    batch_size=16,
-    eval_batch_size=48,
-    num_train_steps=4,
-    log_every_steps=2,
-    eval_every_steps=4,
-    checkpoint_every_steps=4,
-  )
-  return [
-    sys.executable,
-    str(REPO / 'main.py'),
-    f'--config={REPO / "configs" / "default.py"}',
-    f'--workdir={workdir}',
-    '--config.gsa.num_heads=2',
-    '--config.stage_sizes=(1,1)',
-    *(f'--config.{k}={v}' for k, v in overrides.items()),
-  ]
-
-
 def _assert_same_metrics(got: dict, want: dict):
   for tag in ('train_loss', 'train_accuracy', 'eval_loss', 'eval_accuracy', 'eval_examples'):
     assert got[tag].keys() == want[tag].keys(), tag
@@ -122,23 +95,12 @@ def _assert_same_metrics(got: dict, want: dict):
       np.testing.assert_allclose(got[tag][step], want[tag][step], rtol=2e-5, atol=1e-6, err_msg=tag)
 
 
-@pytest.fixture(scope='module')
-def eight_device_run(digits_dir, tmp_path_factory):
-  """The reference: one process, 8 devices, the same run as the subprocesses below."""
-  workdir = str(tmp_path_factory.mktemp('eight'))
-  result = subprocess.run(
-    _main_args(digits_dir, workdir), env=_env(8), capture_output=True, text=True, timeout=400
-  )
+def test_one_device_matches_eight(digits_dir, digits_run, tmp_path):
+  """The same global batches on 1 device (a subprocess) and 8 devices (digits_run)."""
+  command, env = main_command(digits_dir, tmp_path, devices=1)
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
   assert result.returncode == 0, result.stderr[-3000:]
-  return read_scalars(workdir)
-
-
-def test_one_device_matches_eight(digits_dir, tmp_path, eight_device_run):
-  result = subprocess.run(
-    _main_args(digits_dir, str(tmp_path)), env=_env(1), capture_output=True, text=True, timeout=400
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  _assert_same_metrics(read_scalars(str(tmp_path)), eight_device_run)
+  _assert_same_metrics(read_scalars(str(tmp_path)), read_scalars(str(digits_run[0])))
 
 
 @contextlib.contextmanager
@@ -154,11 +116,16 @@ def _as_process(index: int, count: int):
 def test_two_processes_match_one(digits_dir, tmp_path, monkeypatch):
   """Two main.py processes (4 CPU devices each, gloo) train together like one of 8 devices."""
   port = _free_port()
+  command, env = main_command(digits_dir, tmp_path / 'multi', devices=4, **FOUR_STEPS)
   procs = [
     subprocess.Popen(
-      _main_args(digits_dir, str(tmp_path / 'multi'))
-      + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-      env=_env(4),
+      [
+        *command,
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      env=env,
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -182,7 +149,7 @@ def test_two_processes_match_one(digits_dir, tmp_path, monkeypatch):
       yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   monkeypatch.setattr(input_pipeline, 'create_train_iterator', two_process_batches)
-  config = tiny_config(digits_dir, num_train_steps=4, eval_every_steps=4, checkpoint_every_steps=4)
+  config = tiny_config(digits_dir, **FOUR_STEPS)
   train.train_and_evaluate(config, str(tmp_path / 'reference'))
 
   for i, proc in enumerate(procs):
