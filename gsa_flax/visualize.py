@@ -44,6 +44,7 @@ import tensorflow_datasets as tfds
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from gsa_flax import input_pipeline
 from gsa_flax.layers import GSA
@@ -426,6 +427,7 @@ def _draw_layer(axes, image: np.ndarray, maps: AttentionMaps, head: int | None) 
     band = '; band: range over heads' if head is None else ''
     ax_pos.set_title(f'positional weights ({heads}{band})', fontsize='small')
     ax_pos.set_xlabel('key position (dotted: query)', fontsize='small')
+    ax_pos.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_pos.legend(fontsize='small')
   for ax in (ax_img, ax_content):
     ax.set_xticks([])
@@ -590,7 +592,8 @@ def read_scalars(workdir: str) -> dict[str, dict[int, float]]:
   """``{tag: {step: value}}`` from the TensorBoard event files of a workdir (later win)."""
   scalars: dict[str, dict[int, float]] = {}
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      event = tf.compat.v1.Event.FromString(record)
       for value in event.summary.value:
         if value.HasField('tensor'):
           array = np.asarray(tf.make_ndarray(value.tensor))
