@@ -2,8 +2,10 @@
 
 Train step: the project's own ``gsa_flax.train.train_step`` (SGD + momentum, label smoothing,
 metrics) jitted with donated state as ``train_and_evaluate`` does, on a fixed random batch
-(so the data pipeline is out of the measurement), ImageNet config at ``--image-size``, float32,
-one fresh process per model, models interleaved over ``--reps``. FLOPs from XLA's cost
+(so the data pipeline is out of the measurement), ImageNet config at ``--image-size``, float32.
+Both models are compiled in one fresh process per repetition and their steps alternate
+(A, B, B, A, ...), so that load from other processes hits both alike; the ratio is taken
+per adjacent pair of steps. FLOPs from XLA's cost
 analysis of the compiled step give the achieved rate against the measured matmul rate.
 
 Input pipeline: ``input_pipeline.create_train_iterator`` alone (decode, augment, batch), for
@@ -30,28 +32,32 @@ from benchmarks import common
 MODELS = ('resnet50', 'gsa_resnet50')
 
 
-def train_case(args: argparse.Namespace, model_name: str) -> dict:
-  """Times the real train step of one model; returns a result dict."""
+def _build_step(args: argparse.Namespace, model_name: str, config=None, num_classes=1000):
+  """The compiled real train step of one model (a closure timing one step) and its costs.
+
+  ``config``: the experiment; default the ImageNet config at ``--batch``/``--image-size``.
+  """
   import jax
   import jax.numpy as jnp
 
   from configs import imagenet
   from gsa_flax import train
 
-  config = imagenet.get_config()
-  config.model = model_name
-  config.batch_size = args.batch
-  config.image_size = args.image_size
-  num_classes = 1000
+  if config is None:
+    config = imagenet.get_config()
+    config.model = model_name
+    config.batch_size = args.batch
+    config.image_size = args.image_size
+  batch_size, image_size = config.batch_size, config.image_size
   schedule = train.learning_rate_schedule(config, steps_per_epoch=1000, num_train_steps=10_000)
   model = train.create_model(config, num_classes)
   tx = train.create_optimizer(config, schedule)
-  state = train.create_train_state(config, model, tx, jax.random.key(0), args.image_size)
+  state = train.create_train_state(config, model, tx, jax.random.key(0), image_size)
   batch = {
     'image': jax.random.normal(
-      jax.random.key(1), (args.batch, args.image_size, args.image_size, 3), jnp.float32
+      jax.random.key(1), (batch_size, image_size, image_size, 3), jnp.float32
     ),
-    'label': jax.random.randint(jax.random.key(2), (args.batch,), 0, num_classes),
+    'label': jax.random.randint(jax.random.key(2), (batch_size,), 0, num_classes),
   }
   step = jax.jit(
     functools.partial(
@@ -67,20 +73,72 @@ def train_case(args: argparse.Namespace, model_name: str) -> dict:
   compile_s = time.perf_counter() - t0
   holder = [state]
 
-  def run():
+  def run() -> float:
+    t0 = time.perf_counter()
     holder[0], metrics = compiled(holder[0], batch)
     jax.block_until_ready((holder[0], metrics))
+    return time.perf_counter() - t0
 
-  t = common.time_fn(run, iters=args.iters)
-  return {
-    **t,
+  info = {
     'model': model_name,
     'compile_s': compile_s,
-    'images_per_s': args.batch / t['median_s'],
     'flops': common.xla_flops(compiled),
     'bytes_accessed': common.xla_bytes(compiled),
     'peak_bytes': common.xla_peak_bytes(compiled),
   }
+  return run, info
+
+
+def default_case(args: argparse.Namespace) -> dict:
+  """The train step that the digits pipeline feeds: ``configs/default.py`` as it is."""
+  from configs import default
+
+  config = default.get_config()
+  run, info = _build_step(args, config.model, config=config, num_classes=10)
+  run()
+  times = [run() for _ in range(max(args.iters, 5))]
+  t = statistics.median(times)
+  return {
+    **info,
+    'batch': config.batch_size,
+    'image_size': config.image_size,
+    'median_s': t,
+    'images_per_s': config.batch_size / t,
+    'load': common.loadavg(),
+  }
+
+
+def paired_case(args: argparse.Namespace) -> dict:
+  """Both models in one process, steps alternated A, B, A, B (order flipped each pair).
+
+  Load from other processes then hits both models within seconds of each other; the
+  ratio is taken per pair and its median reported.
+  """
+  runs, infos = {}, {}
+  for name in MODELS:
+    runs[name], infos[name] = _build_step(args, name)
+    infos[name]['first_s'] = runs[name]()  # warm-up step (allocation), not timed
+  times = {name: [] for name in MODELS}
+  loads = []
+  for i in range(args.iters):
+    for name in MODELS if i % 2 == 0 else MODELS[::-1]:
+      times[name].append(runs[name]())
+    loads.append(common.loadavg())
+  results = []
+  for name in MODELS:
+    t = times[name]
+    results.append(
+      {
+        **infos[name],
+        'median_s': statistics.median(t),
+        'min_s': min(t),
+        'times_s': t,
+        'images_per_s': args.batch / statistics.median(t),
+        'load': statistics.median(loads),
+      }
+    )
+  ratios = [g / r for g, r in zip(times[MODELS[1]], times[MODELS[0]], strict=True)]
+  return {'paired': results, 'ratio_median': statistics.median(ratios), 'ratios': ratios}
 
 
 def _write_mock_metadata(root: str, num_examples: int) -> None:
@@ -208,7 +266,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--image-size', type=int, default=224)
-  parser.add_argument('--iters', type=int, default=3)
+  parser.add_argument('--iters', type=int, default=4, help='timed steps per model')
   parser.add_argument('--reps', type=int, default=1, help='interleaved repetitions per model')
   parser.add_argument('--input-batches', type=int, default=30)
   parser.add_argument('--mock-examples', type=int, default=512)
@@ -218,7 +276,8 @@ def main() -> None:
   args = parser.parse_args()
   if args.case:
     kind, name = args.case.split(',')
-    result = train_case(args, name) if kind == 'train' else input_case(args, name)
+    cases = {'train': paired_case, 'default': default_case}
+    result = cases[kind](args) if kind in cases else input_case(args, name)
     print(json.dumps(result))
     return
 
@@ -231,13 +290,15 @@ def main() -> None:
   ]
   print(f'# train throughput; {common.machine()}; load {common.loadavg():.1f}', flush=True)
   rate = common.matmul_peak_flops()
-  train_results = []
+  train_results, ratios = [], []
   for rep in range(0 if args.skip_train else args.reps):
-    for name in MODELS if rep % 2 == 0 else MODELS[::-1]:
-      r = common.run_isolated('benchmarks.train_throughput', [f'--case=train,{name}', *flags])
-      r.setdefault('model', name)
-      print(f'#   {json.dumps(r)}', flush=True)
-      train_results.append(r)
+    r = common.run_isolated('benchmarks.train_throughput', ['--case=train,both', *flags])
+    print(f'#   rep {rep} {json.dumps(r)}', flush=True)
+    if 'error' in r:
+      train_results += [{'model': name, 'error': r['error']} for name in MODELS]
+      continue
+    train_results += r['paired']
+    ratios += r['ratios']
   input_results = []
   for dataset in ('digits', 'imagenet2012', 'imagenet2012-realistic'):
     # TF's own thread pools use every core; nothing else runs meanwhile.
@@ -248,13 +309,24 @@ def main() -> None:
     r.setdefault('dataset', dataset)
     print(f'#   {json.dumps(r)}', flush=True)
     input_results.append(r)
+  default_step = common.run_isolated('benchmarks.train_throughput', ['--case=default,x', *flags])
+  print(f'#   {json.dumps(default_step)}', flush=True)
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'matmul_flops': rate, 'train': train_results, 'input': input_results}, f)
-  report(args, rate, train_results, input_results)
+      json.dump(
+        {
+          'matmul_flops': rate,
+          'train': train_results,
+          'ratios': ratios,
+          'input': input_results,
+          'default_train_step': default_step,
+        },
+        f,
+      )
+  report(args, rate, train_results, input_results, ratios, default_step)
 
 
-def report(args, rate, train_results, input_results) -> None:
+def report(args, rate, train_results, input_results, ratios, default_step) -> None:
   """Markdown tables: train steps (with the ratio to ResNet-50) and the pipeline alone."""
 
   def med(name, key):
@@ -286,19 +358,40 @@ def report(args, rate, train_results, input_results) -> None:
         f'| {med(name, "peak_bytes") / 2**30:.1f} | {t / base:.2f}x | {med(name, "load"):.1f} |'
       )
     slowest_step = max(med(n, 'median_s') or 0 for n in MODELS)
+    if ratios:
+      print(
+        f'\nGSA-ResNet-50 / ResNet-50 step time, per adjacent pair of steps: median '
+        f'{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x over '
+        f'{len(ratios)} pairs.'
+      )
   print(
     f'\nInput pipeline alone, batch {args.batch}, {args.input_batches} batches after the first.\n'
   )
-  print('| dataset | image size | images/s | first batch s | vs slowest train step | load |')
-  print('|---|---:|---:|---:|---:|---:|')
+  fed = {}  # images/s of the train step each pipeline feeds
+  if slowest_step:
+    fed['imagenet2012'] = args.batch / slowest_step
+  if default_step and 'images_per_s' in default_step:
+    fed['digits'] = default_step['images_per_s']
+    print(
+      f'The digits pipeline feeds configs/default.py ({default_step["model"]}, batch '
+      f'{default_step["batch"]}, {default_step["image_size"]}x{default_step["image_size"]}), '
+      f'whose train step runs at {default_step["images_per_s"]:.0f} images/s here.\n'
+    )
+  print(
+    '| dataset | image size | images/s | first batch s | train step it feeds, images/s '
+    '| pipeline / train step | load |'
+  )
+  print('|---|---:|---:|---:|---:|---:|---:|')
   for r in input_results:
     if 'error' in r:
-      print(f'| {r["dataset"]} | | failed: {r["error"]} | | | |')
+      print(f'| {r["dataset"]} | | failed: {r["error"]} | | | | |')
       continue
-    ratio = f'{r["images_per_s"] * slowest_step / args.batch:.0f}x' if slowest_step else '-'
+    step = fed.get(r['dataset'].split('-')[0])
+    ratio = f'{r["images_per_s"] / step:.0f}x' if step else '-'
     print(
       f'| {r["dataset"]} | {r["image_size"]} | {r["images_per_s"]:.0f} '
-      f'| {r["first_batch_s"]:.1f} | {ratio} | {r["load"]:.1f} |'
+      f'| {r["first_batch_s"]:.1f} | {f"{step:.1f}" if step else "-"} | {ratio} '
+      f'| {r["load"]:.1f} |'
     )
 
 
