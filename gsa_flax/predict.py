@@ -73,7 +73,13 @@ def _builder(config: ml_collections.ConfigDict, data_dir: str | None):
   try:
     return input_pipeline.get_builder(config.dataset, data_dir, image_size=config.image_size)
   except input_pipeline.DatasetNotFoundError:
-    # CIFAR-100's and ImageNet's label names ship with TFDS: prediction needs no data.
+    # Prediction needs only the label metadata that ships with TFDS (ImageNet: WordNet
+    # ids); CIFAR-100's names are written at preparation, so without it they are indices.
+    print(
+      f'warning: {config.dataset} is not prepared in data_dir={data_dir!r}; class names '
+      "from TFDS's built-in metadata (pass --data_dir to use the prepared dataset's).",
+      file=sys.stderr,
+    )
     return tfds.builder(config.dataset, data_dir=data_dir)
 
 

@@ -205,7 +205,7 @@ def _bytes(n: int | None) -> str:
 
 
 def format_table(summaries: Sequence[Summary]) -> str:
-  """A plain-text table, one column per network (and the ratio to the first)."""
+  """A plain-text table, one column per network; for two, also the first over the second."""
   rows = [('', *[s.model for s in summaries])]
   ratio = len(summaries) == 2
   if ratio:

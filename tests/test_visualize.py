@@ -225,7 +225,12 @@ def trained_run(digits_dir, tmp_path_factory):
   if digits_dir not in _RUNS:
     workdir = str(tmp_path_factory.mktemp('trained_run'))
     config = tiny_config(
-      digits_dir, num_train_steps=2, log_every_steps=1, eval_every_steps=1, checkpoint_every_steps=2
+      digits_dir,
+      num_train_steps=2,
+      log_every_steps=1,
+      eval_every_steps=1,
+      checkpoint_every_steps=2,
+      attention_maps=True,
     )
     _RUNS[digits_dir] = workdir, train.train_and_evaluate(config, workdir)
   return _RUNS[digits_dir]
