@@ -445,7 +445,8 @@ def attention_figure(
     head: a head to draw; None averages the weights over heads.
 
   Returns:
-    A matplotlib Figure (not registered with pyplot: save it or ``display`` it).
+    A matplotlib Figure, not registered with pyplot: ``fig.savefig(path)`` or
+    :func:`figure_to_array`.
   """
   fig = Figure(figsize=(11, 3.4 * len(maps)), layout='constrained')
   FigureCanvasAgg(fig)
@@ -491,12 +492,15 @@ def save_attention_map(
     ``path``.
 
   Raises:
-    ValueError: ``model`` has no GSA layer.
+    ValueError: ``model`` has no GSA layer, or no such layer or head.
   """
   captures = capture(model, variables, images)
   if not captures:
     raise ValueError('the model has no GSA layer (a convolutional ResNet): nothing to draw.')
   chosen = _unique([pick_layer(captures, layer) for layer in layers])
+  for cap in chosen:
+    if head is not None and not 0 <= head < cap.layer.num_heads:
+      raise ValueError(f'head={head}, but {cap.layer.path} has {cap.layer.num_heads} heads.')
   fig = Figure(figsize=(11 * len(images), 3.4 * len(chosen)), layout='constrained')
   FigureCanvasAgg(fig)
   columns = fig.subfigures(1, len(images), squeeze=False)[0]

@@ -185,6 +185,15 @@ def test_attention_maps_and_png(tmp_path):
     width, height = image.size
   assert width > 1200 and height > 400  # two images side by side, two layer rows
 
+  with pytest.raises(ValueError, match='has 2 heads'):
+    visualize.save_attention_map(
+      str(tmp_path / 'x.png'), model, variables, x, dataset='digits', head=2
+    )
+  with pytest.raises(ValueError, match="no GSA layer '5'; the network has 2"):
+    visualize.save_attention_map(
+      str(tmp_path / 'x.png'), model, variables, x, dataset='digits', layers=['5']
+    )
+
   resnet, resnet_vars, _ = _network('resnet_tiny')
   assert visualize.capture(resnet, resnet_vars, x) == []
   with pytest.raises(ValueError, match='no GSA layer'):
@@ -268,6 +277,22 @@ def test_attention_maps_flag_off(digits_dir, trained_workdir, tmp_path, monkeypa
   train.train_and_evaluate(config, str(tmp_path))
   assert visualize.read_scalars(str(tmp_path))['eval_accuracy'] == {2: 0.5}
   assert _image_tags(str(tmp_path)) == {}
+
+
+def test_visualize_cli(trained_workdir, tmp_path, capsys):
+  # The first eval images (as many as the eval hook drew, so its compiled capture is reused).
+  assert visualize.main([f'--workdir={trained_workdir}', f'--output={tmp_path / "a.png"}']) == 0
+  assert (tmp_path / 'a.png').stat().st_size > 10_000
+  # Image files: a bad one is reported on one line and the others are still drawn.
+  Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / 'grey.png')
+  (tmp_path / 'notes.txt').write_text('not an image')
+  args = [str(tmp_path / 'grey.png'), str(tmp_path / 'notes.txt')]
+  status = visualize.main(
+    [f'--workdir={trained_workdir}', f'--output={tmp_path / "b.png"}', '--layers=-1', *args]
+  )
+  assert status == 1
+  assert 'not a decodable image' in capsys.readouterr().err
+  assert (tmp_path / 'b.png').stat().st_size > 5_000
 
 
 def test_learning_curves(trained_workdir, tmp_path):
