@@ -103,8 +103,15 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any], int] | None:
+  def restore_latest(
+    self, target: Any, *, read_only: bool = False
+  ) -> tuple[Any, dict[str, Any], int] | None:
     """Restores the newest intact checkpoint into the structure of ``target``.
+
+    Args:
+      target: the pytree (state dict) to restore into; its shapes are checked first.
+      read_only: leave unreadable steps where they are (tools that only inspect a run);
+        by default they are moved aside so training can save those steps again.
 
     Returns:
       ``(state, meta, step)``, or None when there is no checkpoint.
@@ -123,9 +130,9 @@ class Checkpointer:
           ),
         )
       except Exception as error:  # noqa: BLE001  (any unreadable step: fall back, delete nothing)
-        kept = self._set_aside(step)
+        kept = self.directory / str(step) if read_only else self._set_aside(step)
         logging.warning(
-          'Checkpoint step %d is unreadable (%s: %s); moved to %s (nothing deleted) and trying '
+          'Checkpoint step %d is unreadable (%s: %s); kept at %s (nothing deleted), trying '
           'an older one.',
           step,
           type(error).__name__,

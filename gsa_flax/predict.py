@@ -123,12 +123,11 @@ def load(workdir: str, data_dir: str | None = None) -> Loaded:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-    train._state_dict(abstract),  # noqa: SLF001  (the checkpoint layout, defined once)
+    train.state_dict(abstract),
   )
   try:
-    restored = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints).restore_latest(
-      target
-    )
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    restored = ckpt.restore_latest(target, read_only=True)  # inspecting never moves files
   except (ValueError, RuntimeError) as error:  # mismatching or unreadable checkpoints
     raise LoadError(str(error)) from error
   if restored is None:

@@ -298,7 +298,8 @@ class _Preemption:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _state_dict(state: TrainState) -> dict[str, Any]:
+def state_dict(state: TrainState) -> dict[str, Any]:
+  """The checkpoint layout of a train state: step, params, batch_stats, opt_state."""
   return serialization.to_state_dict(
     {
       'step': state.step,
@@ -365,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = init(jax.random.key(config.seed))
 
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  restored = ckpt.restore_latest(_state_dict(state))
+  restored = ckpt.restore_latest(state_dict(state))
   if restored is not None:
     state = _restore_into(state, restored[0])
     logging.info('Resumed from checkpoint at step %d.', restored[2])
@@ -430,7 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       )
 
   def save(step: int) -> None:
-    ckpt.save(step, _state_dict(state), {'step': step, 'config': config.to_dict()})
+    ckpt.save(step, state_dict(state), {'step': step, 'config': config.to_dict()})
 
   logging.info(
     'Training from step %d to %d (%d per epoch).', step_offset, num_train_steps, steps_per_epoch

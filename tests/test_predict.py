@@ -39,7 +39,7 @@ def _saved_run(digits_dir, workdir):
   state = state.replace(step=7, params=params)
   train._save_config(config, workdir)
   saver = checkpointing.Checkpointer(workdir, keep=1)
-  saver.save(7, train._state_dict(state), {'step': 7})
+  saver.save(7, train.state_dict(state), {'step': 7})
   saver.wait()
   return state
 
