@@ -292,7 +292,7 @@ class _Preemption:
       return self.requested
     # JAX's coordination service catches the SIGTERM on any host and picks one step at
     # which every host sees True, so all of them save the same step.
-    return multihost_utils.reached_preemption_sync_point(step) or self.requested
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 # ----------------------------------------------------------------------------- the loop
