@@ -139,7 +139,7 @@ def get_builder(
 
   Args:
     dataset: one of ``DATASETS``.
-    data_dir: TFDS data directory; ``None`` for the TFDS default.
+    data_dir: TFDS data directory; ``None`` or ``''`` for the TFDS default.
     image_size: stored image size of ``digits`` (a builder config per size); ignored by
       the other datasets, which are resized in the pipeline.
 
@@ -152,6 +152,7 @@ def get_builder(
   """
   _check_dataset(dataset)
   _hide_accelerators_from_tf()
+  data_dir = data_dir or None  # '' (the configs' default) means TFDS's default, not the cwd
   if dataset == 'digits':
     config = digits_lib.DigitsConfig(image_size=image_size)
     builder = tfds.builder('digits', config=config, data_dir=data_dir)

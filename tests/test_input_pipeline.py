@@ -359,3 +359,15 @@ def test_mocked_dataset_through_real_loading(mock_data_dir, dataset, image_size)
       decoded = tf.io.decode_image(example['image'], channels=3, expand_animations=False)
       actual = input_pipeline.preprocess_for_eval(decoded, dataset=dataset, image_size=image_size)
       np.testing.assert_array_equal(actual.numpy(), expected)
+
+
+def test_empty_data_dir_means_the_tfds_default(monkeypatch, tmp_path):
+  """configs use data_dir='' for "TFDS's default": it must not build into the cwd."""
+  default_dir = tmp_path / 'tfds_default'
+  # TFDS reads $TFDS_DATA_DIR once, at import: point its default here for this test.
+  monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(default_dir))
+  monkeypatch.chdir(tmp_path)
+  builder = input_pipeline.get_builder('digits', '', image_size=8)
+  assert builder.is_prepared()
+  assert str(builder.data_dir).startswith(str(default_dir))
+  assert not (tmp_path / 'digits').exists()
