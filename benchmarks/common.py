@@ -138,3 +138,30 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float:
   import numpy as np
 
   return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def compile_fwd_bwd(module: Any, x: Any) -> tuple[Any, Any]:
+  """Compiles forward + backward of a linen layer: gradients of its params and its input.
+
+  The layer runs in training mode; its non-parameter collections (GSA's BatchNorm
+  statistics) are updated as in training. The loss is the sum of squared outputs,
+  accumulated in float32.
+
+  Returns:
+    ``(compiled, params)``: call ``compiled(params, x)``.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  variables = module.init(jax.random.key(1), x, train=False)
+  state = {k: v for k, v in variables.items() if k != 'params'}
+
+  def loss(params, x):
+    if state:
+      y, _ = module.apply({'params': params, **state}, x, train=True, mutable=list(state))
+    else:
+      y = module.apply({'params': params}, x, train=True)
+    return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return step.lower(variables['params'], x).compile(), variables['params']

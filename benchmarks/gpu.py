@@ -134,22 +134,8 @@ def gsa_case(batch: int, size: int, channels: int, heads: int, dtype, iters: int
 
   module = GSA(channels, num_heads=heads, dtype=dtype)
   x = jax.random.normal(jax.random.key(0), (batch, size, size, channels), dtype)
-  variables = module.init(jax.random.key(1), x, train=False)
-
-  def loss(params, x):
-    y, _ = module.apply(
-      {'params': params, 'batch_stats': variables['batch_stats']},
-      x,
-      train=True,
-      mutable=['batch_stats'],
-    )
-    return jnp.sum(jnp.square(y.astype(jnp.float32)))
-
-  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(variables['params'], x)
-  compiled = compiled.compile()
-  t = common.time_fn(
-    lambda: jax.block_until_ready(compiled(variables['params'], x)), warmup=3, iters=iters
-  )
+  compiled, params = common.compile_fwd_bwd(module, x)
+  t = common.time_fn(lambda: jax.block_until_ready(compiled(params, x)), warmup=3, iters=iters)
   mem = compiled.memory_analysis()
   return {
     'step_s': t['median_s'],

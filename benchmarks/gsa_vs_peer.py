@@ -46,7 +46,6 @@ IMPLS = ('ours', 'ours-before', 'peer', 'peer+out')
 
 def _run_jax(args: argparse.Namespace, impl: str, size: int) -> dict:
   import jax
-  import jax.numpy as jnp
 
   from gsa_flax import layers
   from gsa_flax.layers import GSA
@@ -59,23 +58,9 @@ def _run_jax(args: argparse.Namespace, impl: str, size: int) -> dict:
   c, h, b = args.channels, args.heads, args.batch
   module = GSA(c, num_heads=h, key_features=c)
   x = jax.random.normal(jax.random.key(0), (b, size, size, c))
-  variables = module.init(jax.random.key(1), x, train=False)
-
-  def loss(params, x):
-    y, _ = module.apply(
-      {'params': params, 'batch_stats': variables['batch_stats']},
-      x,
-      train=True,
-      mutable=['batch_stats'],
-    )
-    return jnp.sum(y * y)
-
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  compiled = step.lower(variables['params'], x).compile()
+  compiled, params = common.compile_fwd_bwd(module, x)
   mem = compiled.memory_analysis()
-  t = common.time_fn(
-    lambda: jax.block_until_ready(compiled(variables['params'], x)), iters=args.iters
-  )
+  t = common.time_fn(lambda: jax.block_until_ready(compiled(params, x)), iters=args.iters)
   return {
     **t,
     'flops': common.xla_flops(compiled),

@@ -56,24 +56,12 @@ def _layer(kind: str, channels: int, heads: int):
 def run_case(args: argparse.Namespace) -> None:
   """One (layer, size) case: compile, check the memory plan, time; prints a JSON line."""
   import jax
-  import jax.numpy as jnp
 
   kind, size = args.case.split(',')
   size = int(size)
   module = _layer(kind, args.channels, args.heads)
   x = jax.random.normal(jax.random.key(0), (args.batch, size, size, args.channels))
-  variables = module.init(jax.random.key(1), x, train=False)
-  state = {k: v for k, v in variables.items() if k != 'params'}
-
-  def loss(params, x):
-    if state:  # GSA's BatchNorm between the axial steps, in training mode
-      y, _ = module.apply({'params': params, **state}, x, train=True, mutable=list(state))
-    else:
-      y = module.apply({'params': params}, x, train=True)
-    return jnp.sum(y * y)
-
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  compiled = step.lower(variables['params'], x).compile()
+  compiled, params = common.compile_fwd_bwd(module, x)
   result = {
     'layer': kind,
     'size': size,
@@ -85,9 +73,7 @@ def run_case(args: argparse.Namespace) -> None:
     result['oom'] = True
   else:
     iters = args.iters if result['flops'] < 2e10 else max(1, args.iters // 2)
-    result.update(
-      common.time_fn(lambda: jax.block_until_ready(compiled(variables['params'], x)), iters=iters)
-    )
+    result.update(common.time_fn(lambda: jax.block_until_ready(compiled(params, x)), iters=iters))
   print(json.dumps(result))
 
 
