@@ -17,6 +17,7 @@ from gsa_flax import ops
 
 POSITIONAL_MODES = ('axial', 'column', 'none')
 POSITION_EMBEDDINGS = ('relative', 'absolute')
+ORDERS = ('auto', 'logits', 'values')
 
 
 def global_rel_length(height: int, width: int) -> int:
@@ -32,6 +33,8 @@ def check_gsa_config(
   positional: str,
   position_embedding: str,
   rel_length: int | None,
+  order: str = 'auto',
+  positional_softmax: bool = False,
 ) -> None:
   """Raises ValueError, naming the knob, when a GSA configuration cannot be built."""
   if features <= 0 or key_features <= 0:
@@ -53,13 +56,20 @@ def check_gsa_config(
     raise ValueError('GSA with content=False and positional="none" computes nothing; enable one.')
   if rel_length is not None and (rel_length <= 0 or rel_length % 2 == 0):
     raise ValueError(f'GSA rel_length must be a positive odd number or None, got {rel_length}.')
+  if order not in ORDERS:
+    raise ValueError(f'GSA order={order!r}; valid: {", ".join(ORDERS)}.')
+  if order == 'values' and positional_softmax:
+    raise ValueError(
+      "GSA order='values' never forms the positional weights, so it cannot softmax them; "
+      "use order='auto' or 'logits' with positional_softmax=True."
+    )
 
 
 class GSA(nn.Module):
   """Global self-attention module: content attention + axial positional attention.
 
   ``F_out = F_content + F_positional`` with no output projection, residual or
-  normalisation around it (GSA_METHOD "The GSA module"); in a network a BatchNorm and
+  normalisation around it (``docs/method.md``, "The GSA module"); in a network a BatchNorm and
   ReLU follow, as they followed the 3x3 convolution that the module replaces.
 
   Attributes:
@@ -76,6 +86,9 @@ class GSA(nn.Module):
       learned embedding per key position along each axis, shared by every query).
     normalize_queries: softmax each query over its channels in the content branch.
     positional_softmax: softmax the positional weights over the neighbourhood.
+    order: contraction order of the positional steps, ``'auto'`` (the cheaper for the
+      shape), ``'logits'`` or ``'values'``; the same result either way (see
+      :func:`gsa_flax.ops.axial_attention`).
     bn_momentum: momentum of the BatchNorm between the column and row steps.
     dtype: computation dtype (e.g. ``jnp.bfloat16``).
     param_dtype: parameter dtype.
@@ -90,6 +103,7 @@ class GSA(nn.Module):
   position_embedding: str = 'relative'
   normalize_queries: bool = False
   positional_softmax: bool = False
+  order: str = 'auto'
   bn_momentum: float = 0.9
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -110,6 +124,8 @@ class GSA(nn.Module):
       self.positional,
       self.position_embedding,
       self.rel_length,
+      self.order,
+      self.positional_softmax,
     )
     batch, height, width, _ = x.shape
     heads = self.num_heads
@@ -156,7 +172,9 @@ class GSA(nn.Module):
     if self.position_embedding == 'absolute':
       emb = self.param(f'abs_{name}', init, (length, heads, dk), self.param_dtype)
       table = jnp.broadcast_to(emb[None], (length, length, heads, dk))
-      return ops.axial_attention(q, v, table, axis=axis, softmax=self.positional_softmax)
+      return ops.axial_attention(
+        q, v, table, axis=axis, softmax=self.positional_softmax, order=self.order
+      )
     param_name = f'rel_{name}'
     if self.rel_length is None and self.has_variable('params', param_name):
       # Global length was fixed by the input seen at init; other sizes reuse that table.
@@ -164,4 +182,6 @@ class GSA(nn.Module):
     else:
       rel_length = self.rel_length or global_rel_length(height, width)
       rel = self.param(param_name, init, (rel_length, heads, dk), self.param_dtype)
-    return ops.positional_attention(q, v, rel, axis=axis, softmax=self.positional_softmax)
+    return ops.positional_attention(
+      q, v, rel, axis=axis, softmax=self.positional_softmax, order=self.order
+    )

@@ -5,10 +5,14 @@ Shapes use one vocabulary everywhere, written as einsum subscripts:
 ``d`` key/query channels per head, ``e`` value channels per head, ``z`` the key position
 along the attended axis, ``l`` a relative offset.
 
-The specification is ``shared/GSA_METHOD.md`` (Shen et al. 2020, "Global Self-Attention
-Networks for Image Recognition", arXiv 2010.03019, Sec. 3). Neither op ever builds an
-array with ``(height*width)**2`` elements: content attention is linear in the number of
-pixels and positional attention is axial (``O(N * (H + W))``).
+The method as implemented is specified in ``docs/method.md`` (Shen et al. 2020, "Global
+Self-Attention Networks for Image Recognition", arXiv 2010.03019, Sec. 3). Neither op ever
+builds an array with ``(height*width)**2`` elements: content attention is linear in the
+number of pixels and positional attention is axial (``O(N * (H + W))``).
+
+Besides the attention itself, this module holds the weights one query pixel gives every
+key (:func:`content_weights`, :func:`positional_weights`), which attention maps draw: the
+same math, read out per query instead of summed against the values.
 """
 
 from __future__ import annotations
@@ -26,8 +30,18 @@ def _at_least_f32(a: Array) -> Array:
   return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
+def _key_softmax(k: Array) -> Array:
+  """Keys softmaxed over all ``height*width`` positions, per channel, in at least float32."""
+  return jax.nn.softmax(_at_least_f32(k), axis=(HEIGHT_AXIS, WIDTH_AXIS))
+
+
+def _query_softmax(q: Array) -> Array:
+  """Each query softmaxed over its channels (efficient attention's form), at least float32."""
+  return jax.nn.softmax(_at_least_f32(q), axis=-1)
+
+
 def content_attention(q: Array, k: Array, v: Array, *, normalize_queries: bool = False) -> Array:
-  """Global content attention, ``Q (softmax_N(K)^T V)`` per head (GSA_METHOD, "Content").
+  """Global content attention, ``Q (softmax_N(K)^T V)`` per head (method, "Content").
 
   Keys are softmaxed over all ``height*width`` positions, separately for each key channel;
   the result is a ``[d, e]`` context per head, so cost is linear in the number of pixels.
@@ -46,9 +60,9 @@ def content_attention(q: Array, k: Array, v: Array, *, normalize_queries: bool =
   """
   dtype = v.dtype
   # The softmax runs in (at least) float32 under bfloat16 compute: it sums over every pixel.
-  k = jax.nn.softmax(_at_least_f32(k), axis=(HEIGHT_AXIS, WIDTH_AXIS)).astype(dtype)
+  k = _key_softmax(k).astype(dtype)
   if normalize_queries:
-    q = jax.nn.softmax(_at_least_f32(q), axis=-1).astype(dtype)
+    q = _query_softmax(q).astype(dtype)
   context = jnp.einsum('bxynd,bxyne->bnde', k, v)
   return jnp.einsum('bxynd,bnde->bxyne', q.astype(dtype), context)
 
@@ -179,7 +193,8 @@ def _values_first(q: Array, v: Array, axis: int) -> bool:
   ``d``, plus transposes of the weights: it is bound by memory traffic, which grows worse
   once the weights leave the caches. Values-first keeps ``d * e`` sums and does
   ``n * d * e`` multiply-adds, in GEMMs that run near the matmul rate. Measured on CPU
-  (BENCHMARKS.md, "Contraction order"), values-first wins when ``d * e <= 0.6 * n``:
+  (BENCHMARKS.md, "Speed work: contraction order"), values-first wins when
+  ``d * e <= 0.6 * n``:
   GSA-ResNet-50's first stage at 224 (``d * e = 32``, ``n = 56``), and ``d = e = 8`` at
   112x112; never the deeper stages, whose ``d * e`` grows 4x per stage while ``n`` halves.
   """
@@ -197,7 +212,7 @@ def positional_attention(
 ) -> Array:
   """One axial step of GSA positional attention with relative position embeddings.
 
-  For ``axis=1`` (the column step, along the height; GSA_METHOD "Positional"):
+  For ``axis=1`` (the column step, along the height; method, "Positional"):
   ``out[b,x,y,h] = sum over x' with |x'-x| <= (L-1)/2 of
   (q[b,x,y,h] . rel[x'-x+(L-1)/2, h]) * v[b,x',y,h]``; ``axis=2`` is the same along the
   width (the row step). Any odd ``L`` works: smaller than ``2n-1`` is a local
@@ -217,3 +232,70 @@ def positional_attention(
   """
   table, valid = relative_table(rel, q.shape[axis])
   return axial_attention(q, v, table, valid, axis=axis, softmax=softmax, order=order)
+
+
+# ----------------------------------------------------------------------------- per-query weights
+
+
+def content_weights(
+  q: Array, k: Array, query: tuple[int, int], *, normalize_queries: bool = False
+) -> Array:
+  """Content-attention weights of one query pixel over every pixel, per head.
+
+  Content attention's output at ``p`` is ``q_p (softmax_N(K)^T V) = sum_j a_pj v_j`` with
+  ``a_pj = q_p . softmax_N(K)_j``: this returns ``a_p``. Queries are not normalized unless
+  ``normalize_queries``, so weights can be negative and need not sum to one.
+
+  Args:
+    q: queries ``[batch, height, width, heads, d]``.
+    k: keys ``[batch, height, width, heads, d]``.
+    query: ``(x, y)``, row and column of the query pixel.
+    normalize_queries: as in :func:`content_attention`.
+
+  Returns:
+    ``[batch, heads, height, width]`` float32: ``content_attention(q, k, v)`` at ``query``
+    is ``sum_xy a[.., x, y] * v[:, x, y]``.
+  """
+  qp = _at_least_f32(q[:, query[0], query[1]])  # [batch, heads, d]
+  if normalize_queries:
+    qp = _query_softmax(qp)
+  return jnp.einsum('bnd,bxynd->bnxy', qp, _key_softmax(k).astype(qp.dtype))
+
+
+def positional_weights(
+  q: Array,
+  table: Array,
+  valid: Array | None,
+  query: tuple[int, int],
+  *,
+  axis: int,
+  softmax: bool = False,
+) -> tuple[Array, Array]:
+  """Weights of one query pixel over the keys of its column (``axis=1``) or row (``axis=2``).
+
+  The per-query reading of :func:`axial_attention`: ``axial_attention(q, v, table, valid,
+  axis=axis)`` at ``query`` is ``sum_z w[.., z] * v`` over the keys ``z`` of that column or
+  row.
+
+  Args:
+    q: queries ``[batch, height, width, heads, d]``.
+    table: key embeddings ``[n, n, heads, d]`` along ``axis`` (from :func:`relative_table`,
+      or an absolute embedding broadcast over queries).
+    valid: optional ``[n, n]`` neighbourhood mask, as for :func:`axial_attention`.
+    query: ``(x, y)``, row and column of the query pixel.
+    axis: ``1`` column step (weights over rows), ``2`` row step (over columns).
+    softmax: softmax the weights over the valid keys (the ``positional_softmax`` knob).
+
+  Returns:
+    ``(weights [batch, heads, n], valid [n])``; weights are zero where ``valid`` is False.
+  """
+  if axis not in (HEIGHT_AXIS, WIDTH_AXIS):
+    raise ValueError(f'axis must be {HEIGHT_AXIS} (height) or {WIDTH_AXIS} (width), got {axis}.')
+  position = query[axis - 1]
+  qp = _at_least_f32(q[:, query[0], query[1]])  # [batch, heads, d]
+  keys = table[position].astype(qp.dtype)  # [n, heads, d]
+  row_valid = jnp.ones(keys.shape[:1], bool) if valid is None else valid[position]
+  weights = jnp.einsum('bnd,znd->bnz', qp, keys)
+  if softmax:
+    weights = jax.nn.softmax(weights, axis=-1, where=row_valid)
+  return jnp.where(row_valid, weights, 0.0), row_valid
