@@ -1,0 +1,959 @@
+"""Sizing a run before having the accelerator: compile for a TPU slice or an H100 here.
+
+XLA compiles for a Cloud TPU topology (libtpu) or an NVIDIA H100 (the XLA GPU compiler and a
+target description) on a machine without either; nothing executes. This module names those
+targets and reads, per chip, what the compiled program implies:
+
+* :func:`get_target` gives a target's devices, its one-axis ``data`` mesh (the trainer's),
+  its host count and its chip's facts (HBM capacity and bandwidth, peak bf16 FLOP/s);
+* :func:`analyze` gives FLOPs, an HBM-traffic estimate from the optimized HLO and the memory
+  plan (arguments, outputs, temporaries, donated bytes, the HBM the program needs);
+* :func:`roofline` turns those into a step time, examples/s and MFU;
+* :func:`fit_batch` finds the largest per-chip batch whose memory fits the chip.
+
+Compiling for TPU needs ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` when more than one process loads
+libtpu; compiling for the H100 without a GPU needs ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``.
+Run with ``JAX_PLATFORMS=cpu`` so that neither runtime looks for local chips.
+
+The HBM traffic is an estimate, not a measurement: every top-level instruction of the
+program (a fusion, a library call, a copy, a collective) is taken to read each of its
+operands once and write its results once; what a fusion keeps in registers or VMEM between
+its own steps is free. Operands that an instruction only partly reads (a slice, an in-place
+update) are counted whole, so the estimate errs high there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.experimental import topologies
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+# Fraction of a chip's HBM kept free for what the runtime itself holds (its own allocations,
+# fragmentation, the program's constants), which no memory analysis shows.
+HBM_MARGIN = 0.05
+
+_GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Per-chip facts for the roofline and the memory fit.
+
+  Attributes:
+    name: the chip, as its vendor calls it.
+    hbm_bytes: HBM capacity.
+    hbm_bandwidth: HBM bandwidth, bytes/s.
+    peak_flops: peak dense bfloat16 FLOP/s (a multiply-add counts 2).
+  """
+
+  name: str
+  hbm_bytes: int
+  hbm_bandwidth: float
+  peak_flops: float
+
+
+# Vendor figures per chip.
+#   v4:  cloud.google.com/tpu/docs/v4   -- 275 TFLOPS (bf16), HBM2 32 GiB, 1200 GBps.
+#   v5e: cloud.google.com/tpu/docs/v5e  -- 197 TFLOPS (bf16), HBM2 16 GB, 819 GBps.
+#   v5p: cloud.google.com/tpu/docs/v5p  -- 459 TFLOPS (bf16), HBM2e 95 GB, 2765 GBps.
+#   v6e: cloud.google.com/tpu/docs/v6e  -- 918 TFLOPS (bf16), HBM 32 GB, 1638 GBps.
+#   H100 SXM5: NVIDIA H100 Tensor Core GPU datasheet -- BF16 Tensor Core 1979 TFLOPS with 2:4
+#     sparsity, i.e. 989 dense; 80 GB HBM3 at 3.35 TB/s. The capacity below is what the CUDA
+#     driver reports for the 80 GB part (``device_memory_size`` of ``h100.txtpb``).
+# Google gives the TPU capacities as GB for 16/32/95 GiB parts (two, two and six HBM stacks).
+CHIPS: dict[str, Chip] = {
+  'tpu-v4': Chip('TPU v4', 32 * _GIB, 1.2e12, 275e12),
+  'tpu-v5e': Chip('TPU v5e', 16 * _GIB, 819e9, 197e12),
+  'tpu-v5p': Chip('TPU v5p', 95 * _GIB, 2.765e12, 459e12),
+  'tpu-v6e': Chip('TPU v6e', 32 * _GIB, 1.638e12, 918e12),
+  'h100': Chip('NVIDIA H100 SXM5 80GB', 84_942_979_072, 3.35e12, 989e12),
+}
+
+# The topology a chip name alone means (the smallest single-host slice libtpu accepts).
+DEFAULT_TOPOLOGY = {
+  'tpu-v4': '2x2x1',
+  'tpu-v5e': '2x2',
+  'tpu-v5p': '2x2x1',
+  'tpu-v6e': '2x2',
+  'h100': '1x1x1',
+}
+
+# v4 and v5p chips have two TensorCores that JAX drives as one device ("megacore", as on a
+# real slice); without this libtpu describes each core as a device.
+_TPU_CHIP_CONFIG = {'tpu-v4': 'megacore', 'tpu-v5p': 'megacore'}
+
+# The named targets; any topology libtpu accepts may follow a TPU chip's name instead.
+TARGETS = ('tpu-v4:2x2x1', 'tpu-v5e:2x2', 'tpu-v5p:2x2x1', 'tpu-v6e:2x2', 'h100')
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A slice of chips to compile for.
+
+  Attributes:
+    name: the target's name, e.g. ``'tpu-v5e:4x4'``.
+    platform: ``'tpu'`` or ``'cuda'``.
+    topology: the topology string, e.g. ``'4x4'``.
+    chip: the chip's facts.
+    mesh: one axis, ``data``, over every chip of the slice, as the trainer builds it.
+  """
+
+  name: str
+  platform: str
+  topology: str
+  chip: Chip
+  mesh: jax.sharding.Mesh
+
+  @property
+  def devices(self) -> tuple[Any, ...]:
+    """The slice's devices, in mesh order."""
+    return tuple(self.mesh.devices.flat)
+
+  @property
+  def num_chips(self) -> int:
+    return self.mesh.devices.size
+
+  @property
+  def num_hosts(self) -> int:
+    """How many processes (hosts) drive the slice."""
+    return len({d.process_index for d in self.devices})
+
+  def sharding(self, *spec: Any) -> NamedSharding:
+    """``NamedSharding`` over the mesh: ``sharding()`` replicates, ``sharding('data')``
+    splits the leading axis over the chips."""
+    return NamedSharding(self.mesh, P(*spec))
+
+
+def h100_target_config() -> str:
+  """The XLA ``GpuTargetConfig`` text proto of one H100 SXM5 80GB, shipped with the package."""
+  return importlib.resources.files(__package__).joinpath('h100.txtpb').read_text()
+
+
+@functools.cache
+def get_target(name: str) -> Target:
+  """The target called ``name``: ``<chip>[:<topology>]``.
+
+  Args:
+    name: one of :data:`TARGETS`, or a TPU chip with any slice topology libtpu accepts
+      (``'tpu-v5e:4x4'``: 16 chips on 4 hosts), or ``'h100'`` (one GPU;
+      ``'h100:1x1x8'`` is one host with 8, ``'h100:1x8x1'`` 8 hosts with one each).
+
+  Returns:
+    The target.
+
+  Raises:
+    ValueError: the chip is unknown or the topology is not one of the chip's.
+  """
+  chip_name, _, topology = name.partition(':')
+  if chip_name not in CHIPS:
+    raise ValueError(
+      f'unknown target {name!r}; valid: {", ".join(TARGETS)} (a TPU chip also takes any slice '
+      f'topology, e.g. tpu-v5e:4x4).'
+    )
+  topology = topology or DEFAULT_TOPOLOGY[chip_name]
+  try:
+    if chip_name == 'h100':
+      platform = 'cuda'
+      desc = topologies.get_topology_desc(
+        platform='cuda', topology_name='h100', topology=topology, target_config=h100_target_config()
+      )
+    else:
+      platform = 'tpu'
+      desc = topologies.get_topology_desc(
+        platform='tpu',
+        topology_name=f'{chip_name.removeprefix("tpu-")}:{topology}',
+        chip_config_name=_TPU_CHIP_CONFIG.get(chip_name, 'default'),
+      )
+  except Exception as e:  # libtpu / the GPU client say why (XlaRuntimeError)
+    raise ValueError(
+      f'target {name!r}: topology {topology!r} is not valid for {chip_name} ({e}); '
+      f'e.g. {chip_name}:{DEFAULT_TOPOLOGY[chip_name]}.'
+    ) from e
+  devices = desc.devices
+  mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+  full = 'h100' if name in ('h100', 'h100:1x1x1') else f'{chip_name}:{topology}'
+  return Target(full, platform, topology, CHIPS[chip_name], mesh)
+
+
+# ----------------------------------------------------------------------------- HLO text
+
+# Bits per element of each HLO element type.
+_BITS = {
+  'pred': 8,
+  's1': 1,
+  'u1': 1,
+  's2': 2,
+  'u2': 2,
+  's4': 4,
+  'u4': 4,
+  's8': 8,
+  'u8': 8,
+  's16': 16,
+  'u16': 16,
+  'f16': 16,
+  'bf16': 16,
+  's32': 32,
+  'u32': 32,
+  'f32': 32,
+  's64': 64,
+  'u64': 64,
+  'f64': 64,
+  'c64': 64,
+  'c128': 128,
+  'token': 0,
+  'opaque': 0,
+}
+
+
+def _element_bits(dtype: str) -> int:
+  if dtype in _BITS:
+    return _BITS[dtype]
+  match = re.match(r'f(\d+)', dtype)  # f8e4m3fn, f8e5m2, f4e2m1fn, ...
+  if match:
+    return int(match.group(1))
+  raise ValueError(f'unknown HLO element type {dtype!r}')
+
+
+class ArrayShape(NamedTuple):
+  """One array of an HLO shape.
+
+  Attributes:
+    dtype: HLO element type (``'bf16'``, ``'f32'``, ...).
+    dims: logical dimensions.
+    nbytes: bytes the array occupies, padding of the layout's tiling included (a TPU stores
+      ``bf16[..., 64]{...:T(8,128)(2,1)}`` padded to 128 in its last dimension).
+    memory_space: 0 for HBM; TPUs put small buffers in on-chip memory (``S(1)``, VMEM).
+  """
+
+  dtype: str
+  dims: tuple[int, ...]
+  nbytes: int
+  memory_space: int
+
+  @property
+  def size(self) -> int:
+    """Logical element count."""
+    return math.prod(self.dims)
+
+
+_ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([^\]]*)\](?:\{([^}]*)\})?')
+
+
+def parse_shape(text: str) -> tuple[ArrayShape, ...]:
+  """The arrays of an HLO shape string, tuples flattened in order.
+
+  Args:
+    text: e.g. ``'bf16[32,56,56,64]{3,2,1,0:T(8,128)(2,1)}'`` or
+      ``'(f32[8]{0}, s32[])'``; a missing layout means the default (no tiling).
+
+  Returns:
+    One :class:`ArrayShape` per array.
+  """
+  arrays = []
+  for dtype, dims_text, layout in _ARRAY.findall(text):
+    dims = tuple(int(d.strip().removeprefix('<=')) for d in dims_text.split(',') if d.strip())
+    bits = _element_bits(dtype)
+    minor_to_major, _, tiling = (layout or '').partition(':')
+    physical = list(dims)
+    if minor_to_major.strip():
+      order = [int(i) for i in minor_to_major.split(',')]
+      physical = [dims[i] for i in reversed(order)]  # major to minor
+    tile = re.search(r'T\(([^)]*)\)', tiling)
+    if tile:
+      # The first tile pads the minor-most dimensions to its multiples (leading 1s if the
+      # tile has more dimensions than the array); later tiles subdivide it.
+      tile_dims = [d.strip() for d in tile.group(1).split(',')]
+      physical = [1] * max(0, len(tile_dims) - len(physical)) + physical
+      offset = len(physical) - len(tile_dims)
+      for i, t in enumerate(tile_dims):
+        if t.isdigit() and int(t) > 0:
+          physical[offset + i] = -(-physical[offset + i] // int(t)) * int(t)
+    element_size = re.search(r'E\((\d+)\)', tiling)
+    if element_size:
+      bits = int(element_size.group(1))
+    space = re.search(r'S\((\d+)\)', tiling)
+    arrays.append(
+      ArrayShape(
+        dtype=dtype,
+        dims=dims,
+        nbytes=-(-math.prod(physical) * bits // 8),
+        memory_space=int(space.group(1)) if space else 0,
+      )
+    )
+  return tuple(arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+  name: str
+  opcode: str
+  shape: tuple[ArrayShape, ...]
+  operands: tuple[str, ...]
+  attrs: str
+
+  def attr(self, pattern: str) -> str | None:
+    match = re.search(pattern, self.attrs)
+    return match.group(1) if match else None
+
+  def called(self) -> list[str]:
+    """Names of the computations this instruction calls."""
+    names = re.findall(
+      r'\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)',
+      self.attrs,
+    )
+    for group in re.findall(
+      r'\b(?:branch_computations|called_computations)=\{([^}]*)\}', self.attrs
+    ):
+      names += re.findall(r'%([\w.\-]+)', group)
+    return names
+
+
+def _balanced(text: str, start: int) -> int:
+  """Index just past the bracket group opening at ``text[start]``."""
+  depth = 0
+  for i in range(start, len(text)):
+    if text[i] in '([{':
+      depth += 1
+    elif text[i] in ')]}':
+      depth -= 1
+      if depth == 0:
+        return i + 1
+  raise ValueError(f'unbalanced HLO text: {text[start : start + 80]!r}')
+
+
+_INSTRUCTION = re.compile(r'^\s+(?:ROOT\s+)?%([^\s=]+)\s*=\s*(.*)$')
+_HEADER = re.compile(r'^(ENTRY\s+)?%([^\s(]+)\s*\(.*\{\s*$')
+
+
+def _parse_instruction(line: str) -> _Instruction | None:
+  match = _INSTRUCTION.match(line)
+  if not match:
+    return None
+  name, rest = match.groups()
+  if rest.startswith('('):
+    end = _balanced(rest, 0)
+  else:
+    end = rest.index(' ')
+  shape_text, rest = rest[:end], rest[end:].lstrip()
+  opcode_match = re.match(r'([a-z][\w\-]*)\(', rest)
+  if not opcode_match:
+    return None
+  opcode = opcode_match.group(1)
+  close = _balanced(rest, opcode_match.end() - 1)
+  operands = tuple(dict.fromkeys(re.findall(r'%([\w.\-]+)', rest[opcode_match.end() : close - 1])))
+  return _Instruction(name, opcode, parse_shape(shape_text), operands, rest[close:])
+
+
+def _parse_module(text: str) -> tuple[str, dict[str, list[_Instruction]]]:
+  """``(entry name, {computation name: instructions})`` of an HLO module's text."""
+  computations: dict[str, list[_Instruction]] = {}
+  entry = None
+  current = None
+  for line in text.splitlines():
+    if current is None:
+      header = _HEADER.match(line)
+      if header:
+        current = computations.setdefault(header.group(2), [])
+        if header.group(1):
+          entry = header.group(2)
+    elif line.startswith('}'):
+      current = None
+    else:
+      instruction = _parse_instruction(line)
+      if instruction is not None:
+        current.append(instruction)
+  if entry is None:
+    raise ValueError('no ENTRY computation in the HLO text.')
+  return entry, computations
+
+
+# ----------------------------------------------------------------------------- custom calls
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomCallCost:
+  """HBM bytes and FLOPs of one execution of a custom call (a Pallas kernel).
+
+  ``pl.CostEstimate`` has the same two attributes and is accepted wherever this is.
+  """
+
+  bytes_accessed: float = 0.0
+  flops: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomCall:
+  """What a cost function learns about one custom call of the compiled program.
+
+  Attributes:
+    name: the HLO instruction's name (a Pallas kernel's ``name=`` on TPU).
+    target: ``custom_call_target`` (``'tpu_custom_call'``, ``'mosaic_gpu_v2'``, ...).
+    op_name: the JAX op path of the call (``'jit(step)/my_kernel/pallas_call'``).
+    operands: the operand arrays.
+    results: the result arrays.
+  """
+
+  name: str
+  target: str
+  op_name: str
+  operands: tuple[ArrayShape, ...]
+  results: tuple[ArrayShape, ...]
+
+
+CostFn = Callable[[CustomCall], Any]
+"""A function of the call's shapes returning its cost (``CustomCallCost``-like)."""
+
+CustomCallCosts = Mapping[str, CustomCallCost | CostFn]
+"""Costs of custom calls by key: a key matches a call whose target equals it or whose
+instruction name or op_name contains it; the first matching key applies."""
+
+# Library calls whose FLOPs the HLO counter reads from their attributes; their scratch
+# buffer (the last result) is not traffic.
+_CUBLAS = '__cublas$'
+_CUDNN_CONV = '__cudnn$conv'
+
+
+def _library_call(target: str) -> bool:
+  return target.startswith((_CUBLAS, _CUDNN_CONV))
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+class _Totals(NamedTuple):
+  hbm_bytes: float = 0.0
+  hlo_flops: float = 0.0
+  custom_flops: float = 0.0
+
+
+_NO_TRAFFIC = frozenset(
+  {
+    'parameter',
+    'constant',
+    'tuple',
+    'get-tuple-element',
+    'bitcast',
+    'after-all',
+    'add-dependency',
+    'opt-barrier',
+    'partition-id',
+    'replica-id',
+    'domain',
+    'get-dimension-size',
+  }
+)
+# Slices read only what they keep; TPUs also slice asynchronously (slice-start/-done).
+_SLICES = frozenset({'slice', 'dynamic-slice', 'slice-start', 'dynamic-slice-start'})
+# Annotations that move no data (ConcatBitcast: a TPU's view of slices laid out contiguously).
+_NO_OP_CUSTOM_CALLS = frozenset(
+  {
+    'AssumeGatherIndicesInBound',
+    'ConcatBitcast',
+    'Sharding',
+    'SPMDFullToShardShape',
+    'SPMDShardToFullShape',
+    'LayoutConstraint',
+    'AllocateBuffer',
+  }
+)
+_COLLECTIVES = frozenset(
+  {
+    'all-reduce',
+    'all-gather',
+    'reduce-scatter',
+    'all-to-all',
+    'ragged-all-to-all',
+    'collective-permute',
+    'collective-broadcast',
+  }
+)
+
+
+def _hbm(shapes: Sequence[ArrayShape]) -> int:
+  return sum(s.nbytes for s in shapes if s.memory_space == 0)
+
+
+def _ints(text: str | None) -> list[int]:
+  return [int(t) for t in re.findall(r'\d+', text or '')]
+
+
+def _window(text: str | None, rank: int) -> dict[str, list[int]]:
+  """Per spatial dimension: size, stride, low padding, lhs (base) and rhs (window) dilation."""
+  fields = dict(re.findall(r'(\w+)=([\dx_\-]+)', text or ''))
+
+  def per_dim(key: str, default: int) -> list[int]:
+    return [int(v) for v in fields[key].split('x')] if key in fields else [default] * rank
+
+  pad_low = (
+    [int(p.split('_')[0]) for p in fields['pad'].split('x')] if 'pad' in fields else [0] * rank
+  )
+  return {
+    'size': per_dim('size', 1),
+    'stride': per_dim('stride', 1),
+    'pad_low': pad_low,
+    'lhs_dilate': per_dim('lhs_dilate', 1),
+    'rhs_dilate': per_dim('rhs_dilate', 1),
+  }
+
+
+def _valid_taps(size: int, out: int, window: int, stride: int, pad_low: int, lhs: int, rhs: int):
+  """Sum over output positions of the window taps that land on an input element (not on
+  padding or between the elements of a base-dilated input)."""
+  position = np.arange(out)[:, None] * stride + np.arange(window)[None, :] * rhs - pad_low
+  valid = (position >= 0) & (position <= (size - 1) * lhs) & (position % lhs == 0)
+  return int(valid.sum())
+
+
+def _conv_flops(
+  lhs: ArrayShape, kernel: ArrayShape, out: ArrayShape, dim_labels: str, window: str | None
+) -> float:
+  """2 x multiply-adds of a convolution, counting only the taps that meet input elements.
+
+  Per output element the contraction is the kernel's input features (input features /
+  feature_group_count; all of them when batch_group_count > 1, the output batch then being
+  the input batch / batch_group_count) times the window taps on real input. Without padding
+  or dilation this is the dense count 2 x output elements x kernel spatial size x kernel
+  input features.
+  """
+  lhs_labels, rest = dim_labels.split('_', 1)
+  kernel_labels, out_labels = rest.split('->')
+  spatial = sorted(c for c in out_labels if c.isdigit())
+  w = _window(window, len(spatial))
+  taps = 1
+  for i, d in enumerate(spatial):
+    taps *= _valid_taps(
+      lhs.dims[lhs_labels.index(d)],
+      out.dims[out_labels.index(d)],
+      kernel.dims[kernel_labels.index(d)],
+      w['stride'][i],
+      w['pad_low'][i],
+      w['lhs_dilate'][i],
+      w['rhs_dilate'][i],
+    )
+  per_position = out.dims[out_labels.index('b')] * out.dims[out_labels.index('f')]
+  return 2.0 * per_position * kernel.dims[kernel_labels.index('i')] * taps
+
+
+class _Counter:
+  """Walks a parsed module once per computation (memoised)."""
+
+  def __init__(self, computations: dict[str, list[_Instruction]], costs: CustomCallCosts | None):
+    self.computations = computations
+    self.costs = dict(costs or {})
+    self.shapes = {i.name: i.shape for insts in computations.values() for i in insts}
+    self.unpriced: list[str] = []
+    self.unknown_trip_counts = 0
+    self._flops_memo: dict[str, float] = {}
+    self._top_memo: dict[str, _Totals] = {}
+
+  def operand_shapes(self, instruction: _Instruction) -> list[tuple[ArrayShape, ...]]:
+    return [self.shapes.get(o, ()) for o in instruction.operands]
+
+  def trip_count(self, instruction: _Instruction) -> int:
+    n = instruction.attr(r'"known_trip_count":\{"n":"(\d+)"\}')
+    if n is None:
+      self.unknown_trip_counts += 1
+      return 1
+    return int(n)
+
+  @staticmethod
+  def conv_attrs(instruction: _Instruction) -> tuple[str, str | None]:
+    labels = instruction.attr(r'dim_labels=([\w>\-]+)')
+    if labels is None:
+      raise ValueError(f'convolution {instruction.name} has no dim_labels')
+    return labels, instruction.attr(r'window=\{([^}]*)\}')
+
+  # -- FLOPs of dots and convolutions, fusion bodies included.
+  def instruction_flops(self, instruction: _Instruction) -> float:
+    op = instruction.opcode
+    if op == 'dot':
+      lhs = self.operand_shapes(instruction)[0][0]
+      contracting = _ints(instruction.attr(r'lhs_contracting_dims=\{([^}]*)\}'))
+      return 2.0 * instruction.shape[0].size * math.prod(lhs.dims[i] for i in contracting)
+    if op == 'convolution':
+      lhs, kernel = (shapes[0] for shapes in self.operand_shapes(instruction)[:2])
+      return _conv_flops(lhs, kernel, instruction.shape[0], *self.conv_attrs(instruction))
+    if op == 'custom-call':
+      target = instruction.attr(r'custom_call_target="([^"]*)"') or ''
+      operands = self.operand_shapes(instruction)
+      if target.startswith(_CUBLAS):
+        lhs = operands[0][0]
+        contracting = _ints(instruction.attr(r'"lhs_contracting_dimensions":\[([^\]]*)\]'))
+        return 2.0 * instruction.shape[0].size * math.prod(lhs.dims[i] for i in contracting)
+      if target.startswith(_CUDNN_CONV):
+        # The attributes describe the forward convolution: x (lhs) * kernel -> y.
+        result = instruction.shape[0]
+        if 'BackwardInput' in target:  # operands: dy, kernel; result: dx
+          lhs, kernel, out = result, operands[1][0], operands[0][0]
+        elif 'BackwardFilter' in target:  # operands: x, dy; result: dkernel
+          lhs, kernel, out = operands[0][0], result, operands[1][0]
+        else:  # Forward, BiasActivationForward, ...: operands x, kernel, ...; result y
+          lhs, kernel, out = operands[0][0], operands[1][0], result
+        return _conv_flops(lhs, kernel, out, *self.conv_attrs(instruction))
+    return 0.0
+
+  def computation_flops(self, name: str) -> float:
+    if name not in self._flops_memo:
+      self._flops_memo[name] = 0.0  # a cycle would be a malformed module; count it once
+      total = 0.0
+      for instruction in self.computations.get(name, []):
+        total += self.instruction_flops(instruction)
+        called = instruction.called()
+        if instruction.opcode == 'conditional':
+          total += max((self.computation_flops(c) for c in called), default=0.0)
+        else:
+          repeat = 1
+          if instruction.opcode == 'while':
+            repeat = int(instruction.attr(r'"known_trip_count":\{"n":"(\d+)"\}') or 1)
+          total += repeat * sum(self.computation_flops(c) for c in called)
+      self._flops_memo[name] = total
+    return self._flops_memo[name]
+
+  # -- HBM traffic of the computations that run at top level.
+  def custom_call_cost(self, instruction: _Instruction) -> tuple[float, float] | None:
+    target = instruction.attr(r'custom_call_target="([^"]*)"') or ''
+    op_name = instruction.attr(r'op_name="([^"]*)"') or ''
+    for key, cost in self.costs.items():
+      if key == target or key in instruction.name or key in op_name:
+        if callable(cost):
+          call = CustomCall(
+            name=instruction.name,
+            target=target,
+            op_name=op_name,
+            operands=tuple(s for shapes in self.operand_shapes(instruction) for s in shapes),
+            results=instruction.shape,
+          )
+          cost = cost(call)
+        return float(cost.bytes_accessed), float(cost.flops)
+    return None
+
+  def instruction_traffic(self, instruction: _Instruction) -> _Totals:
+    op = instruction.opcode
+    if op in _NO_TRAFFIC or op.endswith('-update'):
+      return _Totals()
+    operands = [s for shapes in self.operand_shapes(instruction) for s in shapes]
+    if op in _SLICES:  # reads only the slice (the async form's result: (operand), slice, ctx)
+      piece = instruction.shape[1 if op.endswith('-start') else 0]
+      read = piece.nbytes if operands and operands[0].memory_space == 0 else 0
+      return _Totals(read + (0 if op.endswith('-start') else _hbm([piece])))
+    if op == 'dynamic-update-slice':  # in place: reads the update, writes its region
+      return _Totals(2 * _hbm(self.operand_shapes(instruction)[1]))
+    if op.endswith('-start'):  # async pair: the start reads, the done writes
+      return _Totals(_hbm(operands))
+    if op.endswith('-done'):
+      return _Totals(_hbm(instruction.shape))
+    if op == 'custom-call':
+      target = instruction.attr(r'custom_call_target="([^"]*)"') or ''
+      if target in _NO_OP_CUSTOM_CALLS:
+        return _Totals()
+      priced = self.custom_call_cost(instruction)
+      if priced is not None:
+        return _Totals(priced[0], 0.0, priced[1])
+      results = instruction.shape
+      if _library_call(target):
+        results = results[:1] if len(results) > 1 else results
+      else:
+        self.unpriced.append(f'{instruction.name} ({target})')
+      return _Totals(_hbm(operands) + _hbm(results))
+    return _Totals(_hbm(operands) + _hbm(instruction.shape))
+
+  def top_level(self, name: str) -> _Totals:
+    """Traffic (and custom-call FLOPs) of a computation whose instructions are kernels."""
+    if name not in self._top_memo:
+      self._top_memo[name] = _Totals()
+      hbm = custom = 0.0
+      for instruction in self.computations.get(name, []):
+        called = instruction.called()
+        if instruction.opcode == 'while':
+          n = self.trip_count(instruction)
+          for c in called:
+            sub = self.top_level(c)
+            hbm, custom = hbm + n * sub.hbm_bytes, custom + n * sub.custom_flops
+        elif instruction.opcode == 'conditional':
+          branches = [self.top_level(c) for c in called] or [_Totals()]
+          hbm += max(b.hbm_bytes for b in branches)
+          custom += max(b.custom_flops for b in branches)
+        elif instruction.opcode == 'call':
+          for c in called:
+            sub = self.top_level(c)
+            hbm, custom = hbm + sub.hbm_bytes, custom + sub.custom_flops
+        else:
+          own = self.instruction_traffic(instruction)
+          hbm, custom = hbm + own.hbm_bytes, custom + own.custom_flops
+      self._top_memo[name] = _Totals(hbm, 0.0, custom)
+    return self._top_memo[name]
+
+
+def hlo_costs(hlo_text: str, custom_call_costs: CustomCallCosts | None = None) -> dict[str, Any]:
+  """HBM traffic and matmul/convolution FLOPs of one device's optimized HLO.
+
+  Args:
+    hlo_text: ``compiled.as_text()``.
+    custom_call_costs: costs of custom calls (see :data:`CustomCallCosts`).
+
+  Returns:
+    ``hbm_bytes`` (operand + result bytes of every top-level instruction, while bodies
+    times their known trip count, the costlier branch of a conditional), ``matmul_flops``
+    (2 x output elements x contraction size of every dot and convolution, fusion bodies
+    included: elementwise work is not counted), ``custom_call_flops`` (from the costs given),
+    ``unpriced_custom_calls`` (custom calls with no cost given: their operands and results
+    are counted, what they do inside is not), ``unknown_trip_counts`` (while loops counted
+    once), ``collectives`` (``{opcode: count}`` of the collectives in the program).
+  """
+  entry, computations = _parse_module(hlo_text)
+  counter = _Counter(computations, custom_call_costs)
+  top = counter.top_level(entry)
+  collectives: dict[str, int] = {}
+  for instructions in computations.values():
+    for instruction in instructions:
+      base = instruction.opcode.removesuffix('-start')
+      if base in _COLLECTIVES:
+        collectives[base] = collectives.get(base, 0) + 1
+  return {
+    'hbm_bytes': top.hbm_bytes,
+    'matmul_flops': counter.computation_flops(entry),
+    'custom_call_flops': top.custom_flops,
+    'unpriced_custom_calls': tuple(counter.unpriced),
+    'unknown_trip_counts': counter.unknown_trip_counts,
+    'collectives': dict(sorted(collectives.items())),
+  }
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+  """What one compiled program costs on each chip.
+
+  Attributes:
+    flops: executed FLOPs: libtpu's count on TPU (it includes a Pallas kernel's own
+      ``CostEstimate``), the dot/convolution count of the HLO elsewhere; plus the FLOPs of
+      custom calls priced by the caller.
+    hbm_bytes: estimated HBM traffic (see :func:`hlo_costs`).
+    matmul_flops: dot and convolution FLOPs counted from the HLO (every kernel tap, padding
+      included).
+    argument_bytes, output_bytes, temp_bytes, alias_bytes, code_bytes: XLA's memory plan;
+      ``alias_bytes`` are outputs written into donated arguments.
+    xla_flops, xla_bytes: the compiler's own cost analysis ('flops', 'bytes accessed');
+      ``None`` where it has none (the GPU compiler).
+    unpriced_custom_calls: custom calls counted only by their operands and results.
+    unknown_trip_counts: while loops whose trip count the HLO does not give (counted once).
+    collectives: ``{opcode: count}`` of collectives in the program.
+  """
+
+  flops: float
+  hbm_bytes: float
+  matmul_flops: float
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  alias_bytes: int
+  code_bytes: int
+  xla_flops: float | None
+  xla_bytes: float | None
+  unpriced_custom_calls: tuple[str, ...]
+  unknown_trip_counts: int
+  collectives: dict[str, int]
+
+  @property
+  def hbm_needed(self) -> int:
+    """Peak HBM the program needs on a chip: arguments + outputs + temporaries - donated
+    (aliased) + generated code."""
+    return (
+      self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes + self.code_bytes
+    )
+
+
+def _cost_analysis(compiled: jax.stages.Compiled) -> dict[str, float] | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # older JAX: one dict per device
+    cost = cost[0] if cost else None
+  return cost or None
+
+
+def hbm_needed(compiled: jax.stages.Compiled) -> int:
+  """Peak HBM ``compiled`` needs per chip (see :attr:`Analysis.hbm_needed`)."""
+  m = compiled.memory_analysis()
+  return int(
+    m.argument_size_in_bytes
+    + m.output_size_in_bytes
+    + m.temp_size_in_bytes
+    - m.alias_size_in_bytes
+    + m.generated_code_size_in_bytes
+  )
+
+
+def analyze(
+  compiled: jax.stages.Compiled, custom_call_costs: CustomCallCosts | None = None
+) -> Analysis:
+  """Per-chip FLOPs, HBM traffic and memory of a compiled (SPMD) program.
+
+  Args:
+    compiled: ``jax.jit(f).lower(...).compile()`` for a :class:`Target`'s devices.
+    custom_call_costs: costs of custom calls XLA cannot see into (Pallas kernels), by
+      target, instruction name or op name (a kernel's ``name=``); each value a
+      :class:`CustomCallCost` (or ``pl.CostEstimate``) per execution, or a function of the
+      :class:`CustomCall` (its operand and result shapes) that returns one.
+
+  Returns:
+    The analysis.
+  """
+  costs = hlo_costs(compiled.as_text(), custom_call_costs)
+  xla = _cost_analysis(compiled)
+  xla_flops = float(xla['flops']) if xla and 'flops' in xla else None
+  xla_bytes = float(xla['bytes accessed']) if xla and 'bytes accessed' in xla else None
+  m = compiled.memory_analysis()
+  base_flops = xla_flops if xla_flops is not None else costs['matmul_flops']
+  return Analysis(
+    flops=base_flops + costs['custom_call_flops'],
+    hbm_bytes=costs['hbm_bytes'],
+    matmul_flops=costs['matmul_flops'],
+    argument_bytes=int(m.argument_size_in_bytes),
+    output_bytes=int(m.output_size_in_bytes),
+    temp_bytes=int(m.temp_size_in_bytes),
+    alias_bytes=int(m.alias_size_in_bytes),
+    code_bytes=int(m.generated_code_size_in_bytes),
+    xla_flops=xla_flops,
+    xla_bytes=xla_bytes,
+    unpriced_custom_calls=costs['unpriced_custom_calls'],
+    unknown_trip_counts=costs['unknown_trip_counts'],
+    collectives=costs['collectives'],
+  )
+
+
+# ----------------------------------------------------------------------------- roofline
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+  """A step's lower bound on time from the chip's peaks, and what it implies.
+
+  Attributes:
+    compute_seconds: FLOPs / peak FLOP/s.
+    memory_seconds: HBM bytes / HBM bandwidth.
+    step_seconds: the larger of the two (compute and memory overlap perfectly).
+    bound: ``'compute'`` or ``'memory'``.
+    examples_per_second: the whole slice's rate at that step time (``None`` without a batch).
+    mfu: model FLOPs utilisation at that rate (``None`` without model FLOPs).
+  """
+
+  compute_seconds: float
+  memory_seconds: float
+  step_seconds: float
+  bound: str
+  examples_per_second: float | None
+  mfu: float | None
+
+
+def roofline(
+  analysis: Analysis,
+  target: Target,
+  *,
+  batch_per_chip: int | None = None,
+  model_flops_per_example: float | None = None,
+) -> Roofline:
+  """Step time ``max(FLOPs / peak, bytes / bandwidth)`` per chip, and its consequences.
+
+  Args:
+    analysis: the step's per-chip :class:`Analysis`.
+    target: where it runs.
+    batch_per_chip: examples each chip processes per step.
+    model_flops_per_example: the model's FLOPs per example (e.g. 3x the forward pass for
+      a training step), for MFU; executed FLOPs include rematerialisation, model FLOPs not.
+
+  Returns:
+    The roofline.
+  """
+  compute = analysis.flops / target.chip.peak_flops
+  memory = analysis.hbm_bytes / target.chip.hbm_bandwidth
+  step = max(compute, memory)
+  rate = mfu = None
+  if batch_per_chip is not None and step > 0:
+    rate = batch_per_chip * target.num_chips / step
+    if model_flops_per_example is not None:
+      mfu = model_flops_per_example * batch_per_chip / (step * target.chip.peak_flops)
+  return Roofline(compute, memory, step, 'compute' if compute >= memory else 'memory', rate, mfu)
+
+
+# ----------------------------------------------------------------------------- batch fit
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchFit:
+  """HBM need as an affine function of the per-chip batch, and the largest batch that fits.
+
+  Attributes:
+    batches: the per-chip batches compiled.
+    hbm_needed: the HBM each needed (bytes).
+    fixed_bytes: ``a`` of ``a + b * batch`` (state, code, batch-independent buffers).
+    bytes_per_example: ``b``.
+    max_residual_bytes: largest distance of a compiled point from the line (0 with two).
+    usable_bytes: the chip's HBM less the margin.
+    largest_batch: the largest batch (a multiple of ``multiple``) predicted to fit; 0 if
+      none does.
+  """
+
+  batches: tuple[int, ...]
+  hbm_needed: tuple[int, ...]
+  fixed_bytes: float
+  bytes_per_example: float
+  max_residual_bytes: float
+  usable_bytes: float
+  largest_batch: int
+
+  def predict(self, batch: int) -> float:
+    """Predicted HBM need at ``batch`` examples per chip."""
+    return self.fixed_bytes + self.bytes_per_example * batch
+
+
+def fit_batch(
+  compile_at: Callable[[int], jax.stages.Compiled],
+  chip: Chip,
+  batches: Sequence[int] = (8, 16, 32),
+  *,
+  margin: float = HBM_MARGIN,
+  multiple: int = 1,
+) -> BatchFit:
+  """Fits ``hbm_needed = a + b * batch`` over a few compiles and solves for the chip's HBM.
+
+  Args:
+    compile_at: compiles the program at a per-chip batch.
+    chip: the chip whose HBM must hold it.
+    batches: at least two per-chip batches; a third checks that the need is affine.
+    margin: fraction of HBM left to the runtime (:data:`HBM_MARGIN`).
+    multiple: the batch returned is a multiple of this (8 keeps TPU tiles full).
+
+  Returns:
+    The fit.
+
+  Raises:
+    ValueError: fewer than two distinct batches, or memory that does not grow with the batch.
+  """
+  batches = tuple(sorted(set(batches)))
+  if len(batches) < 2:
+    raise ValueError(f'fit_batch needs two or more distinct batches, got {batches}.')
+  needed = tuple(hbm_needed(compile_at(b)) for b in batches)
+  b, a = np.polyfit(np.asarray(batches, float), np.asarray(needed, float), 1)
+  if b < 1.0:  # less than a byte per example: not a function of the batch
+    raise ValueError(
+      f'HBM need does not grow with the batch ({dict(zip(batches, needed, strict=True))}); '
+      'is the batch dimension really an input of compile_at?'
+    )
+  residual = max(abs(n - (a + b * x)) for x, n in zip(batches, needed, strict=True))
+  usable = chip.hbm_bytes * (1.0 - margin)
+  largest = max(0, math.floor((usable - a) / b))
+  largest -= largest % multiple
+  return BatchFit(batches, needed, float(a), float(b), float(residual), usable, largest)
