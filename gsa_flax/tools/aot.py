@@ -16,10 +16,20 @@ libtpu; compiling for the H100 without a GPU needs ``JAX_SKIP_CUDA_CONSTRAINTS_C
 Run with ``JAX_PLATFORMS=cpu`` so that neither runtime looks for local chips.
 
 The HBM traffic is an estimate, not a measurement: every top-level instruction of the
-program (a fusion, a library call, a copy, a collective) is taken to read each of its
-operands once and write its results once; what a fusion keeps in registers or VMEM between
-its own steps is free. Operands that an instruction only partly reads (a slice, an in-place
-update) are counted whole, so the estimate errs high there.
+program (a fusion, a library call, a copy, a collective; while bodies times their trip
+count) is taken to read each of its operands once and write its results once, in the bytes
+of their layout (a TPU's tile padding included). What a fusion keeps in registers, and
+buffers a TPU places in on-chip memory (VMEM, ``S(1)`` in the layout), cost nothing; an
+asynchronous pair (``*-start``/``*-done``) reads at the start and writes at the done; a
+slice reads only what it keeps. A fusion that reads only part of an operand (a
+dynamic slice inside it, an in-place update) is still charged the whole operand, so the
+estimate errs high there. libtpu's own "bytes accessed" counts on-chip traffic too and is
+reported beside it.
+
+FLOPs are libtpu's count on TPU. The GPU compiler has no cost analysis: there the FLOPs
+are counted from the HLO, dots and convolutions only (2 x multiply-adds, fusion bodies and
+cuBLAS/cuDNN calls included); elementwise work is not counted. Custom calls (Pallas
+kernels) hide their insides from both: their costs can be passed in.
 """
 
 from __future__ import annotations
@@ -434,8 +444,7 @@ def _library_call(target: str) -> bool:
 
 class _Totals(NamedTuple):
   hbm_bytes: float = 0.0
-  hlo_flops: float = 0.0
-  custom_flops: float = 0.0
+  custom_flops: float = 0.0  # of custom calls priced by the caller
 
 
 _NO_TRAFFIC = frozenset(
@@ -490,7 +499,7 @@ def _ints(text: str | None) -> list[int]:
 
 
 def _window(text: str | None, rank: int) -> dict[str, list[int]]:
-  """Per spatial dimension: size, stride, low padding, lhs (base) and rhs (window) dilation."""
+  """Per spatial dimension: stride, low padding, lhs (base) and rhs (window) dilation."""
   fields = dict(re.findall(r'(\w+)=([\dx_\-]+)', text or ''))
 
   def per_dim(key: str, default: int) -> list[int]:
@@ -500,7 +509,6 @@ def _window(text: str | None, rank: int) -> dict[str, list[int]]:
     [int(p.split('_')[0]) for p in fields['pad'].split('x')] if 'pad' in fields else [0] * rank
   )
   return {
-    'size': per_dim('size', 1),
     'stride': per_dim('stride', 1),
     'pad_low': pad_low,
     'lhs_dilate': per_dim('lhs_dilate', 1),
@@ -660,7 +668,7 @@ class _Counter:
         return _Totals()
       priced = self.custom_call_cost(instruction)
       if priced is not None:
-        return _Totals(priced[0], 0.0, priced[1])
+        return _Totals(priced[0], priced[1])
       results = instruction.shape
       if _library_call(target):
         results = results[:1] if len(results) > 1 else results
@@ -692,7 +700,7 @@ class _Counter:
         else:
           own = self.instruction_traffic(instruction)
           hbm, custom = hbm + own.hbm_bytes, custom + own.custom_flops
-      self._top_memo[name] = _Totals(hbm, 0.0, custom)
+      self._top_memo[name] = _Totals(hbm, custom)
     return self._top_memo[name]
 
 
