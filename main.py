@@ -7,12 +7,13 @@ Every host of a multi-host run (Cloud TPU pod slice, GPU cluster) runs the same 
 A run restarted with the same --workdir resumes from its latest checkpoint.
 """
 
-import logging as logging_std
 import os
-import sys
+from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from gsa_flax.tools import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -28,7 +29,6 @@ flags.DEFINE_bool(
   'Call jax.distributed.initialize() to auto-detect the cluster (Cloud TPU pods, SLURM). '
   'Default: on when a Cloud TPU multi-host environment or --coordinator_address is seen.',
 )
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _init_distributed() -> None:
@@ -48,37 +48,23 @@ def _init_distributed() -> None:
     jax.distributed.initialize()
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Drops INFO chatter of orbax (dozens of lines per save); keeps its warnings."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
-
-
-def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+def main(argv: Sequence[str], **train_kwargs) -> None:
+  """Validates the config, then trains; ``train_kwargs`` go to ``train_and_evaluate``."""
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS.config or not FLAGS.workdir:
+    cli.fail('--config and --workdir are required: python main.py --config=FILE --workdir=DIR')
   _init_distributed()
   import jax
 
-  from gsa_flax import config_validation
+  from gsa_flax import checkpointing, config_validation
 
-  try:
-    # Before TensorFlow, the data or any compile: a typo costs seconds.
-    config_validation.validate(FLAGS.config, FLAGS.workdir)
-  except config_validation.ConfigError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
-  from gsa_flax import checkpointing, input_pipeline, train
+  # Before TensorFlow, the data or any compile: a typo costs seconds.
+  config_validation.validate(FLAGS.config)
+  checkpointing.check_workdir(FLAGS.workdir)
 
-  # Mistakes in the input, and a diverged run: one line, no traceback.
-  user_errors = (
-    config_validation.ConfigError,
-    input_pipeline.DatasetNotFoundError,
-    checkpointing.CheckpointError,
-    FloatingPointError,
-  )
+  from gsa_flax import train
+  from gsa_flax.tools import attention_maps
 
   logging.info(
     'JAX process %d/%d, %d local / %d global devices.',
@@ -87,12 +73,13 @@ def main(argv):
     jax.local_device_count(),
     jax.device_count(),
   )
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except user_errors as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+  evaluators = [train.ClassificationEvaluator]
+  if FLAGS.config.attention_maps:
+    evaluators.append(attention_maps.AttentionMapEvaluator)
+  train.train_and_evaluate(
+    FLAGS.config, FLAGS.workdir, **{'evaluators': evaluators, **train_kwargs}
+  )
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -24,6 +24,6 @@ def get_config():
   config.label_smoothing = 0.0
 
   config.log_every_steps = 100
-  config.eval_every_steps = 390 * 5  # About every 5 epochs (390 steps per epoch).
-  config.checkpoint_every_steps = 1000
+  config.eval_every_epochs = 5.0
+  config.checkpoint_every_epochs = 5.0
   return config

@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.small_stem = True  # 3x3/1 conv stem, no max pool (small images); False: ImageNet stem.
   config.dtype = 'float32'  # Compute dtype: 'bfloat16' on TPU/GPU; params stay float32.
 
-  # The GSA module's knobs (GSA_METHOD.md); ignored by the convolutional stages.
+  # The GSA module's knobs (docs/method.md); ignored by the convolutional stages.
   config.gsa = ml_collections.ConfigDict()
   config.gsa.num_heads = 4  # Heads per GSA module; must divide every stage's width and d_k.
   config.gsa.key_ratio = 0.5  # d_k = key_ratio * d_out (paper: unstated; 0.5 is our choice).
@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.gsa.position_embedding = 'relative'  # 'relative' | 'absolute' (ablation).
   config.gsa.normalize_queries = False  # Softmax each query over channels (efficient attention).
   config.gsa.positional_softmax = False  # Softmax the positional weights (paper: none).
+  # Contraction order of the positional steps: 'auto' (the cheaper for the shape), 'logits'
+  # or 'values'; the same result either way (speed only; 'values' cannot softmax).
+  config.gsa.order = 'auto'
   # One bool per stage: which stages use GSA. () = the model's default (GSA models: all).
   config.gsa.attention_stages = ()
 
@@ -55,9 +58,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Initialisation and data order; the same seed gives the same run.
 
   # --- Bookkeeping -------------------------------------------------------------------
-  config.log_every_steps = 20  # Train metrics (TensorBoard + log) every this many steps.
-  config.eval_every_steps = 110  # Full eval-split evaluation every this many steps and at the end.
-  config.checkpoint_every_steps = 110  # Checkpoint every this many steps and at the end.
+  # Intervals are in steps (<name>_steps) or epochs (<name>_epochs; kept when batch_size
+  # changes): set exactly one of each pair > 0. Each also happens at the last step.
+  config.log_every_steps = 20  # Train metrics (TensorBoard + log).
+  config.log_every_epochs = 0.0
+  config.eval_every_steps = 0  # Full eval-split evaluation...
+  config.eval_every_epochs = 5.0  # ...every 5 epochs (110 steps at batch 64).
+  config.checkpoint_every_steps = 0  # Checkpoint...
+  config.checkpoint_every_epochs = 5.0  # ...every 5 epochs.
   config.keep_checkpoints = 3  # Newest checkpoints kept under <workdir>/checkpoints.
   config.profile_steps = (
     0  # Steps to trace with the JAX profiler (0: off; needs a GPU/TPU to matter).

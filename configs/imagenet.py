@@ -29,7 +29,7 @@ def get_config():
   config.label_smoothing = 0.1
 
   config.log_every_steps = 100
-  config.eval_every_steps = 1251  # Once per epoch at batch 1024.
-  config.checkpoint_every_steps = 1000
+  config.eval_every_epochs = 1.0
+  config.checkpoint_every_epochs = 1.0
   config.keep_checkpoints = 3
   return config

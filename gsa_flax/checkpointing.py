@@ -1,24 +1,36 @@
-"""Checkpoints: one orbax ``CheckpointManager`` under ``<workdir>/checkpoints``.
+"""A run's workdir on disk: checkpoints, the state layout in them, and ``config.json``.
 
-Orbax writes each step to a temporary directory and renames it into place when complete,
-so a crash during a save never touches the previous checkpoint. On restore, a step
-that is unreadable (truncated, corrupted) is reported and skipped in favour of the newest
-intact one; nothing is deleted. A checkpoint whose shapes do not match the model stops
-with the first mismatching parameter named.
+Checkpoints are one orbax ``CheckpointManager`` under ``<workdir>/checkpoints``. Orbax
+writes each step to a temporary directory and renames it into place when complete, so a
+crash during a save never touches the previous checkpoint. On restore, a step that is
+unreadable (truncated, corrupted) is reported and skipped in favour of the newest intact
+one; nothing is deleted. A checkpoint whose shapes do not match the model stops with the
+first mismatching parameter named.
+
+Every path goes through ``etils.epath``, so a workdir on ``gs://`` works like a local one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import dataclasses
+import json
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from flax import serialization
 from jax.experimental import multihost_utils
+
+from gsa_flax import config_validation, datasets
+from gsa_flax import state as state_lib
 
 
 class CheckpointError(ValueError):
@@ -30,14 +42,163 @@ class CheckpointMismatchError(CheckpointError):
 
 
 UNREADABLE = 'checkpoints_unreadable'
+CONFIG_FILE = 'config.json'
 
 
-def checkpoint_dir(workdir: str) -> epath.Path:
-  """``<workdir>/checkpoints`` as an absolute path (orbax requires one)."""
-  path = epath.Path(workdir)
-  if not str(workdir).startswith(('gs://', 's3://')):
-    path = epath.Path(os.path.abspath(workdir))
-  return path / 'checkpoints'
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is on a cloud file system (``gs://``, ``s3://``) rather than a local disk."""
+  return str(path).startswith(('gs://', 's3://'))
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+  """The workdir as an ``epath.Path``, absolute if local (orbax requires absolute paths)."""
+  return epath.Path(workdir if is_remote(workdir) else os.path.abspath(workdir))
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  """``<workdir>/checkpoints``."""
+  return workdir_path(workdir) / 'checkpoints'
+
+
+def check_workdir(workdir: str | os.PathLike) -> None:
+  """Creates a local workdir if missing and checks it can be written.
+
+  Raises:
+    config_validation.ConfigError: it cannot (the message names ``--workdir``).
+  """
+  if is_remote(workdir):
+    return  # permission errors surface on the first write
+  path = workdir_path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test'):
+      pass
+  except OSError as error:
+    raise config_validation.ConfigError(
+      f'--workdir={workdir} cannot be written ({error.strerror}); choose a directory you can write.'
+    ) from None
+
+
+# ----------------------------------------------------------------------------- state layout
+
+
+def state_dict(state: state_lib.TrainState) -> dict[str, Any]:
+  """The checkpoint layout of a train state: step, params, batch_stats, opt_state."""
+  return serialization.to_state_dict(
+    {
+      'step': state.step,
+      'params': state.params,
+      'batch_stats': state.batch_stats,
+      'opt_state': state.opt_state,
+    }
+  )
+
+
+def restore_into(state: state_lib.TrainState, restored: dict[str, Any]) -> state_lib.TrainState:
+  """``state`` with the values of a restored :func:`state_dict`."""
+  return state.replace(
+    step=restored['step'],
+    params=serialization.from_state_dict(state.params, restored['params']),
+    batch_stats=serialization.from_state_dict(state.batch_stats, restored['batch_stats']),
+    opt_state=serialization.from_state_dict(state.opt_state, restored['opt_state']),
+  )
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """Writes the run's config to ``<workdir>/config.json`` (process 0 only)."""
+  if jax.process_index() == 0:
+    path = workdir_path(workdir) / CONFIG_FILE
+    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config a run recorded in ``<workdir>/config.json``.
+
+  Raises:
+    CheckpointError: no such workdir or file, or a file that is not a JSON object.
+  """
+  root = workdir_path(workdir)
+  path = root / CONFIG_FILE
+  if not root.is_dir():
+    raise CheckpointError(
+      f'workdir {workdir} does not exist; pass the --workdir of a training run.'
+    )
+  if not path.exists():
+    raise CheckpointError(
+      f'{path} is missing: {workdir} is not a training workdir (main.py writes it).'
+    )
+  try:
+    value = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as error:
+    raise CheckpointError(
+      f'{path} is not valid JSON ({error}); restore it from a backup or retrain.'
+    ) from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f'{path} holds a {type(value).__name__}, not a config object.')
+  return ml_collections.ConfigDict(value)
+
+
+# ----------------------------------------------------------------------------- trained weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A trained network, ready to apply.
+
+  Attributes:
+    config: the run's config (from ``config.json``).
+    model: the network it trained.
+    variables: ``{'params': ..., 'batch_stats': ...}`` from the checkpoint.
+    step: the training step of the checkpoint.
+  """
+
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  variables: dict[str, Any]
+  step: int
+
+
+def load(
+  workdir: str | os.PathLike,
+  config: ml_collections.ConfigDict | None = None,
+  *,
+  sharding: jax.sharding.Sharding | None = None,
+) -> Trained:
+  """Restores the newest intact checkpoint of a workdir for inference, moving no file.
+
+  The one restore path of everything that applies a trained network (evaluation of a
+  finished run, prediction, attention maps).
+
+  Args:
+    workdir: the ``--workdir`` of a training run.
+    config: the run's config; None reads ``<workdir>/config.json``.
+    sharding: where the arrays go; None: this process's first device.
+
+  Raises:
+    CheckpointError: no config, no checkpoint, or checkpoints that cannot be read or do
+      not fit the config (one line, saying what to do).
+  """
+  config = read_config(workdir) if config is None else config
+  pieces = state_lib.setup(config, datasets.get(config.dataset).num_classes)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+    state_dict(state_lib.abstract(pieces, config.image_size)),
+  )
+  directory = checkpoint_dir(workdir)
+  if not directory.is_dir():
+    raise CheckpointError(f'no checkpoint in {workdir}: train first ({directory} is missing).')
+  restored = Checkpointer(workdir, keep=config.keep_checkpoints).restore_latest(
+    target, read_only=True
+  )
+  if restored is None:
+    raise CheckpointError(f'no checkpoint in {directory}: train first.')
+  tree, _, step = restored
+  variables = {'params': tree['params'], 'batch_stats': tree['batch_stats']}
+  return Trained(config, pieces.model, variables, step)
 
 
 def _abstract(tree: Any) -> Any:

@@ -6,12 +6,8 @@ accepted, so a typo costs seconds rather than a compile and a crash an hour late
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import jax
 import ml_collections
-from etils import epath
 
 from gsa_flax import datasets, layers, models
 
@@ -36,12 +32,11 @@ def _positive(config, *names: str) -> None:
     )
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+def validate(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`ConfigError` for the first unusable field of ``config``.
 
   Args:
     config: the experiment config (``configs/default.py`` defines every field).
-    workdir: if given, checked to be writable (created if missing).
   """
   # Names.
   _require(
@@ -52,6 +47,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
     config.dataset in datasets.NAMES,
     f'config.dataset={config.dataset!r} is unknown; valid: {", ".join(datasets.NAMES)}.',
   )
+  spec = datasets.get(config.dataset)
   _require(
     config.dtype in DTYPES, f'config.dtype={config.dtype!r} is unknown; valid: {", ".join(DTYPES)}.'
   )
@@ -62,12 +58,16 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
     'batch_size',
     'learning_rate',
     'image_size',
-    'log_every_steps',
-    'eval_every_steps',
-    'checkpoint_every_steps',
     'keep_checkpoints',
     'num_filters',
   )
+  for name in ('log_every', 'eval_every', 'checkpoint_every'):
+    steps, epochs = config[f'{name}_steps'], config.get(f'{name}_epochs', 0)
+    _require(
+      (steps > 0) != (epochs > 0),
+      f'config.{name}_steps={steps} and config.{name}_epochs={epochs}: set exactly one of '
+      'them > 0 (the other 0).',
+    )
   _require(
     config.num_train_steps > 0 or (config.num_train_steps in (-1, 0) and config.num_epochs > 0),
     f'config.num_train_steps={config.num_train_steps} and config.num_epochs={config.num_epochs}: '
@@ -92,12 +92,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
 
   # The model: heads, widths, stages, input size.
   gsa = config.gsa
-  model = models.create_model(
-    config.model, num_filters=config.num_filters, small_stem=config.small_stem
-  )
+  model = models.build(config, spec.num_classes)
   stages = len(model.stage_sizes)
-  if gsa.attention_stages:
-    model = model.clone(attention_stages=tuple(gsa.attention_stages))
   _require(
     not gsa.attention_stages or len(gsa.attention_stages) == stages,
     f'config.gsa.attention_stages={tuple(gsa.attention_stages)} has '
@@ -119,6 +115,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
         gsa.positional,
         gsa.position_embedding,
         gsa.rel_length or None,
+        gsa.order,
+        gsa.positional_softmax,
       )
     except ValueError as error:
       raise ConfigError(
@@ -131,32 +129,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
     f'by {stride}; use image_size >= {stride}.',
   )
 
-  if workdir is not None:
-    _check_writable(workdir)
-
 
 def validate_against_data(config: ml_collections.ConfigDict, builder) -> None:
   """Checks the fields that depend on the prepared dataset (cheap: metadata only)."""
-  from gsa_flax import input_pipeline  # TensorFlow: only once a dataset is in hand.
-
-  split = input_pipeline.train_split_name(config.dataset)
-  available = input_pipeline.num_examples(builder, split)
+  split = datasets.get(config.dataset).train_split
+  available = builder.info.splits[split].num_examples
   _require(
     config.batch_size <= available,
     f'config.batch_size={config.batch_size} is larger than the {available} examples of '
     f'{config.dataset}:{split}; use a smaller batch_size.',
   )
-
-
-def _check_writable(workdir: str) -> None:
-  if str(workdir).startswith(('gs://', 's3://')):
-    return  # remote: permission errors surface on the first write
-  path = os.path.abspath(workdir)
-  try:
-    epath.Path(path).mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test'):
-      pass
-  except OSError as error:
-    raise ConfigError(
-      f'--workdir={workdir} cannot be written ({error.strerror}); choose a directory you can write.'
-    ) from None

@@ -1,9 +1,12 @@
-"""Input pipelines for ImageNet, CIFAR-100 and the embedded ``digits`` dataset.
+"""Input pipelines: the tf.data mechanics shared by every dataset.
 
-Every dataset is read with ``tfds.builder(...).as_dataset`` with the image left encoded
+What differs between datasets (splits, classes, normalisation, which crops) is data in its
+:class:`~gsa_flax.datasets.DatasetSpec`; this module reads specs and has no per-dataset
+code. Records are read with ``tfds.builder(...).as_dataset`` with the image left encoded
 (``tfds.decode.SkipDecoding``) so that shuffling and skipping move bytes only, and decoding
-is spent on the examples that are kept (ImageNet training decodes only its random crop,
-fused in ``tf.image.decode_and_crop_jpeg``).
+is spent on the examples that are kept (the Inception crop decodes only its window, fused
+in ``tf.image.decode_and_crop_jpeg``). :func:`decode` is the one image decoder, used for
+training, evaluation and image files alike.
 
 Multi-host: each process reads its own part of every split (``tfds.split_for_jax_process``)
 and yields the process-local part of the global batch, ``global_batch_size //
@@ -32,45 +35,23 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from gsa_flax import datasets
-from gsa_flax.datasets import digits as digits_lib
+from gsa_flax.datasets import DatasetNotFoundError, DatasetSpec
 
-DATASETS: tuple[str, ...] = datasets.NAMES
-
-# Per-channel mean and standard deviation on the 0..255 scale, subtracted and divided after
-# resizing. ImageNet and CIFAR-100: the usual published statistics of their train splits.
-# digits: grey-level statistics of its train split at the source resolution (identical
-# after integer-factor nearest upscaling; tests/test_input_pipeline.py recomputes them).
-MEAN_RGB: dict[str, tuple[float, float, float]] = {
-  'imagenet2012': (0.485 * 255, 0.456 * 255, 0.406 * 255),
-  'cifar100': (0.5071 * 255, 0.4865 * 255, 0.4409 * 255),
-  'digits': (77.9, 77.9, 77.9),
-}
-STDDEV_RGB: dict[str, tuple[float, float, float]] = {
-  'imagenet2012': (0.229 * 255, 0.224 * 255, 0.225 * 255),
-  'cifar100': (0.2673 * 255, 0.2564 * 255, 0.2762 * 255),
-  'digits': (95.7, 95.7, 95.7),
-}
-
-# ImageNet evaluation: center crop of image_size / (image_size + 32) of the shorter side
+# 'center' evaluation crop: center crop of image_size / (image_size + 32) of the shorter side
 # (224 of 256), then resize: the standard ResNet/Inception protocol.
 _EVAL_CROP_PADDING = 32
-# ImageNet training: Inception-style random-resized crop (Szegedy et al. 2015).
+# 'inception' training crop: random-resized crop (Szegedy et al. 2015).
 _CROP_AREA_RANGE = (0.08, 1.0)
 _CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 _CROP_MIN_OBJECT_COVERED = 0.1
 _CROP_MAX_ATTEMPTS = 10
-# CIFAR-100/digits training: zero-pad by 4 pixels per 32 (scaled with image_size), then
-# crop back at a random position.
+# 'pad' training crop: zero-pad by 4 pixels per 32 (scaled with image_size), then crop back
+# at a random position.
 _PAD_FRACTION = 4 / 32
 
 # Encoded records held by the per-epoch shuffle buffer (ImageNet: about 2 GB of JPEG bytes);
 # smaller splits are shuffled whole.
 _SHUFFLE_BUFFER_SIZE = 16_384
-
-
-class DatasetNotFoundError(ValueError):
-  """A dataset is not prepared in the data directory; the message says how to prepare it."""
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -83,19 +64,20 @@ def _hide_accelerators_from_tf() -> None:
       logging.warning('TensorFlow was initialised before the input pipeline and sees GPUs.')
 
 
-def _check_dataset(dataset: str) -> None:
-  if dataset not in DATASETS:
-    raise ValueError(f'Unknown dataset {dataset!r}; expected one of: {", ".join(DATASETS)}.')
+def _check_builder(builder: tfds.core.DatasetBuilder, spec: DatasetSpec) -> None:
+  if builder.name != spec.name:
+    raise ValueError(f'builder of {builder.name!r} passed with the spec of {spec.name!r}.')
 
 
-def _check_builder(builder: tfds.core.DatasetBuilder, dataset: str) -> None:
-  _check_dataset(dataset)
-  if builder.name != dataset:
-    raise ValueError(f'Builder of {builder.name!r} passed with dataset={dataset!r}.')
+Process = tuple[int, int]  # (process index, process count)
 
 
-def _local_batch_size(global_batch_size: int) -> int:
-  process_count = jax.process_count()
+def _this_process() -> Process:
+  return jax.process_index(), jax.process_count()
+
+
+def _local_batch_size(global_batch_size: int, process: Process) -> int:
+  process_count = process[1]
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
       f'batch_size={global_batch_size} must be a positive multiple of the number of '
@@ -105,93 +87,58 @@ def _local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // process_count
 
 
-def _process_split(split: str, *, drop_remainder: bool) -> tfds.typing.SplitArg:
+def _process_split(split: str, process: Process, *, drop_remainder: bool) -> tfds.typing.SplitArg:
   return tfds.split_for_jax_process(
-    split,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    drop_remainder=drop_remainder,
+    split, process_index=process[0], process_count=process[1], drop_remainder=drop_remainder
   )
-
-
-def _not_found_message(dataset: str, builder: tfds.core.DatasetBuilder) -> str:
-  data_dir = str(builder.data_dir_root)
-  message = (
-    f'Dataset {dataset!r} is not prepared in data_dir={data_dir!r} '
-    f'(nothing valid at {builder.data_dir}). '
-  )
-  if dataset == 'imagenet2012':
-    return message + (
-      'ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar and '
-      f'ILSVRC2012_img_val.tar in {data_dir}/downloads/manual, then run once: '
-      f'tfds build imagenet2012 --data_dir={data_dir}'
-    )
-  return message + f'Prepare it once with: tfds build {dataset} --data_dir={data_dir}'
 
 
 def get_builder(
-  dataset: str, data_dir: str | None, *, image_size: int = 32
+  spec: DatasetSpec, data_dir: str | None, *, image_size: int = 32
 ) -> tfds.core.DatasetBuilder:
   """Returns the TFDS builder of a prepared dataset; cheap (reads metadata only).
 
-  ``digits`` is built into ``data_dir`` on first use (a few seconds, no network); the
-  others must have been prepared with ``tfds build``.
+  A dataset built on first use (``digits``) is built into ``data_dir`` when missing (a few
+  seconds, no network); the others must have been prepared as their spec says.
 
   Args:
-    dataset: one of ``DATASETS``.
+    spec: the dataset (``gsa_flax.datasets.get(name)``).
     data_dir: TFDS data directory; ``None`` or ``''`` for the TFDS default.
-    image_size: stored image size of ``digits`` (a builder config per size); ignored by
-      the other datasets, which are resized in the pipeline.
+    image_size: the stored resolution, for datasets with a builder config per size;
+      ignored by the others, which are resized in the pipeline.
 
   Returns:
     The builder, ready for the ``create_*_iterator`` functions.
 
   Raises:
-    ValueError: unknown dataset name.
-    DatasetNotFoundError: ``cifar100`` or ``imagenet2012`` is not prepared in ``data_dir``.
+    DatasetNotFoundError: the dataset is not prepared in ``data_dir`` (the message says
+      how to prepare it).
   """
-  _check_dataset(dataset)
   _hide_accelerators_from_tf()
   data_dir = data_dir or None  # '' (the configs' default) means TFDS's default, not the cwd
-  if dataset == 'digits':
-    config = digits_lib.DigitsConfig(image_size=image_size)
-    builder = tfds.builder('digits', config=config, data_dir=data_dir)
-    if not builder.is_prepared():
-      try:
-        builder.download_and_prepare()
-      except OSError:
-        # Processes sharing data_dir build concurrently: one rename wins, the result is
-        # the same data.
-        if not builder.is_prepared():
-          raise
-        builder = tfds.builder('digits', config=config, data_dir=data_dir)
+  config = spec.builder_config(image_size) if spec.builder_config else None
+  builder = tfds.builder(spec.name, config=config, data_dir=data_dir)
+  if builder.is_prepared():
     return builder
-  builder = tfds.builder(dataset, data_dir=data_dir)
-  if not builder.is_prepared():
-    raise DatasetNotFoundError(_not_found_message(dataset, builder))
+  if not spec.built_on_first_use:
+    root = str(builder.data_dir_root)
+    raise DatasetNotFoundError(
+      f'dataset {spec.name!r} is not prepared in data_dir={root!r} (nothing valid at '
+      f'{builder.data_dir}); ' + spec.prepare.format(data_dir=root)
+    )
+  try:
+    builder.download_and_prepare()
+  except OSError:
+    # Processes sharing data_dir build concurrently: one rename wins, the result is the same.
+    if not builder.is_prepared():
+      raise
+    builder = tfds.builder(spec.name, config=config, data_dir=data_dir)
   return builder
-
-
-def num_classes(builder: tfds.core.DatasetBuilder) -> int:
-  """Number of classes of the ``label`` feature."""
-  return builder.info.features['label'].num_classes
 
 
 def class_names(builder: tfds.core.DatasetBuilder) -> list[str]:
   """Class names of the ``label`` feature, indexed by label."""
   return list(builder.info.features['label'].names)
-
-
-def train_split_name(dataset: str) -> str:
-  """Name of the training split."""
-  _check_dataset(dataset)
-  return 'train'
-
-
-def eval_split_name(dataset: str) -> str:
-  """Name of the split evaluated on: ImageNet's ``validation``, otherwise ``test``."""
-  _check_dataset(dataset)
-  return 'validation' if dataset == 'imagenet2012' else 'test'
 
 
 def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
@@ -200,13 +147,19 @@ def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
 
 
 def _train_steps_per_epoch(
-  builder: tfds.core.DatasetBuilder, dataset: str, local_batch: int
+  builder: tfds.core.DatasetBuilder, spec: DatasetSpec, local_batch: int, process: Process
 ) -> int:
-  split = _process_split(train_split_name(dataset), drop_remainder=True)
+  split = _process_split(spec.train_split, process, drop_remainder=True)
   return num_examples(builder, split) // local_batch
 
 
-def steps_per_epoch(builder: tfds.core.DatasetBuilder, dataset: str, global_batch_size: int) -> int:
+def steps_per_epoch(
+  builder: tfds.core.DatasetBuilder,
+  spec: DatasetSpec,
+  global_batch_size: int,
+  *,
+  process: Process | None = None,
+) -> int:
   """Training steps per epoch: whole batches, the same on every process.
 
   Equal to ``num_examples(train) // global_batch_size``: each process keeps
@@ -214,22 +167,41 @@ def steps_per_epoch(builder: tfds.core.DatasetBuilder, dataset: str, global_batc
 
   Args:
     builder: from ``get_builder``.
-    dataset: one of ``DATASETS``.
+    spec: the dataset.
     global_batch_size: examples per step summed over processes.
+    process: ``(index, count)`` of this process among the JAX processes; default: JAX's.
 
   Returns:
     The number of steps after which the training order is reshuffled.
   """
-  _check_builder(builder, dataset)
-  return _train_steps_per_epoch(builder, dataset, _local_batch_size(global_batch_size))
+  _check_builder(builder, spec)
+  process = process or _this_process()
+  local_batch = _local_batch_size(global_batch_size, process)
+  return _train_steps_per_epoch(builder, spec, local_batch, process)
 
 
 # Image ops. Images are uint8 [height, width, 3] until resized, then float32 on 0..255.
 
 
-def _normalize(image: tf.Tensor, dataset: str) -> tf.Tensor:
-  mean = tf.constant(MEAN_RGB[dataset], tf.float32)
-  std = tf.constant(STDDEV_RGB[dataset], tf.float32)
+def decode(encoded: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
+  """Decodes an encoded image (PNG, JPEG, GIF: first frame, BMP) to ``uint8 [h, w, 3]``.
+
+  Args:
+    encoded: the file's bytes (a scalar string tensor).
+    window: optional ``[offset_y, offset_x, height, width]``: decode only that crop, fused
+      with the decoding (JPEG only; the Inception crop uses it).
+
+  Raises:
+    tf.errors.InvalidArgumentError: not a decodable image (eagerly).
+  """
+  if window is not None:
+    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def _normalize(image: tf.Tensor, spec: DatasetSpec) -> tf.Tensor:
+  mean = tf.constant(spec.mean_rgb, tf.float32)
+  std = tf.constant(spec.stddev_rgb, tf.float32)
   return (tf.cast(image, tf.float32) - mean) / std
 
 
@@ -248,7 +220,7 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
 
 
 def _center_crop_window(shape: tf.Tensor, image_size: int) -> tf.Tensor:
-  """``[offset_y, offset_x, size, size]`` of the ImageNet evaluation crop."""
+  """``[offset_y, offset_x, size, size]`` of the ``'center'`` evaluation crop."""
   height, width = shape[0], shape[1]
   shorter = tf.cast(tf.minimum(height, width), tf.float32)
   size = tf.cast(image_size / (image_size + _EVAL_CROP_PADDING) * shorter, tf.int32)
@@ -256,55 +228,51 @@ def _center_crop_window(shape: tf.Tensor, image_size: int) -> tf.Tensor:
   return tf.stack([(height - size + 1) // 2, (width - size + 1) // 2, size, size])
 
 
-def _central_square(image: tf.Tensor) -> tf.Tensor:
-  shape = tf.shape(image)
+def _central_square_window(shape: tf.Tensor) -> tf.Tensor:
   size = tf.minimum(shape[0], shape[1])
-  return tf.image.crop_to_bounding_box(
-    image, (shape[0] - size) // 2, (shape[1] - size) // 2, size, size
-  )
+  return tf.stack([(shape[0] - size) // 2, (shape[1] - size) // 2, size, size])
 
 
-def preprocess_for_eval(image: tf.Tensor, *, dataset: str, image_size: int) -> tf.Tensor:
+def preprocess_for_eval(image: tf.Tensor, *, spec: DatasetSpec, image_size: int) -> tf.Tensor:
   """Prepares one decoded image exactly as evaluation batches are prepared.
 
-  ImageNet: center crop of ``image_size / (image_size + 32)`` of the shorter side, resize.
-  CIFAR-100 and digits: central square (a no-op on their square images), resize.
+  The spec's eval crop (``'center'``: ``image_size / (image_size + 32)`` of the shorter
+  side; ``'square'``: the central square), then resize and normalise.
 
   Args:
     image: decoded ``uint8 [height, width, channels]``, channels 1 (grey), 3 or 4 (alpha
       dropped); a NumPy array is accepted.
-    dataset: one of ``DATASETS``: selects the crop and the normalization.
+    spec: the dataset: selects the crop and the normalization.
     image_size: output height and width.
 
   Returns:
     ``float32 [image_size, image_size, 3]``, normalized with the dataset's mean and std.
   """
-  _check_dataset(dataset)
   image = tf.convert_to_tensor(image)
   if image.dtype != tf.uint8:
     raise ValueError(f'Expected a uint8 image, got {image.dtype.name}.')
   image = _to_rgb(image)
-  if dataset == 'imagenet2012':
-    y, x, height, width = tf.unstack(_center_crop_window(tf.shape(image), image_size))
-    image = tf.image.crop_to_bounding_box(image, y, x, height, width)
+  if spec.eval_crop == 'center':
+    window = _center_crop_window(tf.shape(image), image_size)
   else:
-    image = _central_square(image)
-  return _normalize(_resize(image, image_size), dataset)
+    window = _central_square_window(tf.shape(image))
+  y, x, height, width = tf.unstack(window)
+  image = tf.image.crop_to_bounding_box(image, y, x, height, width)
+  return _normalize(_resize(image, image_size), spec)
 
 
-def _eval_image(encoded: tf.Tensor, dataset: str, image_size: int) -> tf.Tensor:
-  # A full decode, not decode_and_crop_jpeg: the fused decoder's chroma upsampling differs
-  # from a full decode along the crop border (a few grey levels), and a full decode keeps
-  # eval batches bit-identical to preprocess_for_eval (the prediction path). The eval crop
-  # keeps ~77% of the image anyway, so fusing would save little.
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  return preprocess_for_eval(image, dataset=dataset, image_size=image_size)
+def _eval_image(encoded: tf.Tensor, spec: DatasetSpec, image_size: int) -> tf.Tensor:
+  # A full decode, not a fused crop: the fused decoder's chroma upsampling differs from a
+  # full decode along the crop border (a few grey levels), and a full decode keeps eval
+  # batches bit-identical to preprocess_for_eval (the prediction path). The eval crop keeps
+  # ~77% of the image anyway, so fusing would save little.
+  return preprocess_for_eval(decode(encoded), spec=spec, image_size=image_size)
 
 
-def _train_image(encoded: tf.Tensor, key: tf.Tensor, dataset: str, image_size: int):
+def _train_image(encoded: tf.Tensor, key: tf.Tensor, spec: DatasetSpec, image_size: int):
   """Decodes and augments one training image; all randomness comes from ``key``."""
   crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-  if dataset == 'imagenet2012':
+  if spec.train_crop == 'inception':
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.image.extract_jpeg_shape(encoded),
       bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
@@ -317,18 +285,17 @@ def _train_image(encoded: tf.Tensor, key: tf.Tensor, dataset: str, image_size: i
     )
     y, x, _ = tf.unstack(begin)
     height, width, _ = tf.unstack(size)
-    image = tf.image.decode_and_crop_jpeg(encoded, tf.stack([y, x, height, width]), channels=3)
-    image = _resize(image, image_size)
-    image = tf.image.stateless_random_flip_left_right(image, flip_key)
-  else:
-    image = _resize(tf.io.decode_image(encoded, channels=3, expand_animations=False), image_size)
+    image = _resize(decode(encoded, tf.stack([y, x, height, width])), image_size)
+  elif spec.train_crop == 'none':
+    image = _resize(decode(encoded), image_size)
+  else:  # 'pad'
+    image = _resize(decode(encoded), image_size)
     pad = round(_PAD_FRACTION * image_size)
     image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
     image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], seed=crop_key)
-    # Mirrored digits are not digits: flip CIFAR only.
-    if dataset == 'cifar100':
-      image = tf.image.stateless_random_flip_left_right(image, flip_key)
-  return _normalize(image, dataset)
+  if spec.flip:
+    image = tf.image.stateless_random_flip_left_right(image, flip_key)
+  return _normalize(image, spec)
 
 
 def _decoders() -> tfds.decode.PartialDecoding:
@@ -353,7 +320,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _train_epoch(
   builder: tfds.core.DatasetBuilder,
   *,
-  dataset: str,
+  spec: DatasetSpec,
   split: tfds.typing.SplitArg,
   local_batch: int,
   steps: int,
@@ -361,6 +328,7 @@ def _train_epoch(
   seed: int,
   epoch: int,
   first_step: int,
+  process: Process,
 ) -> tf.data.Dataset:
   """Batches ``first_step ..< steps`` of one epoch of this process's train examples."""
   epoch_seed = _epoch_seed(seed, epoch)
@@ -376,13 +344,13 @@ def _train_epoch(
   first = first_step * local_batch
   ds = ds.take(steps * local_batch).skip(first).enumerate(start=first)
   epoch_key = tf.random.experimental.stateless_fold_in(
-    tf.constant([seed % 2**63, jax.process_index()], tf.int64), epoch
+    tf.constant([seed % 2**63, process[0]], tf.int64), epoch
   )
 
   def prepare(position, example):
     key = tf.random.experimental.stateless_fold_in(epoch_key, position)
     return {
-      'image': _train_image(example['image'], key, dataset, image_size),
+      'image': _train_image(example['image'], key, spec, image_size),
       'label': tf.cast(example['label'], tf.int32),
     }
 
@@ -394,11 +362,12 @@ def _train_epoch(
 def create_train_iterator(
   builder: tfds.core.DatasetBuilder,
   *,
-  dataset: str,
+  spec: DatasetSpec,
   global_batch_size: int,
   image_size: int,
   seed: int,
   start_step: int = 0,
+  process: Process | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator over augmented, shuffled training batches of this process.
 
@@ -408,12 +377,13 @@ def create_train_iterator(
 
   Args:
     builder: from ``get_builder``.
-    dataset: one of ``DATASETS``: selects augmentation and normalization.
+    spec: the dataset: selects the crop, flips and normalization.
     global_batch_size: examples per step summed over processes.
     image_size: output height and width.
     seed: determines the order of every epoch and every augmentation.
     start_step: number of batches to skip: the iterator yields what a ``start_step=0``
       iterator yields from its ``start_step``-th batch on.
+    process: ``(index, count)`` of this process among the JAX processes; default: JAX's.
 
   Returns:
     An iterator of ``{'image': float32 [local_batch, image_size, image_size, 3]
@@ -424,15 +394,16 @@ def create_train_iterator(
     ValueError: bad ``batch_size``, negative ``start_step``, or a split with fewer examples
       per process than one batch.
   """
-  _check_builder(builder, dataset)
+  _check_builder(builder, spec)
   _hide_accelerators_from_tf()
-  local_batch = _local_batch_size(global_batch_size)
-  split = _process_split(train_split_name(dataset), drop_remainder=True)
-  steps = _train_steps_per_epoch(builder, dataset, local_batch)
+  process = process or _this_process()
+  local_batch = _local_batch_size(global_batch_size, process)
+  split = _process_split(spec.train_split, process, drop_remainder=True)
+  steps = _train_steps_per_epoch(builder, spec, local_batch, process)
   if steps == 0:
     raise ValueError(
-      f'batch_size={global_batch_size} is larger than the train split of {dataset!r} '
-      f'({num_examples(builder, train_split_name(dataset))} examples).'
+      f'batch_size={global_batch_size} is larger than the train split of {spec.name!r} '
+      f'({num_examples(builder, spec.train_split)} examples).'
     )
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
@@ -442,7 +413,7 @@ def create_train_iterator(
     while True:
       yield from _train_epoch(
         builder,
-        dataset=dataset,
+        spec=spec,
         split=split,
         local_batch=local_batch,
         steps=steps,
@@ -450,26 +421,38 @@ def create_train_iterator(
         seed=seed,
         epoch=epoch,
         first_step=first_step,
+        process=process,
       ).as_numpy_iterator()
       epoch, first_step = epoch + 1, 0
 
   return batches()
 
 
+def _eval_dataset(builder: tfds.core.DatasetBuilder, split: tfds.typing.SplitArg):
+  return builder.as_dataset(
+    split=split,
+    shuffle_files=False,
+    decoders=_decoders(),
+    read_config=tfds.ReadConfig(try_autocache=False),
+  )
+
+
 def create_eval_iterator(
   builder: tfds.core.DatasetBuilder,
   *,
-  dataset: str,
+  spec: DatasetSpec,
   global_batch_size: int,
   image_size: int,
+  process: Process | None = None,
 ) -> tuple[Iterator[dict[str, np.ndarray]], int]:
   """Iterator over one pass of this process's part of the eval split, padded.
 
   Args:
     builder: from ``get_builder``.
-    dataset: one of ``DATASETS``.
+    spec: the dataset.
     global_batch_size: examples per step summed over processes.
     image_size: output height and width.
+    process: ``(index, count)`` of this process among the JAX processes; default: JAX's.
 
   Returns:
     ``(iterator, num_steps)``. The iterator yields exactly ``num_steps`` batches of
@@ -478,26 +461,20 @@ def create_eval_iterator(
     0.0 for padding (zero image, label 0). ``num_steps = ceil(ceil(n / process_count) /
     local_batch)`` on every process, so collectives in the eval step line up.
   """
-  _check_builder(builder, dataset)
+  _check_builder(builder, spec)
   _hide_accelerators_from_tf()
-  local_batch = _local_batch_size(global_batch_size)
-  split_name = eval_split_name(dataset)
+  process = process or _this_process()
+  local_batch = _local_batch_size(global_batch_size, process)
   # Without drop_remainder the first n % process_count processes get one extra example;
   # the others make up for it with padding.
-  split = _process_split(split_name, drop_remainder=False)
+  split = _process_split(spec.eval_split, process, drop_remainder=False)
   num_local = num_examples(builder, split)
-  per_process = math.ceil(num_examples(builder, split_name) / jax.process_count())
+  per_process = math.ceil(num_examples(builder, spec.eval_split) / process[1])
   num_steps = math.ceil(per_process / local_batch)
 
-  ds = builder.as_dataset(
-    split=split,
-    shuffle_files=False,
-    decoders=_decoders(),
-    read_config=tfds.ReadConfig(try_autocache=False),
-  )
-  ds = ds.map(
+  ds = _eval_dataset(builder, split).map(
     lambda example: {
-      'image': _eval_image(example['image'], dataset, image_size),
+      'image': _eval_image(example['image'], spec, image_size),
       'label': tf.cast(example['label'], tf.int32),
       'mask': tf.constant(1.0, tf.float32),
     },
@@ -522,8 +499,26 @@ def create_eval_iterator(
     if count != num_steps:
       # Another process would wait forever in a collective: fail loudly instead.
       raise RuntimeError(
-        f'Eval split {split_name!r} of {dataset!r} gave {count} batches, expected '
+        f'Eval split {spec.eval_split!r} of {spec.name!r} gave {count} batches, expected '
         f'{num_steps}: its files do not match the dataset metadata.'
       )
 
   return batches(), num_steps
+
+
+def eval_images(
+  builder: tfds.core.DatasetBuilder, *, spec: DatasetSpec, image_size: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """The first ``count`` examples of the whole eval split, preprocessed exactly like eval.
+
+  Returns:
+    ``(images float32 [count, image_size, image_size, 3], labels int32 [count])``.
+  """
+  _check_builder(builder, spec)
+  ds = _eval_dataset(builder, spec.eval_split).take(count)
+  ds = ds.map(lambda example: (_eval_image(example['image'], spec, image_size), example['label']))
+  images, labels = [], []
+  for image, label in ds.as_numpy_iterator():
+    images.append(image)
+    labels.append(int(label))
+  return np.stack(images), np.asarray(labels, np.int32)

@@ -1,11 +1,15 @@
-"""ResNet (the convolutional baseline) and GSA-ResNet, in one family.
+"""ResNet (the convolutional baseline) and GSA-ResNet, in one family, and the one place a
+config becomes a network (:func:`build`).
 
 GSA-ResNet is ResNet (v1.5 bottleneck blocks, stride on the 3x3) with every 3x3
 convolution of the residual blocks replaced by a :class:`~gsa_flax.layers.GSA` module of
 the same widths; where that convolution had stride 2, a 2x2 average pool (stride 2)
-follows the GSA module. The convolutional stem is kept (GSA_METHOD "GSA-ResNet").
+follows the GSA module. The convolutional stem is kept (``docs/method.md``, "GSA-ResNet").
 ``attention_stages`` chooses, per stage, attention or convolution, so "where in the network
 global attention pays" is a config change.
+
+Parameters are named for what they are: the stem ``conv_init``/``bn_init``, the blocks
+``BottleneckBlock_<i>`` in order, the classifier ``head`` (see :func:`part_of`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from gsa_flax.layers import GSA
 
 ModuleDef = Any
+
+# Names of the top-level parameters outside the residual stages.
+STEM = ('conv_init', 'bn_init')
+HEAD = 'head'
 
 
 class BottleneckBlock(nn.Module):
@@ -69,7 +78,7 @@ class ResNet(nn.Module):
     small_stem: a 3x3 stride-1 conv stem without max pooling (small images such as
       CIFAR); False is the ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool).
     num_heads, key_ratio, rel_length, content, positional, position_embedding,
-    normalize_queries, positional_softmax: the GSA knobs (see :class:`GSA`);
+    normalize_queries, positional_softmax, order: the GSA knobs (see :class:`GSA`);
       ``key_ratio`` sets ``key_features = int(features * key_ratio)``.
     bn_momentum: BatchNorm momentum everywhere.
     dtype: computation dtype; parameters are always ``param_dtype``.
@@ -88,6 +97,7 @@ class ResNet(nn.Module):
   position_embedding: str = 'relative'
   normalize_queries: bool = False
   positional_softmax: bool = False
+  order: str = 'auto'
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -106,8 +116,22 @@ class ResNet(nn.Module):
     return attention
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """Maps images ``[batch, height, width, channels]`` to logits ``[batch, num_classes]``."""
+  def __call__(
+    self, x: jax.Array, *, train: bool, features: bool = False
+  ) -> jax.Array | dict[str, jax.Array]:
+    """Maps images ``[batch, height, width, channels]`` to logits ``[batch, num_classes]``.
+
+    Args:
+      x: images ``[batch, height, width, channels]``.
+      train: batch statistics (and their update) in the BatchNorms, else running averages.
+      features: return the output of every stage instead of the logits, for dense
+        prediction heads: ``{'stage1': ..., 'stageN': ...}``, each ``[batch, height / s,
+        width / s, 4 * num_filters * 2**(i)]`` with strides ``s`` of 4, 8, 16, 32 behind the
+        ImageNet stem (1, 2, 4, 8 behind the small stem). The classifier is not applied.
+
+    Returns:
+      Logits ``[batch, num_classes]`` in float32, or the stage outputs (compute dtype).
+    """
     attention = self.stage_attention()
     conv = functools.partial(
       nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
@@ -127,6 +151,7 @@ class ResNet(nn.Module):
       x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='conv_init')(x)
       x = nn.relu(norm(name='bn_init')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    outputs = {}
     for i, block_count in enumerate(self.stage_sizes):
       gsa = None
       if attention[i]:
@@ -140,6 +165,7 @@ class ResNet(nn.Module):
           position_embedding=self.position_embedding,
           normalize_queries=self.normalize_queries,
           positional_softmax=self.positional_softmax,
+          order=self.order,
           bn_momentum=self.bn_momentum,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
@@ -152,8 +178,11 @@ class ResNet(nn.Module):
           strides=2 if i > 0 and j == 0 else 1,
           gsa=gsa,
         )(x, train=train)
+      outputs[f'stage{i + 1}'] = x
+    if features:
+      return outputs
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name=HEAD)(x)
     return x.astype(jnp.float32)
 
 
@@ -200,6 +229,11 @@ MODELS: dict[str, Callable[..., ResNet]] = {
 }
 
 
+def counterpart(name: str) -> str:
+  """The convolutional ResNet of a GSA-ResNet and vice versa (``gsa_resnet50`` <-> ``resnet50``)."""
+  return name[len('gsa_') :] if name.startswith('gsa_') else 'gsa_' + name
+
+
 def create_model(name: str, **kwargs: Any) -> ResNet:
   """Builds a registered network by name.
 
@@ -219,3 +253,65 @@ def downsampling(model: ResNet) -> int:
   """Total spatial stride of ``model`` (stem and stages), for input-size checks."""
   stem = 1 if model.small_stem else 4
   return stem * 2 ** (len(model.stage_sizes) - 1)
+
+
+def build(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
+  """The network of an experiment config, every knob of ``config`` applied.
+
+  The one translation from config fields to module attributes (``configs/default.py``
+  documents the fields).
+
+  Args:
+    config: the experiment config (``model``, ``stage_sizes``, ``num_filters``,
+      ``small_stem``, ``dtype`` and the ``gsa`` knobs are read).
+    num_classes: classifier outputs (the dataset's).
+
+  Returns:
+    The (unbound) linen module.
+  """
+  gsa = config.gsa
+  kwargs = dict(
+    num_classes=num_classes,
+    num_filters=config.num_filters,
+    small_stem=config.small_stem,
+    dtype=jnp.dtype(config.dtype),
+    num_heads=gsa.num_heads,
+    key_ratio=gsa.key_ratio,
+    rel_length=gsa.rel_length or None,
+    content=gsa.content,
+    positional=gsa.positional,
+    position_embedding=gsa.position_embedding,
+    normalize_queries=gsa.normalize_queries,
+    positional_softmax=gsa.positional_softmax,
+    order=gsa.order,
+  )
+  if config.stage_sizes:
+    kwargs['stage_sizes'] = tuple(config.stage_sizes)
+  if gsa.attention_stages:
+    kwargs['attention_stages'] = tuple(gsa.attention_stages)
+  return create_model(config.model, **kwargs)
+
+
+def part_of(model: ResNet, name: str) -> str:
+  """Which part of ``model`` a top-level parameter belongs to.
+
+  Args:
+    model: the network.
+    name: a key of its ``params`` (``conv_init``, ``BottleneckBlock_3``, ``head``, ...).
+
+  Returns:
+    ``'stem'``, ``'stage1'`` ... ``'stageN'`` or ``'head'``.
+  """
+  if name in STEM:
+    return 'stem'
+  if name == HEAD:
+    return 'head'
+  prefix = BottleneckBlock.__name__ + '_'
+  if name.startswith(prefix) and name[len(prefix) :].isdigit():
+    block = int(name[len(prefix) :])
+    first = 0
+    for i, count in enumerate(model.stage_sizes):
+      if block < first + count:
+        return f'stage{i + 1}'
+      first += count
+  raise ValueError(f'parameter {name!r} belongs to no part of {type(model).__name__}.')

@@ -5,15 +5,19 @@ the batch is sharded on ``data``, the state replicated, BatchNorm statistics are
 over the global batch (XLA inserts the reductions). The input position needs no state of
 its own: the pipeline is a deterministic function of ``(seed, step)``, so resuming at step
 ``k`` replays exactly the batches an uninterrupted run would have seen.
+
+What a test, a tool or a notebook may want to vary is a parameter of
+:func:`train_and_evaluate`: the training data, the evaluators (small classes with
+``run(variables) -> {name: value}``, big_vision style) and the checkpointer.
 """
 
+# No `from __future__ import annotations`: clu's metric collections read their annotations.
 import collections
+import dataclasses
 import functools
-import json
-import os
 import signal
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import flax
 import flax.linen as nn
@@ -24,23 +28,16 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
-from etils import epath
-from flax import serialization
-from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gsa_flax import checkpointing, config_validation, input_pipeline, models, visualize
+from gsa_flax import checkpointing, config_validation, datasets, input_pipeline
+from gsa_flax import state as state_lib
 
 DATA_AXIS = 'data'
 
-
-class TrainState(train_state.TrainState):
-  """Parameters, optimizer state and step, plus the BatchNorm running statistics."""
-
-  batch_stats: Any
-
+Batch = dict[str, np.ndarray]
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -96,89 +93,22 @@ class EvalMetrics(metrics.Collection):
   eval_top5_accuracy: metrics.Average.from_fun(_top5)
 
 
-# ----------------------------------------------------------------------------- model + optimizer
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The network named by ``config.model`` with every knob of the config applied."""
-  gsa = config.gsa
-  kwargs = dict(
-    num_classes=num_classes,
-    num_filters=config.num_filters,
-    small_stem=config.small_stem,
-    dtype=jnp.dtype(config.dtype),
-    num_heads=gsa.num_heads,
-    key_ratio=gsa.key_ratio,
-    rel_length=gsa.rel_length or None,
-    content=gsa.content,
-    positional=gsa.positional,
-    position_embedding=gsa.position_embedding,
-    normalize_queries=gsa.normalize_queries,
-    positional_softmax=gsa.positional_softmax,
-  )
-  if config.stage_sizes:
-    kwargs['stage_sizes'] = tuple(config.stage_sizes)
-  if gsa.attention_stages:
-    kwargs['attention_stages'] = tuple(gsa.attention_stages)
-  return models.create_model(config.model, **kwargs)
-
-
-def learning_rate_schedule(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
-) -> optax.Schedule:
-  """Linear warmup to ``learning_rate * batch_size / 256``, then cosine decay to zero."""
-  peak = config.learning_rate * config.batch_size / 256.0
-  warmup = min(int(config.warmup_epochs * steps_per_epoch), max(num_train_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-    init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(num_train_steps, 1)
-  )
-
-
-def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule):
-  """SGD with (Nesterov) momentum; weight decay on kernels and embeddings, not on BN or biases."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.chain(
-    optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-    optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
-  )
-
-
-def create_train_state(
-  config: ml_collections.ConfigDict,
-  model: nn.Module,
-  tx: optax.GradientTransformation,
-  rng: jax.Array,
-  image_size: int,
-) -> TrainState:
-  """Initialises parameters, BatchNorm statistics and optimizer state (float32)."""
-  variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
-  return TrainState.create(
-    apply_fn=model.apply,
-    params=variables['params'],
-    batch_stats=variables['batch_stats'],
-    tx=tx,
-  )
-
-
 # ----------------------------------------------------------------------------- steps
 
 
-def _loss(logits, labels, num_classes, label_smoothing, mask=None):
+def _loss(logits, labels, num_classes, label_smoothing):
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  losses = optax.softmax_cross_entropy(logits, targets)
-  if mask is None:
-    return losses.mean()
-  return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def train_step(
-  state: TrainState,
+  state: state_lib.TrainState,
   batch: dict[str, jax.Array],
   *,
   schedule: optax.Schedule,
   num_classes: int,
   label_smoothing: float,
-) -> tuple[TrainState, TrainMetrics]:
+) -> tuple[state_lib.TrainState, TrainMetrics]:
   """One SGD step on a global batch; returns the new state and this step's metrics."""
 
   def loss_fn(params):
@@ -204,32 +134,48 @@ def train_step(
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: int) -> EvalMetrics:
+def eval_step(
+  model: nn.Module, variables: dict[str, Any], batch: dict[str, jax.Array]
+) -> EvalMetrics:
   """Metrics of one (padded) eval batch; padding carries ``mask == 0`` and counts for nothing."""
-  logits = state.apply_fn(
-    {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
-  )
-  mask = batch['mask']
+  logits = model.apply(variables, batch['image'], train=False)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
   return EvalMetrics.single_from_model_output(
-    loss=loss, logits=logits, labels=batch['label'], mask=mask
+    loss=loss, logits=logits, labels=batch['label'], mask=batch['mask']
+  )
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A one-axis ``data`` mesh over ``devices`` (default: every device of every process)."""
+  if devices is None:
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def jit_train_step(
+  mesh: jax.sharding.Mesh, schedule: optax.Schedule, num_classes: int, label_smoothing: float
+):
+  """The training step as it runs: batch sharded on ``data``, state replicated and donated."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(
+    functools.partial(
+      train_step, schedule=schedule, num_classes=num_classes, label_smoothing=label_smoothing
+    ),
+    in_shardings=(replicated, NamedSharding(mesh, P(DATA_AXIS))),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
   )
 
 
 # ----------------------------------------------------------------------------- data on devices
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """A one-axis mesh over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
-
-
-def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles each process's local batch into global arrays sharded on ``data``."""
   return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), batch)
 
 
-def prefetch(iterator: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2):
+def prefetch(iterator: Iterator[Batch], sharding: NamedSharding, size: int = 2):
   """Keeps ``size`` batches in flight to the devices (transfers are asynchronous)."""
   queue = collections.deque()
   for batch in iterator:
@@ -240,24 +186,80 @@ def prefetch(iterator: Iterator[dict[str, np.ndarray]], sharding: NamedSharding,
     yield queue.popleft()
 
 
-def evaluate(
-  eval_step_fn, state: TrainState, builder, config, data_sharding: NamedSharding
-) -> dict[str, float]:
-  """Evaluates on every example of the eval split exactly once."""
-  iterator, num_steps = input_pipeline.create_eval_iterator(
-    builder,
-    dataset=config.dataset,
-    global_batch_size=config.eval_batch_size or config.batch_size,
-    image_size=config.image_size,
-  )
-  collected = None
-  for _, batch in zip(range(num_steps), prefetch(iterator, data_sharding), strict=False):
-    step_metrics = eval_step_fn(state, batch)
-    collected = step_metrics if collected is None else collected.merge(step_metrics)
-  result = {k: float(v) for k, v in collected.compute().items()}
-  result['eval_examples'] = int(collected.eval_loss.count)
-  logging.info('Evaluated %d examples in %d batches.', result['eval_examples'], num_steps)
-  return result
+# ----------------------------------------------------------------------------- evaluators
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What evaluators may use of the run they evaluate.
+
+  Attributes:
+    config: the run's config.
+    spec: its dataset.
+    builder: the dataset's TFDS builder.
+    model: the network.
+    mesh: the devices (batches sharded on ``data``, variables replicated).
+  """
+
+  config: ml_collections.ConfigDict
+  spec: datasets.DatasetSpec
+  builder: Any
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+
+
+class Evaluator(Protocol):
+  """Evaluates variables; returns scalars and/or ``uint8 [n, h, w, 3]`` images by name."""
+
+  def run(self, variables: dict[str, Any]) -> dict[str, Any]: ...
+
+
+EvaluatorFactory = Callable[[Context], Evaluator]
+
+
+class ClassificationEvaluator:
+  """Loss, top-1 and top-5 accuracy over every example of the eval split exactly once.
+
+  Returns ``eval_loss``, ``eval_accuracy``, ``eval_top5_accuracy`` and ``eval_examples``
+  (the count, so a short eval shows).
+  """
+
+  def __init__(self, context: Context):
+    self.context = context
+    replicated = NamedSharding(context.mesh, P())
+    self.data_sharding = NamedSharding(context.mesh, P(DATA_AXIS))
+    self.step = jax.jit(
+      functools.partial(eval_step, context.model),
+      in_shardings=(replicated, self.data_sharding),
+      out_shardings=replicated,
+    )
+
+  def run(self, variables: dict[str, Any]) -> dict[str, Any]:
+    config = self.context.config
+    iterator, num_steps = input_pipeline.create_eval_iterator(
+      self.context.builder,
+      spec=self.context.spec,
+      global_batch_size=config.eval_batch_size or config.batch_size,
+      image_size=config.image_size,
+    )
+    collected = None
+    for _, batch in zip(range(num_steps), prefetch(iterator, self.data_sharding), strict=False):
+      step_metrics = self.step(variables, batch)
+      collected = step_metrics if collected is None else collected.merge(step_metrics)
+    result = {k: float(v) for k, v in collected.compute().items()}
+    result['eval_examples'] = int(collected.eval_loss.count)
+    logging.info('Evaluated %d examples in %d batches.', result['eval_examples'], num_steps)
+    return result
+
+
+def _write(writer: metric_writers.MetricWriter, step: int, results: dict[str, Any]) -> None:
+  """Scalars as scalars, ``[n, h, w, c]`` arrays as images."""
+  images = {k: v for k, v in results.items() if np.ndim(v) == 4}
+  scalars = {k: v for k, v in results.items() if k not in images}
+  if scalars:
+    writer.write_scalars(step, scalars)
+  if images:
+    writer.write_images(step, images)
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -298,122 +300,100 @@ class _Preemption:
 # ----------------------------------------------------------------------------- the loop
 
 
-def state_dict(state: TrainState) -> dict[str, Any]:
-  """The checkpoint layout of a train state: step, params, batch_stats, opt_state."""
-  return serialization.to_state_dict(
-    {
-      'step': state.step,
-      'params': state.params,
-      'batch_stats': state.batch_stats,
-      'opt_state': state.opt_state,
-    }
-  )
+def every(config: ml_collections.ConfigDict, name: str, steps_per_epoch: int) -> int:
+  """An interval in steps from ``<name>_epochs`` (if > 0) or ``<name>_steps``.
+
+  In epochs, an interval keeps its meaning when ``batch_size`` changes.
+  """
+  epochs = config.get(f'{name}_epochs', 0)
+  if epochs > 0:
+    return max(round(epochs * steps_per_epoch), 1)
+  return config[f'{name}_steps']
 
 
-def _restore_into(state: TrainState, restored: dict[str, Any]) -> TrainState:
-  return state.replace(
-    step=restored['step'],
-    params=serialization.from_state_dict(state.params, restored['params']),
-    batch_stats=serialization.from_state_dict(state.batch_stats, restored['batch_stats']),
-    opt_state=serialization.from_state_dict(state.opt_state, restored['opt_state']),
-  )
-
-
-def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    path = epath.Path(workdir) / 'config.json'
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  train_data: Callable[[int], Iterator[Batch]] | None = None,
+  evaluators: Sequence[EvaluatorFactory] = (ClassificationEvaluator,),
+  checkpointer: checkpointing.Checkpointer | None = None,
+) -> state_lib.TrainState:
   """Trains (resuming from ``<workdir>/checkpoints`` if any) and evaluates periodically.
 
   Args:
     config: the experiment (see ``configs/default.py`` for every field).
-    workdir: where checkpoints, TensorBoard events and ``config.json`` go.
+    workdir: where checkpoints, TensorBoard events and ``config.json`` go (local or
+      ``gs://``).
+    train_data: this process's training batches from a given step on, ``start_step ->
+      iterator`` of ``{'image', 'label'}``; default: the dataset's train pipeline.
+    evaluators: built with the run's :class:`Context` and run at every evaluation (and
+      alone with ``config.eval_only``); their results go to TensorBoard.
+    checkpointer: default: :class:`checkpointing.Checkpointer` of ``workdir``.
 
   Returns:
     The final train state (replicated over the mesh).
   """
   # Everything a user can get wrong is checked here, before any data is read or compiled.
-  config_validation.validate(config, workdir)
-  if not str(workdir).startswith(('gs://', 's3://')):
-    workdir = os.path.abspath(workdir)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  builder = input_pipeline.get_builder(
-    config.dataset, config.data_dir, image_size=config.image_size
-  )
+  config_validation.validate(config)
+  checkpointing.check_workdir(workdir)
+  workdir = str(checkpointing.workdir_path(workdir))
+  spec = datasets.get(config.dataset)
+  builder = input_pipeline.get_builder(spec, config.data_dir, image_size=config.image_size)
   config_validation.validate_against_data(config, builder)
-  num_classes = input_pipeline.num_classes(builder)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   mesh = make_mesh()
   replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P(DATA_AXIS))
-
-  steps_per_epoch = input_pipeline.steps_per_epoch(builder, config.dataset, config.batch_size)
+  steps_per_epoch = input_pipeline.steps_per_epoch(builder, spec, config.batch_size)
   num_train_steps = config.num_train_steps
   if num_train_steps <= 0:
     num_train_steps = int(np.ceil(config.num_epochs * steps_per_epoch))
-  schedule = learning_rate_schedule(config, steps_per_epoch, num_train_steps)
-  model = create_model(config, num_classes)
-  tx = create_optimizer(config, schedule)
+  pieces = state_lib.setup(
+    config, spec.num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps
+  )
+  context = Context(config, spec, builder, pieces.model, mesh)
+
+  if config.eval_only:
+    # The restore path of every tool that applies a trained network; moves and writes nothing.
+    trained = checkpointing.load(workdir, config, sharding=replicated)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    with metric_writers.ensure_flushes(writer):
+      for factory in evaluators:
+        _write(writer, trained.step, factory(context).run(trained.variables))
+    return state_lib.TrainState.create(
+      apply_fn=pieces.model.apply, tx=pieces.tx, **trained.variables
+    ).replace(step=trained.step)
 
   init = jax.jit(
-    functools.partial(create_train_state, config, model, tx, image_size=config.image_size),
+    functools.partial(state_lib.create, pieces, image_size=config.image_size),
     out_shardings=replicated,
   )
   state = init(jax.random.key(config.seed))
-
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  restored = ckpt.restore_latest(state_dict(state))
+  ckpt = checkpointer or checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  restored = ckpt.restore_latest(checkpointing.state_dict(state))
   if restored is not None:
-    state = _restore_into(state, restored[0])
+    state = checkpointing.restore_into(state, restored[0])
     logging.info('Resumed from checkpoint at step %d.', restored[2])
   step_offset = int(state.step)
-  _save_config(config, workdir)
+  checkpointing.write_config(config, workdir)
 
-  p_eval_step = jax.jit(
-    functools.partial(eval_step, num_classes=num_classes),
-    in_shardings=(replicated, data_sharding),
-    out_shardings=replicated,
-  )
-  if config.eval_only:
-    if restored is None:
-      raise FileNotFoundError(
-        f'eval_only=True but {ckpt.directory} holds no checkpoint; train first or fix --workdir.'
-      )
-    results = evaluate(p_eval_step, state, builder, config, data_sharding)
-    writer.write_scalars(step_offset, results)
-    if config.attention_maps and jax.process_index() == 0:
-      visualize.write_attention_maps(writer, step_offset, state, model, builder, config)
-    writer.flush()
-    return state
-
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if step_offset == 0:
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(_flatten(config.to_dict()))
 
-  p_train_step = jax.jit(
-    functools.partial(
-      train_step,
-      schedule=schedule,
-      num_classes=num_classes,
-      label_smoothing=config.label_smoothing,
-    ),
-    in_shardings=(replicated, data_sharding),
-    out_shardings=(replicated, replicated),
-    donate_argnums=0,
-  )
-  train_iter = input_pipeline.create_train_iterator(
-    builder,
-    dataset=config.dataset,
-    global_batch_size=config.batch_size,
-    image_size=config.image_size,
-    seed=config.seed,
-    start_step=step_offset,
-  )
-  train_iter = prefetch(train_iter, data_sharding)
+  p_train_step = jit_train_step(mesh, pieces.schedule, spec.num_classes, config.label_smoothing)
+  if train_data is None:
+    train_data = functools.partial(
+      input_pipeline.create_train_iterator,
+      builder,
+      spec=spec,
+      global_batch_size=config.batch_size,
+      image_size=config.image_size,
+      seed=config.seed,
+    )
+  train_iter = prefetch(train_data(start_step=step_offset), NamedSharding(mesh, P(DATA_AXIS)))
+  runs = [factory(context) for factory in evaluators]
 
   hooks = []
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer)
@@ -430,9 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         )
       )
 
-  def save(step: int) -> None:
-    ckpt.save(step, state_dict(state), {'step': step, 'config': config.to_dict()})
-
+  log_every = every(config, 'log_every', steps_per_epoch)
+  eval_every = every(config, 'eval_every', steps_per_epoch)
+  checkpoint_every = every(config, 'checkpoint_every', steps_per_epoch)
   logging.info(
     'Training from step %d to %d (%d per epoch).', step_offset, num_train_steps, steps_per_epoch
   )
@@ -441,35 +421,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   with metric_writers.ensure_flushes(writer), _Preemption() as preemption, ckpt.finally_wait():
     for step in range(step_offset, num_train_steps):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = next(train_iter)
-        state, step_metrics = p_train_step(state, batch)
+        state, step_metrics = p_train_step(state, next(train_iter))
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       done = step + 1
       for hook in hooks:
         hook(done)
       is_last = done == num_train_steps
-      must_save = done % config.checkpoint_every_steps == 0 or is_last
-      if done % config.log_every_steps == 0 or is_last or must_save:
+      stop = not is_last and preemption.should_stop(done)
+      log = done % log_every == 0 or is_last
+      save = done % checkpoint_every == 0 or is_last or stop
+      if train_metrics is not None and (log or save):
         # Never write a checkpoint (or a log line) of a diverged state.
         _check_finite(train_metrics)
-        if done % config.log_every_steps == 0 or is_last:
+        if log:
           summary = train_metrics.compute()
           summary.pop('nonfinite')
           writer.write_scalars(done, {k: float(v) for k, v in summary.items()})
           train_metrics = None
-      if done % config.eval_every_steps == 0 or is_last:
+      if not stop and (done % eval_every == 0 or is_last):
         with report_progress.timed('eval'):
-          writer.write_scalars(done, evaluate(p_eval_step, state, builder, config, data_sharding))
-          if config.attention_maps and jax.process_index() == 0:
-            visualize.write_attention_maps(writer, done, state, model, builder, config)
-      if must_save:
+          for run in runs:
+            _write(writer, done, run.run(state_lib.variables(state)))
+      if save:
         with report_progress.timed('checkpoint'):
-          save(done)
-      if not is_last and preemption.should_stop(done):
-        if not must_save:  # (a periodic save of this step is already under way)
-          if train_metrics is not None:
-            _check_finite(train_metrics)
-          save(done)
+          ckpt.save(
+            done, checkpointing.state_dict(state), {'step': done, 'config': config.to_dict()}
+          )
+      if stop:
         ckpt.wait()
         logging.warning(
           'Preempted: checkpoint saved at step %d; rerun the same command to resume.', done

@@ -1,5 +1,5 @@
 """Test set-up: 8 forced CPU devices (sharding is exercised everywhere), quiet TensorFlow,
-and the embedded digits set built once per session into a temporary data dir."""
+libtpu allowed in every worker, and the datasets built once per session."""
 
 import os
 
@@ -7,25 +7,27 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Compiles for TPU topologies load libtpu, which takes a lock file unless told otherwise.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
 
+import helpers  # noqa: E402
 import pytest  # noqa: E402
-
-DIGITS_IMAGE_SIZE = 16
 
 
 @pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory) -> str:
   """A TFDS data dir holding the embedded digits set at 16x16."""
-  from gsa_flax import input_pipeline
+  from gsa_flax import datasets, input_pipeline
 
   data_dir = str(tmp_path_factory.mktemp('tfds_digits'))
-  input_pipeline.get_builder('digits', data_dir, image_size=DIGITS_IMAGE_SIZE)
+  input_pipeline.get_builder(
+    datasets.get('digits'), data_dir, image_size=helpers.DIGITS_IMAGE_SIZE
+  )
   return data_dir
 
 
 @pytest.fixture(scope='session')
 def mock_data_dir(tmp_path_factory) -> str:
-  """Metadata for tfds.testing.mock_data of cifar100 and imagenet2012 (see tfds_mock.py)."""
-  import tfds_mock
-
-  return tfds_mock.write_mock_metadata(str(tmp_path_factory.mktemp('mock_metadata')))
+  """Metadata for tfds.testing.mock_data of cifar100 and imagenet2012."""
+  return helpers.write_mock_metadata(str(tmp_path_factory.mktemp('mock_metadata')))

@@ -1,14 +1,15 @@
 """Checkpoints are never destroyed: corrupted steps, wrong models and divergence."""
 
+import functools
 import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from tiny import tiny_config
+from helpers import DIGITS_IMAGE_SIZE, tiny_config
 
-from gsa_flax import checkpointing, input_pipeline, train
+from gsa_flax import checkpointing, datasets, input_pipeline, train
 
 
 def _params(state):
@@ -73,18 +74,26 @@ def test_checkpoint_of_another_model_names_the_parameter(finished_run, digits_di
   assert _steps(copy) == [3, 6]
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(digits_dir, tmp_path, monkeypatch):
-  real_iterator = input_pipeline.create_train_iterator
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(digits_dir, tmp_path):
+  config = tiny_config(digits_dir)
+  spec = datasets.get('digits')
+  real = functools.partial(
+    input_pipeline.create_train_iterator,
+    input_pipeline.get_builder(spec, digits_dir, image_size=DIGITS_IMAGE_SIZE),
+    spec=spec,
+    global_batch_size=config.batch_size,
+    image_size=config.image_size,
+    seed=config.seed,
+  )
 
-  def poisoned(builder, **kwargs):
-    for index, batch in enumerate(real_iterator(builder, **kwargs), start=kwargs['start_step']):
+  def poisoned(start_step):
+    for index, batch in enumerate(real(start_step=start_step), start=start_step):
       if index == 4:  # the 5th step sees NaN images
         batch = dict(batch, image=np.full_like(batch['image'], np.nan))
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'create_train_iterator', poisoned)
   with pytest.raises(FloatingPointError, match=r'(train_loss|grad_norm) became NaN/inf at step 5;'):
-    train.train_and_evaluate(tiny_config(digits_dir), str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path), train_data=poisoned)
   assert _steps(tmp_path) == [3]
   # The good checkpoint restores, and is finite.
   restored = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '3' / 'state')

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import imagenet, imagenet_resnet50
 from gsa_flax import models
 
 DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -20,7 +21,7 @@ def _param_count(model, size=224):
 
 
 def closed_form_count(stage_sizes, attention, *, image=224, width=64, classes=1000, key_ratio=0.5):
-  """Parameters of a (GSA-)ResNet by arithmetic over its architecture (GSA_METHOD)."""
+  """Parameters of a (GSA-)ResNet by arithmetic over its architecture (docs/method.md)."""
   total = 7 * 7 * 3 * width + 2 * width  # stem conv + BN
   size = math.ceil(math.ceil(image / 2) / 2)  # 7x7/2 conv, 3x3/2 max pool
   c_in = width
@@ -116,3 +117,50 @@ def test_unknown_model_lists_valid_names():
 def test_downsampling_factor():
   assert models.downsampling(models.ResNet50()) == 32
   assert models.downsampling(models.GSAResNetTiny()) == 8
+
+
+@pytest.mark.parametrize('config', [imagenet.get_config(), imagenet_resnet50.get_config()])
+def test_build_from_config_matches_closed_form(config):
+  model = models.build(config, num_classes=1000)
+  attention = config.model.startswith('gsa_')
+  assert _param_count(model) == closed_form_count(DEPTHS[50], (attention,) * 4)
+  assert model.dtype == jnp.bfloat16 and model.num_heads == 8
+
+
+def test_counterpart_names():
+  for depth in DEPTHS:
+    assert models.counterpart(f'gsa_resnet{depth}') == f'resnet{depth}'
+    assert models.counterpart(f'resnet{depth}') == f'gsa_resnet{depth}'
+  assert all(models.counterpart(name) in models.MODELS for name in models.MODELS)
+
+
+@pytest.mark.parametrize('small_stem,strides', [(False, (4, 8, 16, 32)), (True, (1, 2, 4, 8))])
+def test_features_are_the_stage_outputs(small_stem, strides):
+  model = models.GSAResNetTiny(num_classes=5, small_stem=small_stem, num_filters=8, num_heads=2)
+  x = jnp.asarray(np.random.standard_normal((2, 64, 32, 3)), jnp.float32)
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+  features = jax.jit(lambda v, x: model.apply(v, x, train=False, features=True))(variables, x)
+  assert list(features) == ['stage1', 'stage2', 'stage3', 'stage4']
+  for i, (name, stride) in enumerate(zip(features, strides, strict=True)):
+    assert features[name].shape == (2, 64 // stride, 32 // stride, 4 * 8 * 2**i), name
+  # The last stage's output, pooled and classified, is the logits.
+  head = variables['params'][models.HEAD]
+  pooled = np.asarray(features['stage4']).mean(axis=(1, 2))
+  logits = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(
+    pooled @ np.asarray(head['kernel']) + np.asarray(head['bias']), logits, rtol=1e-4, atol=1e-5
+  )
+
+
+def test_every_parameter_belongs_to_a_part():
+  model = models.GSAResNet26(num_classes=10)
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  )
+  parts = [models.part_of(model, name) for name in shapes['params']]
+  blocks = {f'stage{i + 1}': n for i, n in enumerate(DEPTHS[26])}
+  # Each block holds one GSA module; the stem has a conv and a BN; the head one Dense.
+  assert {p: parts.count(p) for p in blocks} == blocks
+  assert parts.count('stem') == 2 and parts.count('head') == 1
+  with pytest.raises(ValueError, match='no part'):
+    models.part_of(model, 'Dense_7')

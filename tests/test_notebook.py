@@ -1,11 +1,9 @@
 """notebooks/quickstart.ipynb runs end to end in a real Jupyter kernel (shortened by env vars)."""
 
-from pathlib import Path
-
 import nbformat
+from helpers import REPO
 from nbclient import NotebookClient
 
-REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / 'notebooks' / 'quickstart.ipynb'
 
 

@@ -1,6 +1,6 @@
 """Killed, crashed or preempted runs resume to exactly the uninterrupted result.
 
-Each run is a real ``main.py`` subprocess on the embedded digits set. ``tests/run_main.py``
+Each run is a real ``main.py`` subprocess on the embedded digits set. ``tests/train_program.py``
 wraps it to make the timing of the interruption deterministic (a kill in the middle of a
 chosen checkpoint save; a pause per step so SIGTERM lands mid-run).
 """
@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from events import read_scalars
-from tiny import main_command
+from helpers import main_command
+
+from gsa_flax.tools.events import read_scalars
 
 STEPS, EVERY = 16, 4
 
@@ -26,7 +27,7 @@ def _command(data_dir: str, workdir: Path, **env_hooks) -> tuple[list[str], dict
     data_dir,
     workdir,
     devices=2,
-    script='tests/run_main.py',
+    script='tests/train_program.py',
     num_train_steps=STEPS,
     eval_every_steps=STEPS,
     checkpoint_every_steps=EVERY,

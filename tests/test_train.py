@@ -1,6 +1,7 @@
 """train_and_evaluate for real: digits, mocked cifar100/imagenet2012, resume, devices, hosts."""
 
-import contextlib
+import glob
+import os
 import shutil
 import socket
 import subprocess
@@ -8,14 +9,31 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-import tfds_mock
-from events import count_writes, read_scalars
-from tiny import main_command, tiny_config
+import tensorflow as tf
+from helpers import (
+  DIGITS_IMAGE_SIZE,
+  DIGITS_TEST_EXAMPLES,
+  MOCK_EXAMPLES,
+  main_command,
+  mock_data,
+  tiny_config,
+)
 
-from gsa_flax import input_pipeline, train
+from gsa_flax import datasets, input_pipeline, train
+from gsa_flax.tools.events import read_scalars
 
-DIGITS_TEST_EXAMPLES = 360
 FOUR_STEPS = dict(num_train_steps=4, eval_every_steps=4, checkpoint_every_steps=4)
+
+
+def count_writes(workdir, tag: str) -> dict[int, int]:
+  """How many times each step of ``tag`` was written (a resumed run must not repeat steps)."""
+  counts = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          counts[event.step] = counts.get(event.step, 0) + 1
+  return counts
 
 
 def _params(state):
@@ -71,11 +89,11 @@ def test_mocked_datasets(mock_data_dir, tmp_path, dataset, image_size, small_ste
     num_train_steps=2,
     eval_every_steps=2,
   )
-  with tfds_mock.mock(mock_data_dir):
+  with mock_data(mock_data_dir):
     state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
   scalars = read_scalars(str(tmp_path))
-  assert scalars['eval_examples'][2] == tfds_mock.MOCK_EXAMPLES
+  assert scalars['eval_examples'][2] == MOCK_EXAMPLES
   assert np.isfinite(scalars['train_loss'][2])
 
 
@@ -103,17 +121,7 @@ def test_one_device_matches_eight(digits_dir, digits_run, tmp_path):
   _assert_same_metrics(read_scalars(str(tmp_path)), read_scalars(str(digits_run[0])))
 
 
-@contextlib.contextmanager
-def _as_process(index: int, count: int):
-  saved = jax.process_index, jax.process_count
-  jax.process_index, jax.process_count = (lambda: index), (lambda: count)
-  try:
-    yield
-  finally:
-    jax.process_index, jax.process_count = saved
-
-
-def test_two_processes_match_one(digits_dir, tmp_path, monkeypatch):
+def test_two_processes_match_one(digits_dir, tmp_path):
   """Two main.py processes (4 CPU devices each, gloo) train together like one of 8 devices."""
   port = _free_port()
   command, env = main_command(digits_dir, tmp_path / 'multi', devices=4, **FOUR_STEPS)
@@ -134,23 +142,28 @@ def test_two_processes_match_one(digits_dir, tmp_path, monkeypatch):
   ]
   # Meanwhile, the reference in this process: 8 devices, fed the global batches the two
   # processes assemble (process 0's shard, then process 1's), each read as that process.
-  real_iterator = input_pipeline.create_train_iterator
+  config = tiny_config(digits_dir, **FOUR_STEPS)
+  spec = datasets.get('digits')
+  builder = input_pipeline.get_builder(spec, digits_dir, image_size=DIGITS_IMAGE_SIZE)
 
-  def two_process_batches(builder, **kwargs):
-    shards = []
-    for index in range(2):
-      with _as_process(index, 2):
-        shards.append(real_iterator(builder, **kwargs))
+  def two_process_batches(start_step):
+    shards = [
+      input_pipeline.create_train_iterator(
+        builder,
+        spec=spec,
+        global_batch_size=config.batch_size,
+        image_size=config.image_size,
+        seed=config.seed,
+        start_step=start_step,
+        process=(index, 2),
+      )
+      for index in range(2)
+    ]
     while True:
-      parts = []
-      for index, shard in enumerate(shards):
-        with _as_process(index, 2):
-          parts.append(next(shard))
+      parts = [next(shard) for shard in shards]
       yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  monkeypatch.setattr(input_pipeline, 'create_train_iterator', two_process_batches)
-  config = tiny_config(digits_dir, **FOUR_STEPS)
-  train.train_and_evaluate(config, str(tmp_path / 'reference'))
+  train.train_and_evaluate(config, str(tmp_path / 'reference'), train_data=two_process_batches)
 
   for i, proc in enumerate(procs):
     out, err = proc.communicate(timeout=400)

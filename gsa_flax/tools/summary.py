@@ -1,7 +1,8 @@
 r"""Sizes a run without training: parameters per stage, forward FLOPs, train-step memory.
 
-  python -m gsa_flax.summary --config=configs/imagenet.py
-  python -m gsa_flax.summary --config=configs/imagenet.py --config.batch_size=256 --num_devices=8
+  python -m gsa_flax.tools.summary --config=configs/imagenet.py
+  python -m gsa_flax.tools.summary --config=configs/imagenet.py --config.batch_size=256 \
+      --num_devices=8
 
 For the config's network and its counterpart (``gsa_resnetXX`` <-> ``resnetXX``, same
 config otherwise, so GSA-ResNet is compared with the convolutional ResNet it replaces):
@@ -16,32 +17,26 @@ config otherwise, so GSA-ResNet is compared with the convolutional ResNet it rep
   XLA plans for *this machine's* backend; GPUs and TPUs fuse and lay out differently, so
   read them as an estimate of the order of magnitude there.
 
-Nothing is downloaded and no dataset is read: the number of classes comes from a table.
+Nothing is downloaded and no dataset is read: the number of classes comes from the
+dataset's spec.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from gsa_flax import models, train
-
-# Classes of the known datasets, so that sizing a run needs no dataset on disk.
-NUM_CLASSES = {'imagenet2012': 1000, 'cifar100': 100, 'digits': 10}
-
-STEM = ('conv_init', 'bn_init')
-HEAD = ('Dense_0',)
+from gsa_flax import config_validation, datasets, models, train
+from gsa_flax import state as state_lib
+from gsa_flax.tools import cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,61 +62,24 @@ class Summary:
   total_bytes: int | None = None
 
 
-def counterpart(model_name: str) -> str:
-  """The convolutional ResNet of a GSA-ResNet and vice versa (``gsa_resnet50`` <-> ``resnet50``)."""
-  if model_name.startswith('gsa_'):
-    return model_name[len('gsa_') :]
-  return 'gsa_' + model_name
-
-
-def num_classes(config: ml_collections.ConfigDict) -> int:
-  if config.dataset not in NUM_CLASSES:
-    raise ValueError(
-      f'config.dataset={config.dataset!r} has no known number of classes; '
-      f'known: {", ".join(NUM_CLASSES)}.'
-    )
-  return NUM_CLASSES[config.dataset]
-
-
 def _count(tree: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def stage_parameter_counts(stage_sizes: Sequence[int], params: dict[str, Any]) -> dict[str, int]:
+def stage_parameter_counts(model: models.ResNet, params: dict[str, Any]) -> dict[str, int]:
   """Trainable parameters of the stem, each stage and the head of a (GSA-)ResNet.
 
   Args:
-    stage_sizes: blocks per stage (the model's ``stage_sizes``).
-    params: the model's ``params`` collection (arrays or shape structs); its blocks are
-      ``BottleneckBlock_0 ...`` in order, ``stage_sizes[0]`` of them in stage 1, and so on.
+    model: the network.
+    params: its ``params`` collection (arrays or shape structs).
 
   Returns:
     ``{'stem': n, 'stage1': n, ..., 'head': n}``.
   """
-  counts = {'stem': 0, **{f'stage{i + 1}': 0 for i in range(len(stage_sizes))}, 'head': 0}
-  first_block = [sum(stage_sizes[:i]) for i in range(len(stage_sizes) + 1)]
+  counts = {'stem': 0, **{f'stage{i + 1}': 0 for i in range(len(model.stage_sizes))}, 'head': 0}
   for name, subtree in params.items():
-    if name in STEM:
-      part = 'stem'
-    elif name in HEAD:
-      part = 'head'
-    elif name.startswith('BottleneckBlock_'):
-      block = int(name.rsplit('_', 1)[1])
-      stage = next(i for i in range(len(stage_sizes)) if block < first_block[i + 1])
-      part = f'stage{stage + 1}'
-    else:
-      raise ValueError(f'parameter {name!r} belongs to no known part of the network.')
-    counts[part] += _count(subtree)
+    counts[models.part_of(model, name)] += _count(subtree)
   return counts
-
-
-def _abstract_state(config: ml_collections.ConfigDict, model) -> train.TrainState:
-  # Any schedule gives the optimizer state its structure; its values are not used.
-  tx = train.create_optimizer(config, optax.constant_schedule(0.0))
-  return jax.eval_shape(
-    functools.partial(train.create_train_state, config, model, tx, image_size=config.image_size),
-    jax.random.key(0),
-  )
 
 
 def forward_flops(model, variables: Any, image_size: int) -> float:
@@ -135,26 +93,27 @@ def forward_flops(model, variables: Any, image_size: int) -> float:
 
 
 def train_step_memory(
-  config: ml_collections.ConfigDict, model, state: train.TrainState, batch: int
+  config: ml_collections.ConfigDict, pieces: state_lib.Setup, batch: int
 ) -> tuple[int, int]:
   """XLA's planned memory of the real training step at ``batch`` examples on one device.
+
+  The step is the trainer's (:func:`gsa_flax.train.jit_train_step`: same shardings, state
+  donated), compiled for this machine's first device.
 
   Returns:
     ``(temporaries, total)`` in bytes: temporaries are the buffers live inside the step
     (activations saved for the backward pass, gradients, workspace); total adds the state
-    and the batch, with the state donated as in training.
+    and the batch, less what donation lets the step reuse.
   """
-  step = functools.partial(
-    train.train_step,
-    schedule=optax.constant_schedule(0.0),
-    num_classes=num_classes(config),
-    label_smoothing=config.label_smoothing,
+  mesh = train.make_mesh(jax.devices()[:1])
+  step = train.jit_train_step(
+    mesh, pieces.schedule, datasets.get(config.dataset).num_classes, config.label_smoothing
   )
   inputs = {
     'image': jax.ShapeDtypeStruct((batch, config.image_size, config.image_size, 3), jnp.float32),
     'label': jax.ShapeDtypeStruct((batch,), jnp.int32),
   }
-  compiled = jax.jit(step, donate_argnums=0).lower(state, inputs).compile()
+  compiled = step.lower(state_lib.abstract(pieces, config.image_size), inputs).compile()
   m = compiled.memory_analysis()
   total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
   return int(m.temp_size_in_bytes), int(total - m.alias_size_in_bytes)
@@ -170,14 +129,14 @@ def summarize(
     flops: compile the forward pass for XLA's FLOP count.
     memory_batch: per-device batch for the train-step memory; 0 skips it.
   """
-  model = train.create_model(config, num_classes(config))
-  state = _abstract_state(config, model)
-  params = stage_parameter_counts(model.stage_sizes, state.params)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  gflops = forward_flops(model, variables, config.image_size) / 1e9 if flops else None
+  pieces = state_lib.setup(config, datasets.get(config.dataset).num_classes)
+  state = state_lib.abstract(pieces, config.image_size)
+  params = stage_parameter_counts(pieces.model, state.params)
+  variables = state_lib.variables(state)
+  gflops = forward_flops(pieces.model, variables, config.image_size) / 1e9 if flops else None
   temp = total = None
   if memory_batch:
-    temp, total = train_step_memory(config, model, state, memory_batch)
+    temp, total = train_step_memory(config, pieces, memory_batch)
   return Summary(
     model=config.model,
     params=params,
@@ -192,7 +151,7 @@ def summarize(
 def counterpart_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same run with the counterpart network (every stage of its own kind)."""
   other = ml_collections.ConfigDict(config.to_dict())
-  other.model = counterpart(config.model)
+  other.model = models.counterpart(config.model)
   # An attention_stages override would turn stages of a ResNet into GSA: use the defaults.
   other.gsa.attention_stages = ()
   return other
@@ -239,36 +198,23 @@ def format_table(summaries: Sequence[Summary]) -> str:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-flags.DEFINE_integer(
-  'num_devices',
-  0,
-  "Devices the run will use (0: this machine's): per-device batch = "
-  'config.batch_size / num_devices.',
-)
-flags.DEFINE_integer('per_device_batch', 0, 'Batch for the memory figures (0: from num_devices).')
-flags.DEFINE_bool('memory', True, 'Compile the training step for its memory (the slow part).')
-flags.DEFINE_bool('compare', True, 'Also summarize the counterpart network (ResNet <-> GSA).')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # the table is the output
   config = FLAGS.config
+  config_validation.validate(config)
   devices = FLAGS.num_devices or jax.device_count()
   batch = FLAGS.per_device_batch or max(config.batch_size // devices, 1)
-  try:
-    num_classes(config)
-  except ValueError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
   configs = [config]
-  if FLAGS.compare and counterpart(config.model) in models.MODELS:
+  if FLAGS.compare and models.counterpart(config.model) in models.MODELS:
     configs.append(counterpart_config(config))
   summaries = [summarize(c, memory_batch=batch if FLAGS.memory else 0) for c in configs]
+  classes = datasets.get(config.dataset).num_classes
   print(
-    f'{config.dataset} ({num_classes(config)} classes), {config.image_size}x{config.image_size}, '
+    f'{config.dataset} ({classes} classes), {config.image_size}x{config.image_size}, '
     f'dtype {config.dtype}; FLOPs: XLA cost analysis of the forward pass, batch 1.'
   )
   if FLAGS.memory:
@@ -286,4 +232,15 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # Flags exist only when the module runs as a program: importing it defines none.
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_integer(
+    'num_devices',
+    0,
+    "Devices the run will use (0: this machine's): per-device batch = "
+    'config.batch_size / num_devices.',
+  )
+  flags.DEFINE_integer('per_device_batch', 0, 'Batch for the memory figures (0: from num_devices).')
+  flags.DEFINE_bool('memory', True, 'Compile the training step for its memory (the slow part).')
+  flags.DEFINE_bool('compare', True, 'Also summarize the counterpart network (ResNet <-> GSA).')
+  cli.run(main)

@@ -1,22 +1,26 @@
 """predict: the CLI on real files against the eval pipeline applied to the saved state."""
 
-import functools
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import DIGITS_IMAGE_SIZE
-from tiny import tiny_config
+from helpers import DIGITS_IMAGE_SIZE, REPO, environment, tiny_config
 
-from gsa_flax import checkpointing, input_pipeline, predict, train, visualize
+from gsa_flax import checkpointing, datasets, input_pipeline
+from gsa_flax import state as state_lib
+from gsa_flax.tools import predict
+
+DIGITS = datasets.get('digits')
 
 NUM_IMAGES = 3
 
 
 def _test_examples(digits_dir):
   """The first test-split examples: their encoded PNG bytes and labels."""
-  builder = input_pipeline.get_builder('digits', digits_dir, image_size=DIGITS_IMAGE_SIZE)
+  builder = input_pipeline.get_builder(DIGITS, digits_dir, image_size=DIGITS_IMAGE_SIZE)
   ds = builder.as_dataset(split='test', decoders={'image': tfds.decode.SkipDecoding()})
   return [(ex['image'], int(ex['label'])) for ex in ds.take(NUM_IMAGES).as_numpy_iterator()]
 
@@ -30,42 +34,33 @@ def _saved_run(digits_dir, workdir):
   Returns the state that was saved.
   """
   config = tiny_config(digits_dir)
-  model = train.create_model(config, 10)
-  tx = train.create_optimizer(config, train.learning_rate_schedule(config, 10, 10))
-  init = functools.partial(train.create_train_state, config, model, tx, image_size=16)
-  state = jax.jit(init)(jax.random.key(0))
+  pieces = state_lib.setup(config, 10, steps_per_epoch=10, num_train_steps=10)
+  state = jax.jit(lambda rng: state_lib.create(pieces, rng, image_size=16))(jax.random.key(0))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda p: 0.35 * rng.normal(size=p.shape).astype(p.dtype), state.params)
   state = state.replace(step=7, params=params)
-  train._save_config(config, workdir)
+  checkpointing.write_config(config, workdir)
   saver = checkpointing.Checkpointer(workdir, keep=1)
-  saver.save(7, train.state_dict(state), {'step': 7})
+  saver.save(7, checkpointing.state_dict(state), {'step': 7})
   saver.wait()
-  return state
+  return pieces.model, state
 
 
-def _reference(digits_dir, state):
+def _reference(digits_dir, model, state):
   """Top-5 of the in-memory state on the eval pipeline's first batch.
 
   Independent of what predict does with files: the images come from the eval pipeline and
   the variables from memory, not from the checkpoint.
   """
-  builder = input_pipeline.get_builder('digits', digits_dir, image_size=DIGITS_IMAGE_SIZE)
+  builder = input_pipeline.get_builder(DIGITS, digits_dir, image_size=DIGITS_IMAGE_SIZE)
   iterator, _ = input_pipeline.create_eval_iterator(
-    builder, dataset='digits', global_batch_size=8, image_size=DIGITS_IMAGE_SIZE
+    builder, spec=DIGITS, global_batch_size=8, image_size=DIGITS_IMAGE_SIZE
   )
   batch = next(iterator)
   names = input_pipeline.class_names(builder)
-  config = tiny_config(digits_dir)
-  in_memory = predict.Loaded(
-    config=config,
-    model=train.create_model(config, len(names)),
-    variables=visualize._local({'params': state.params, 'batch_stats': state.batch_stats}),
-    class_names=names,
-    builder=builder,
-    step=int(state.step),
-  )
-  probs = predict.probabilities(in_memory, batch['image'][:NUM_IMAGES])
+  variables = jax.device_get(state_lib.variables(state))
+  logits = model.apply(variables, batch['image'][:NUM_IMAGES], train=False)
+  probs = np.asarray(jax.nn.softmax(logits))
   return [predict.top_k(p, names) for p in probs], batch['label'][:NUM_IMAGES]
 
 
@@ -83,10 +78,10 @@ def _parse(stdout):
   return parsed
 
 
-def test_predict_cli(digits_dir, tmp_path, capsys):
+def test_predict_files(digits_dir, tmp_path, capsys):
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  state = _saved_run(digits_dir, str(workdir))
+  model, state = _saved_run(digits_dir, str(workdir))
   examples = _test_examples(digits_dir)
   paths = []
   for i, (encoded, _) in enumerate(examples):
@@ -96,7 +91,7 @@ def test_predict_cli(digits_dir, tmp_path, capsys):
   missing = tmp_path / 'missing.jpg'
   args = [str(paths[0]), str(tmp_path / 'notes.txt'), str(paths[1]), str(missing), str(paths[2])]
 
-  status = predict.main([f'--workdir={workdir}', *args])
+  status = predict.run(str(workdir), args)
   out, err = capsys.readouterr()
   assert status == 1, err[-3000:]  # some files failed, not all
   errors = [line for line in err.splitlines() if line.startswith('error:')]
@@ -106,7 +101,7 @@ def test_predict_cli(digits_dir, tmp_path, capsys):
   ]
   got = _parse(out)
   assert list(got) == [str(p) for p in paths]  # every image, in order, the bad ones skipped
-  want, labels = _reference(digits_dir, state)
+  want, labels = _reference(digits_dir, model, state)
   np.testing.assert_array_equal(labels, [label for _, label in examples])  # the same images
   for path, ranked in zip(paths, want, strict=True):
     assert [name for name, _ in got[str(path)]] == [name for name, _ in ranked]
@@ -114,17 +109,36 @@ def test_predict_cli(digits_dir, tmp_path, capsys):
     np.testing.assert_allclose([p for _, p in got[str(path)]], [p for _, p in ranked], atol=6e-5)
 
 
-def test_load_errors(tmp_path, capsys):
-  assert predict.main([f'--workdir={tmp_path / "nowhere"}', 'x.png']) == 2
-  assert capsys.readouterr().err.strip().splitlines() == [
-    f'error: workdir {tmp_path / "nowhere"} does not exist; pass the --workdir of a training run.'
-  ]
-  assert predict.main([f'--workdir={tmp_path}', 'x.png']) == 2
-  assert 'config.json is missing' in capsys.readouterr().err
-  (tmp_path / 'config.json').write_text('{}')
-  with pytest.raises(predict.LoadError, match='no checkpoint'):
-    predict.load(str(tmp_path))
+def test_load_errors(tmp_path):
+  with pytest.raises(checkpointing.CheckpointError) as error:
+    predict.run(str(tmp_path / 'nowhere'), ['x.png'])
+  assert str(error.value) == (
+    f'workdir {tmp_path / "nowhere"} does not exist; pass the --workdir of a training run.'
+  )
+  with pytest.raises(checkpointing.CheckpointError, match='config.json is missing'):
+    predict.run(str(tmp_path), ['x.png'])
+  checkpointing.write_config(tiny_config(''), str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointError, match='no checkpoint'):
+    predict.run(str(tmp_path), ['x.png'])
   assert not (tmp_path / 'checkpoints').exists()  # a read-only tool creates nothing
+
+
+def test_cli_user_error_is_one_line(tmp_path):
+  result = subprocess.run(
+    [sys.executable, '-m', 'gsa_flax.tools.predict', f'--workdir={tmp_path}', 'x.png'],
+    env=environment(devices=1),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert errors == [
+    f'error: {tmp_path / "config.json"} is missing: {tmp_path} is not a training workdir '
+    '(main.py writes it).'
+  ]
+  assert result.stderr.strip().endswith(errors[0]) and 'Traceback' not in result.stderr
 
 
 def test_top_k_and_format():

@@ -2,20 +2,18 @@
 
 import functools
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
-from tiny import tiny_config
+from helpers import REPO, environment, tiny_config
 
 from configs import default, imagenet, imagenet_resnet50
-from gsa_flax import summary, train
-
-REPO = Path(__file__).resolve().parents[1]
+from gsa_flax import datasets, models
+from gsa_flax import state as state_lib
+from gsa_flax.tools import summary
 
 # torchvision's resnet50: conv1 + bn1, layer1..layer4, fc (1000 classes).
 RESNET50_PARTS = {
@@ -29,7 +27,7 @@ RESNET50_PARTS = {
 
 
 def _eval_shape_total(config):
-  model = train.create_model(config, summary.num_classes(config))
+  model = models.build(config, datasets.get(config.dataset).num_classes)
   x = jnp.zeros((1, config.image_size, config.image_size, 3))
   params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
   return sum(math.prod(p.shape) for p in jax.tree.leaves(params['params']))
@@ -58,7 +56,7 @@ def test_parts_sum_to_total(config):
   assert sum(result.params.values()) == result.total_params == _eval_shape_total(config)
   # The counterpart differs only where the stage is attention in one and convolution in the other.
   other = summary.summarize(summary.counterpart_config(config), flops=False)
-  assert other.model == summary.counterpart(config.model)
+  assert other.model == models.counterpart(config.model)
   assert other.params['stem'] == result.params['stem']
   assert other.params['head'] == result.params['head']
 
@@ -102,22 +100,20 @@ def test_flops_match_closed_form():
 
 def test_train_step_memory_grows_with_batch():
   config = tiny_config('')
-  model = train.create_model(config, 10)
-  state = summary._abstract_state(config, model)
-  temp2, total2 = summary.train_step_memory(config, model, state, 2)
-  temp8, total8 = summary.train_step_memory(config, model, state, 8)
+  pieces = state_lib.setup(config, 10)
+  temp2, total2 = summary.train_step_memory(config, pieces, 2)
+  temp8, total8 = summary.train_step_memory(config, pieces, 8)
   assert 0 < temp2 < temp8 and temp2 < total2 < total8
   # Each example keeps at least its 16x16 feature maps of every stage for the backward pass.
   assert (temp8 - temp2) / 6 > 16 * 16 * (8 + 32) * 4
 
 
 def test_summary_cli():
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS='--xla_force_host_platform_device_count=2')
   result = subprocess.run(
     [
       sys.executable,
       '-m',
-      'gsa_flax.summary',
+      'gsa_flax.tools.summary',
       f'--config={REPO / "configs" / "default.py"}',
       '--config.stage_sizes=(1,1)',
       '--config.num_filters=8',
@@ -125,7 +121,7 @@ def test_summary_cli():
       '--config.batch_size=8',
       '--nocompare',  # the counterpart's numbers are checked in-process above
     ],
-    env=env,
+    env=environment(devices=2),
     capture_output=True,
     text=True,
     timeout=300,

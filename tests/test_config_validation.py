@@ -5,16 +5,12 @@ concurrently to keep the suite fast.
 """
 
 import concurrent.futures
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS_IMAGE_SIZE
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import DIGITS_IMAGE_SIZE, REPO, environment
 
 # case -> (extra flags, workdir relative to tmp (None: default), words the message must name)
 CASES = {
@@ -37,6 +33,12 @@ CASES = {
   'bad_label_smoothing': (['--config.label_smoothing=1.5'], ['config.label_smoothing=1.5']),
   'batch_larger_than_data': (['--config.batch_size=2048'], ['batch_size=2048', '1437']),
   'bad_positional_mode': (["--config.gsa.positional='row'"], ['positional', 'axial']),
+  'bad_order': (['--config.gsa.order=keys'], ['order', 'logits', 'values']),
+  'values_order_with_softmax': (
+    ['--config.gsa.order=values', '--config.gsa.positional_softmax=True'],
+    ['values', 'softmax'],
+  ),
+  'eval_interval_twice': (['--config.eval_every_steps=10'], ['eval_every_steps=10', 'exactly one']),
 }
 
 
@@ -58,11 +60,8 @@ def _run(case: str, data_dir: str, tmp: Path):
     '--config.num_train_steps=5',
     *flags,
   ]
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
-  start = time.time()
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-  return result, time.time() - start, workdir
+  result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
+  return result, workdir
 
 
 @pytest.fixture(scope='module')
@@ -75,7 +74,7 @@ def results(digits_dir, tmp_path_factory):
 
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_bad_input_is_one_clear_line(results, case):
-  result, seconds, workdir = results[case]
+  result, workdir = results[case]
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error: '), result.stderr[-2000:]
@@ -84,7 +83,6 @@ def test_bad_input_is_one_clear_line(results, case):
   # Stopped before training: nothing compiled, no checkpoint written.
   assert 'Training from step' not in result.stderr
   assert not (workdir / 'checkpoints').exists()
-  assert seconds < 120
 
 
 def test_unknown_config_field_is_rejected(digits_dir, tmp_path):
@@ -96,7 +94,7 @@ def test_unknown_config_field_is_rejected(digits_dir, tmp_path):
       f'--workdir={tmp_path}',
       '--config.batchsize=64',
     ],
-    env=dict(os.environ, PYTHONPATH=str(REPO)),
+    env=environment(),
     capture_output=True,
     text=True,
     timeout=300,

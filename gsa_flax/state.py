@@ -1,0 +1,127 @@
+"""The training state and what it is made of: model, learning-rate schedule, optimizer.
+
+:func:`setup` turns a config into the three pieces every user of a train state needs (the
+trainer, the checkpoint readers, the tools that size or restore a run); :func:`create`
+initialises a state and :func:`abstract` is its shape-only twin (nothing computed), the
+target a checkpoint is restored into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+from gsa_flax import models
+
+
+class TrainState(train_state.TrainState):
+  """Parameters, optimizer state and step, plus the BatchNorm running statistics."""
+
+  batch_stats: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A config's network, schedule and optimizer.
+
+  Attributes:
+    model: the network (:func:`gsa_flax.models.build`).
+    schedule: learning rate by step.
+    tx: the optimizer (uses ``schedule``).
+  """
+
+  model: nn.Module
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+
+
+def learning_rate_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+) -> optax.Schedule:
+  """Linear warmup to ``learning_rate * batch_size / 256``, then cosine decay to zero.
+
+  Args:
+    config: reads ``learning_rate``, ``batch_size`` and ``warmup_epochs``.
+    steps_per_epoch: training steps per epoch of the train split.
+    num_train_steps: length of the whole run in steps (the end of the cosine).
+  """
+  peak = config.learning_rate * config.batch_size / 256.0
+  warmup = warmup_steps(config, steps_per_epoch, num_train_steps)
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(num_train_steps, 1)
+  )
+
+
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int):
+  """Steps of linear warmup: ``warmup_epochs`` of steps, at most the run's length minus one."""
+  return min(int(config.warmup_epochs * steps_per_epoch), max(num_train_steps - 1, 0))
+
+
+def create_optimizer(
+  config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+  """SGD with (Nesterov) momentum; weight decay on kernels and embeddings, not on BN or biases."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+    optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+    optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+  )
+
+
+def setup(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  *,
+  steps_per_epoch: int | None = None,
+  num_train_steps: int | None = None,
+) -> Setup:
+  """The model, schedule and optimizer of ``config``.
+
+  Args:
+    config: the experiment config.
+    num_classes: the dataset's number of classes.
+    steps_per_epoch, num_train_steps: the run's length, for the schedule; without them
+      (tools that only restore or size a state) the schedule is a constant zero, which
+      gives the optimizer state the same structure.
+  """
+  if steps_per_epoch is None or num_train_steps is None:
+    schedule = optax.constant_schedule(0.0)
+  else:
+    schedule = learning_rate_schedule(config, steps_per_epoch, num_train_steps)
+  return Setup(models.build(config, num_classes), schedule, create_optimizer(config, schedule))
+
+
+def create(pieces: Setup, rng: jax.Array, image_size: int) -> TrainState:
+  """Initialises parameters, BatchNorm statistics and optimizer state (float32).
+
+  Args:
+    pieces: from :func:`setup`.
+    rng: the initialisation key.
+    image_size: the training resolution (global position tables are sized from it).
+  """
+  variables = pieces.model.init(
+    rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False
+  )
+  return TrainState.create(
+    apply_fn=pieces.model.apply,
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    tx=pieces.tx,
+  )
+
+
+def abstract(pieces: Setup, image_size: int) -> TrainState:
+  """The shapes and dtypes of :func:`create`'s state (``jax.ShapeDtypeStruct`` leaves)."""
+  return jax.eval_shape(lambda rng: create(pieces, rng, image_size), jax.random.key(0))
+
+
+def variables(state: TrainState) -> dict[str, Any]:
+  """What applying the model needs: ``{'params': ..., 'batch_stats': ...}``."""
+  return {'params': state.params, 'batch_stats': state.batch_stats}

@@ -1,0 +1,160 @@
+r"""Attention maps of a trained run as one PNG, for its first eval images or image files.
+
+  python -m gsa_flax.tools.visualize --workdir=/tmp/gsa --output=attention.png [IMAGE ...]
+
+Rows are GSA layers (``--layers``, default the first and the last), columns are images;
+each row shows the query pixel, its content weights over the image and its positional
+weights along its column and row (see :mod:`gsa_flax.tools.attention_maps`).
+
+Exit status: 0 when every image was drawn, 1 when some image file failed, 2 when the workdir
+has no usable config or checkpoint or a flag is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+from absl import flags
+
+from gsa_flax import checkpointing, datasets, input_pipeline
+from gsa_flax.tools import attention_maps, cli, images, plots
+
+
+def save_attention_map(
+  path: str,
+  model: nn.Module,
+  variables: Mapping[str, Any],
+  batch: np.ndarray,
+  *,
+  spec: datasets.DatasetSpec,
+  layers: Sequence[int | str] = (0, -1),
+  query: tuple[int, int] | None = None,
+  head: int | None = None,
+  dpi: int = 80,
+) -> str:
+  """Saves the attention maps of ``layers`` for a batch of images as one PNG.
+
+  Args:
+    path: the PNG to write.
+    model: the network; ``variables``: its params and batch_stats.
+    batch: ``[batch, height, width, 3]`` preprocessed like eval.
+    spec: the dataset the images were normalized for (to draw them).
+    layers: GSA layers by index (``0`` first, ``-1`` last) or module path.
+    query: ``(x, y)`` in each layer's map; None: each layer's center pixel.
+    head: one head, or None for the mean over heads.
+    dpi: resolution of the PNG.
+
+  Returns:
+    ``path``.
+
+  Raises:
+    ValueError: ``model`` has no GSA layer, or no such layer, head or query.
+  """
+  chosen = attention_maps.select(attention_maps.capture(model, variables, batch), layers, head)
+  shown = [plots.display_image(image, spec) for image in batch]
+  maps = [
+    [attention_maps.attention_maps(c, query, index=i) for c in chosen] for i in range(len(batch))
+  ]
+  plots.attention_grid(shown, maps, head=head).savefig(path, dpi=dpi)
+  return path
+
+
+def run(
+  workdir: str,
+  output: str,
+  paths: Sequence[str] = (),
+  *,
+  layers: Sequence[int | str] = (0, -1),
+  query: tuple[int, int] | None = None,
+  head: int | None = None,
+  count: int = 3,
+  data_dir: str | None = None,
+) -> int:
+  """Draws the attention maps of a trained run to ``output``; returns the exit status.
+
+  Args:
+    workdir: the training run.
+    output: the PNG to write.
+    paths: image files; none: the first ``count`` eval images.
+    layers, query, head: see :func:`save_attention_map`.
+    count: eval images drawn when no file is given.
+    data_dir: TFDS data dir of the eval images; None: the run's.
+
+  Returns:
+    0, or 1 when some image file could not be read (the others are drawn).
+
+  Raises:
+    CheckpointError: the workdir has no usable config or checkpoint.
+    ValueError: no such layer, head or query.
+  """
+  trained = checkpointing.load(workdir)
+  config = trained.config
+  spec = datasets.get(config.dataset)
+  failed = 0
+  if paths:
+    decoded = []
+    for path in paths:
+      try:
+        decoded.append(images.read(path, spec, config.image_size))
+      except images.ImageError as error:
+        cli.error(f'{path}: {error}')
+        failed += 1
+    if not decoded:
+      return 1
+    batch = np.stack(decoded)
+  else:
+    builder = input_pipeline.get_builder(
+      spec, data_dir or config.data_dir, image_size=config.image_size
+    )
+    batch, _ = input_pipeline.eval_images(
+      builder, spec=spec, image_size=config.image_size, count=count
+    )
+  save_attention_map(
+    output,
+    trained.model,
+    trained.variables,
+    batch,
+    spec=spec,
+    layers=layers,
+    query=query,
+    head=head,
+  )
+  print(f'wrote {output} ({len(batch)} images)')
+  return 1 if failed else 0
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv: Sequence[str]) -> int:
+  if not FLAGS.workdir:
+    cli.fail('--workdir is required: the workdir of a training run.')
+  try:
+    query = tuple(int(v) for v in FLAGS.query) if FLAGS.query else None
+    return run(
+      FLAGS.workdir,
+      FLAGS.output,
+      argv[1:],
+      layers=FLAGS.layers,
+      query=query,
+      head=FLAGS.head,
+      count=FLAGS.count,
+      data_dir=FLAGS.data_dir,
+    )
+  except ValueError as error:
+    cli.fail(str(error))
+
+
+if __name__ == '__main__':
+  # Flags exist only when the module runs as a program: importing it defines none.
+  flags.DEFINE_string('workdir', None, 'Training workdir (config.json, checkpoints).')
+  flags.DEFINE_string('output', 'attention_map.png', 'PNG to write.')
+  flags.DEFINE_list('layers', ['0', '-1'], 'GSA layers: indices in call order (-1: last) or paths.')
+  flags.DEFINE_list('query', [], 'Query pixel "x,y" in each layer; default: the center.')
+  flags.DEFINE_integer('head', None, 'One head; default: the mean over heads.')
+  flags.DEFINE_integer('count', 3, 'Eval images to draw when no IMAGE is given.')
+  flags.DEFINE_string('data_dir', None, "TFDS data dir of the eval images; default: the run's.")
+  cli.run(main)

@@ -1,0 +1,114 @@
+"""What the tests share: the tiny digits run (in-process or as a command) and mocked TFDS data.
+
+Nothing is downloaded: digits is built from scikit-learn, and cifar100/imagenet2012 go
+through the real loading code on ``tfds.testing.mock_data``, whose USE_FILES policy needs
+the datasets' metadata in a data dir; :func:`write_mock_metadata` writes it from the
+builders that ship with TFDS, with split sizes that match the number of mocked examples.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from configs import default
+from gsa_flax import datasets
+
+REPO = Path(__file__).resolve().parents[1]
+# A multiple of 8, so the stored digits are the source pixels replicated 2x2.
+DIGITS_IMAGE_SIZE = 16
+DIGITS_TEST_EXAMPLES = 360
+MOCK_EXAMPLES = 12
+
+# The fields tests change from configs/default.py (dotted names for nested fields).
+TINY = {
+  'image_size': DIGITS_IMAGE_SIZE,
+  'stage_sizes': (1, 1),  # Two stages: the whole model is exercised, compiles fast.
+  'num_filters': 8,
+  'gsa.num_heads': 2,
+  'batch_size': 16,
+  'eval_batch_size': 48,  # Does not divide the 360 test examples: padding is exercised.
+  'num_train_steps': 6,
+  'log_every_steps': 2,
+  'eval_every_steps': 6,
+  'eval_every_epochs': 0.0,
+  'checkpoint_every_steps': 3,
+  'checkpoint_every_epochs': 0.0,
+  'attention_maps': False,  # tests/tools/test_attention_maps.py covers the eval-time images.
+}
+
+
+def tiny_config(data_dir: str, **overrides):
+  """configs/default.py with TINY and ``overrides`` (dotted keys) applied."""
+  config = default.get_config()
+  for key, value in {'data_dir': data_dir, **TINY, **overrides}.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def main_command(
+  data_dir: str, workdir, *, devices: int = 8, script: str = 'main.py', **overrides
+) -> tuple[list[str], dict[str, str]]:
+  """``(argv, env)`` running ``script`` with the config ``tiny_config(data_dir, **overrides)``."""
+  values = {'data_dir': data_dir, **TINY, **overrides}
+  command = [
+    sys.executable,
+    str(REPO / script),
+    f'--config={REPO / "configs" / "default.py"}',
+    f'--workdir={workdir}',
+    *(f'--config.{k}={_flag(v)}' for k, v in values.items()),
+  ]
+  return command, environment(devices)
+
+
+def environment(devices: int = 8) -> dict[str, str]:
+  """The environment of a subprocess: the repository importable, ``devices`` CPU devices."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _flag(value) -> str:
+  if isinstance(value, tuple):
+    return '(' + ','.join(str(v) for v in value) + ',)'
+  return str(value)
+
+
+def write_mock_metadata(root: str, num_examples: int = MOCK_EXAMPLES) -> str:
+  """Real TFDS metadata for cifar100 / imagenet2012 with ``num_examples`` per split."""
+  for name in ['cifar100', 'imagenet2012']:
+    spec = datasets.get(name)
+    builder = tfds.builder(name, data_dir=str(root))
+    builder.info.set_splits(
+      tfds.core.SplitDict(
+        [
+          tfds.core.SplitInfo(
+            name=split,
+            shard_lengths=[num_examples],
+            num_bytes=0,
+            filename_template=tfds.core.ShardedFileTemplate(
+              data_dir=builder.data_path,
+              dataset_name=name,
+              split=split,
+              filetype_suffix='tfrecord',
+            ),
+          )
+          for split in (spec.train_split, spec.eval_split)
+        ]
+      )
+    )
+    builder.data_path.mkdir(parents=True, exist_ok=True)
+    builder.info.write_to_directory(builder.data_path)
+  return str(root)
+
+
+def mock_data(root: str, num_examples: int = MOCK_EXAMPLES):
+  """Context manager: tfds builders of cifar100/imagenet2012 serve random examples."""
+  return tfds.testing.mock_data(
+    num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=root
+  )

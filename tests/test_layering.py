@@ -1,0 +1,53 @@
+"""Imports run one way: the layering contract in pyproject.toml holds, and it can fail."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+LINT_IMPORTS = Path(sys.executable).parent / 'lint-imports'
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [str(LINT_IMPORTS), '--config', str(root / 'pyproject.toml'), '--no-cache'],
+    cwd=root,
+    env={'PYTHONPATH': str(root), 'PATH': str(Path(sys.executable).parent)},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+@pytest.fixture
+def tree(tmp_path):
+  """A copy of the package and the contract, to break on purpose."""
+  shutil.copytree(REPO / 'gsa_flax', tmp_path / 'gsa_flax', ignore=shutil.ignore_patterns('*.pyc'))
+  shutil.copy(REPO / 'pyproject.toml', tmp_path / 'pyproject.toml')
+  return tmp_path
+
+
+def test_the_package_keeps_its_layers(tree):
+  result = _lint(tree)
+  assert result.returncode == 0, result.stdout[-3000:]
+  assert 'Contracts: 1 kept, 0 broken.' in result.stdout
+
+
+@pytest.mark.parametrize(
+  'module,statement',
+  [
+    ('ops.py', 'from gsa_flax.tools import plots'),  # the core imports a tool
+    ('models.py', 'from gsa_flax import train'),  # a layer imports the trainer
+    # A function-local import that would break a circle is still an import.
+    ('checkpointing.py', 'def _late():\n  from gsa_flax import train\n'),
+  ],
+)
+def test_an_import_against_the_layers_fails(tree, module, statement):
+  path = tree / 'gsa_flax' / module
+  path.write_text(path.read_text() + '\n' + statement + '\n')
+  result = _lint(tree)
+  assert result.returncode != 0
+  assert 'BROKEN' in result.stdout and f'gsa_flax.{module[:-3]}' in result.stdout
