@@ -198,6 +198,7 @@ def test_hlo_walk_counts_top_level_buffers_loops_and_async_pairs():
   gather = 4 * 16 * f32 + 8 * 16 * f32  # the start reads the shard, the done writes it all
   copies = 8 * 16 * f32 + 8 * 16 * f32  # HBM -> on-chip (read only), on-chip -> HBM (write)
   assert costs['hbm_bytes'] == fusion + 5 * (body + cond) + gather + copies
+  assert costs['onchip_bytes'] == 2 * 8 * 16 * f32  # the staged buffer, written and read
   # Dots inside fusions count, the loop's five times.
   assert costs['matmul_flops'] == 2 * 4 * 16 * 8 + 5 * (2 * 16 * 16 * 4)
   assert costs['unknown_trip_counts'] == 0
@@ -388,6 +389,7 @@ def _analysis(flops: float, hbm_bytes: float) -> aot.Analysis:
   return aot.Analysis(
     flops=flops,
     hbm_bytes=hbm_bytes,
+    onchip_bytes=0,
     matmul_flops=flops,
     argument_bytes=0,
     output_bytes=0,

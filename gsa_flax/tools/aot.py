@@ -444,7 +444,11 @@ def _library_call(target: str) -> bool:
 
 class _Totals(NamedTuple):
   hbm_bytes: float = 0.0
+  onchip_bytes: float = 0.0
   custom_flops: float = 0.0  # of custom calls priced by the caller
+
+  def plus(self, other: _Totals, times: float = 1.0) -> _Totals:
+    return _Totals(*(a + times * b for a, b in zip(self, other, strict=True)))
 
 
 _NO_TRAFFIC = frozenset(
@@ -490,8 +494,15 @@ _COLLECTIVES = frozenset(
 )
 
 
-def _hbm(shapes: Sequence[ArrayShape]) -> int:
-  return sum(s.nbytes for s in shapes if s.memory_space == 0)
+_HBM, _HOST = 0, 5  # memory spaces; a TPU's VMEM is 1, its scalar memory 2
+
+
+def _moved(shapes: Sequence[ArrayShape]) -> _Totals:
+  """Bytes of ``shapes`` in HBM, and in on-chip memory."""
+  return _Totals(
+    sum(s.nbytes for s in shapes if s.memory_space == _HBM),
+    sum(s.nbytes for s in shapes if s.memory_space not in (_HBM, _HOST)),
+  )
 
 
 def _ints(text: str | None) -> list[int]:
@@ -654,53 +665,50 @@ class _Counter:
     operands = [s for shapes in self.operand_shapes(instruction) for s in shapes]
     if op in _SLICES:  # reads only the slice (the async form's result: (operand), slice, ctx)
       piece = instruction.shape[1 if op.endswith('-start') else 0]
-      read = piece.nbytes if operands and operands[0].memory_space == 0 else 0
-      return _Totals(read + (0 if op.endswith('-start') else _hbm([piece])))
+      read = piece._replace(memory_space=operands[0].memory_space if operands else _HBM)
+      return _moved([read] if op.endswith('-start') else [read, piece])
     if op == 'dynamic-update-slice':  # in place: reads the update, writes its region
-      return _Totals(2 * _hbm(self.operand_shapes(instruction)[1]))
+      update = self.operand_shapes(instruction)[1]
+      region = [u._replace(memory_space=operands[0].memory_space) for u in update]
+      return _moved([*update, *region])
     if op.endswith('-start'):  # async pair: the start reads, the done writes
-      return _Totals(_hbm(operands))
+      return _moved(operands)
     if op.endswith('-done'):
-      return _Totals(_hbm(instruction.shape))
+      return _moved(instruction.shape)
+    results = instruction.shape
     if op == 'custom-call':
       target = instruction.attr(r'custom_call_target="([^"]*)"') or ''
       if target in _NO_OP_CUSTOM_CALLS:
         return _Totals()
       priced = self.custom_call_cost(instruction)
       if priced is not None:
-        return _Totals(priced[0], priced[1])
-      results = instruction.shape
+        return _Totals(hbm_bytes=priced[0], custom_flops=priced[1])
       if _library_call(target):
-        results = results[:1] if len(results) > 1 else results
+        results = results[:1]
       else:
         self.unpriced.append(f'{instruction.name} ({target})')
-      return _Totals(_hbm(operands) + _hbm(results))
-    return _Totals(_hbm(operands) + _hbm(instruction.shape))
+    return _moved([*operands, *results])
 
   def top_level(self, name: str) -> _Totals:
     """Traffic (and custom-call FLOPs) of a computation whose instructions are kernels."""
     if name not in self._top_memo:
       self._top_memo[name] = _Totals()
-      hbm = custom = 0.0
+      total = _Totals()
       for instruction in self.computations.get(name, []):
-        called = instruction.called()
-        if instruction.opcode == 'while':
+        if instruction.opcode not in ('while', 'conditional', 'call'):
+          total = total.plus(self.instruction_traffic(instruction))
+          continue
+        called = [self.top_level(c) for c in instruction.called()]
+        if instruction.opcode == 'while':  # body and condition, trip count times
           n = self.trip_count(instruction)
-          for c in called:
-            sub = self.top_level(c)
-            hbm, custom = hbm + n * sub.hbm_bytes, custom + n * sub.custom_flops
+          for sub in called:
+            total = total.plus(sub, n)
         elif instruction.opcode == 'conditional':
-          branches = [self.top_level(c) for c in called] or [_Totals()]
-          hbm += max(b.hbm_bytes for b in branches)
-          custom += max(b.custom_flops for b in branches)
-        elif instruction.opcode == 'call':
-          for c in called:
-            sub = self.top_level(c)
-            hbm, custom = hbm + sub.hbm_bytes, custom + sub.custom_flops
+          total = total.plus(max(called, key=lambda t: t.hbm_bytes, default=_Totals()))
         else:
-          own = self.instruction_traffic(instruction)
-          hbm, custom = hbm + own.hbm_bytes, custom + own.custom_flops
-      self._top_memo[name] = _Totals(hbm, custom)
+          for sub in called:
+            total = total.plus(sub)
+      self._top_memo[name] = total
     return self._top_memo[name]
 
 
@@ -712,8 +720,10 @@ def hlo_costs(hlo_text: str, custom_call_costs: CustomCallCosts | None = None) -
     custom_call_costs: costs of custom calls (see :data:`CustomCallCosts`).
 
   Returns:
-    ``hbm_bytes`` (operand + result bytes of every top-level instruction, while bodies
-    times their known trip count, the costlier branch of a conditional), ``matmul_flops``
+    ``hbm_bytes`` (operand + result bytes in HBM of every top-level instruction, while
+    bodies times their known trip count, the costlier branch of a conditional),
+    ``onchip_bytes`` (the same for buffers the compiler placed in on-chip memory, a TPU's
+    VMEM: traffic kept out of HBM), ``matmul_flops``
     (2 x output elements x contraction size of every dot and convolution, fusion bodies
     included: elementwise work is not counted), ``custom_call_flops`` (from the costs given),
     ``unpriced_custom_calls`` (custom calls with no cost given: their operands and results
@@ -731,6 +741,7 @@ def hlo_costs(hlo_text: str, custom_call_costs: CustomCallCosts | None = None) -
         collectives[base] = collectives.get(base, 0) + 1
   return {
     'hbm_bytes': top.hbm_bytes,
+    'onchip_bytes': top.onchip_bytes,
     'matmul_flops': counter.computation_flops(entry),
     'custom_call_flops': top.custom_flops,
     'unpriced_custom_calls': tuple(counter.unpriced),
@@ -751,6 +762,8 @@ class Analysis:
       ``CostEstimate``), the dot/convolution count of the HLO elsewhere; plus the FLOPs of
       custom calls priced by the caller.
     hbm_bytes: estimated HBM traffic (see :func:`hlo_costs`).
+    onchip_bytes: operand and result bytes of buffers in on-chip memory (TPU VMEM), not
+      part of ``hbm_bytes``.
     matmul_flops: dot and convolution FLOPs counted from the HLO (every kernel tap, padding
       included).
     argument_bytes, output_bytes, temp_bytes, alias_bytes, code_bytes: XLA's memory plan;
@@ -764,6 +777,7 @@ class Analysis:
 
   flops: float
   hbm_bytes: float
+  onchip_bytes: float
   matmul_flops: float
   argument_bytes: int
   output_bytes: int
@@ -828,6 +842,7 @@ def analyze(
   return Analysis(
     flops=base_flops + costs['custom_call_flops'],
     hbm_bytes=costs['hbm_bytes'],
+    onchip_bytes=costs['onchip_bytes'],
     matmul_flops=costs['matmul_flops'],
     argument_bytes=int(m.argument_size_in_bytes),
     output_bytes=int(m.output_size_in_bytes),
