@@ -133,6 +133,7 @@ class Target:
 
   @property
   def num_chips(self) -> int:
+    """Chips (devices) in the slice."""
     return self.mesh.devices.size
 
   @property
