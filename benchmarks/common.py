@@ -1,20 +1,28 @@
-"""Shared helpers for the benchmark scripts: timing, load, cost analysis, matmul peak.
+"""Shared helpers for the benchmark scripts: timing, load, cost analysis, ceilings, the
+real train step, and a git revision of the package for before/after comparisons.
 
 Benchmarks are not tests: they run by hand (``python -m benchmarks.<name>``) and print
-markdown that goes into ``BENCHMARKS.md``.
+markdown that goes into ``BENCHMARKS.md``. Nothing here imports ``gsa_flax`` at module
+level, so a case process can still choose where the package comes from
+(:func:`import_package_from`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,3 +173,146 @@ def compile_fwd_bwd(module: Any, x: Any) -> tuple[Any, Any]:
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   return step.lower(variables['params'], x).compile(), variables['params']
+
+
+# ----------------------------------------------------------------------------- the train step
+
+
+def imagenet_config(model: str, batch: int, image_size: int, dtype: str = 'float32'):
+  """``configs/imagenet.py`` with ``model``, the global batch, the resolution and dtype set.
+
+  The ``*_tiny`` models (quick runs) get the tiny networks' width, stem and heads.
+  """
+  from configs import imagenet
+
+  config = imagenet.get_config()
+  config.model = model
+  config.batch_size = batch
+  config.image_size = image_size
+  config.dtype = dtype
+  if model.endswith('_tiny'):
+    config.num_filters, config.small_stem, config.gsa.num_heads = 16, True, 4
+  return config
+
+
+@dataclasses.dataclass
+class TrainStep:
+  """A compiled train step with its state and a fixed batch; call it to time one step.
+
+  Attributes:
+    compiled: the compiled ``train.jit_train_step``.
+    state: the current train state (donated to each step and replaced by its result).
+    batch: the fixed global batch, sharded on the mesh's data axis.
+    compile_s: seconds to lower and compile.
+  """
+
+  compiled: Any
+  state: Any
+  batch: dict[str, Any]
+  compile_s: float
+
+  def __call__(self) -> float:
+    """Runs one step (the state advances); returns its wall time in seconds."""
+    import jax
+
+    t0 = time.perf_counter()
+    self.state, metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - t0
+
+
+def compile_train_step(config: Any, num_classes: int, devices: list | None = None) -> TrainStep:
+  """The project's train step exactly as the trainer builds it, on a random fixed batch.
+
+  ``state.setup`` + ``state.create`` (jitted, replicated) + ``train.jit_train_step`` over
+  ``train.make_mesh(devices)``: the batch sharded on the data axis, the state replicated and
+  donated. The batch is ``config.batch_size`` random images (the input pipeline is out of
+  the measurement); the schedule is that of a 10,000-step run.
+
+  Args:
+    config: the experiment (``model``, ``batch_size``, ``image_size``, ``dtype``, ...).
+    num_classes: classifier outputs.
+    devices: the mesh's devices; default every device.
+  """
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from gsa_flax import state as state_lib
+  from gsa_flax import train
+
+  mesh = train.make_mesh(devices)
+  pieces = state_lib.setup(config, num_classes, steps_per_epoch=1000, num_train_steps=10_000)
+  state = jax.jit(
+    functools.partial(state_lib.create, pieces, image_size=config.image_size),
+    out_shardings=NamedSharding(mesh, P()),
+  )(jax.random.key(config.seed))
+  rng = np.random.default_rng(0)
+  size = config.image_size
+  batch = train.to_global(
+    {
+      'image': rng.standard_normal((config.batch_size, size, size, 3), np.float32),
+      'label': rng.integers(0, num_classes, (config.batch_size,), np.int32),
+    },
+    NamedSharding(mesh, P(train.DATA_AXIS)),
+  )
+  step = train.jit_train_step(mesh, pieces.schedule, num_classes, config.label_smoothing)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  return TrainStep(compiled, state, batch, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- a git revision
+
+
+def resolve_rev(rev: str) -> str:
+  """The abbreviated commit hash of a git revision of this repository (a ValueError if none)."""
+  proc = subprocess.run(
+    ['git', 'rev-parse', '--verify', '--short', f'{rev}^{{commit}}'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
+  if proc.returncode != 0:
+    raise ValueError(f'--before={rev!r} is not a commit of this repository (git rev-parse).')
+  return proc.stdout.strip()
+
+
+@contextlib.contextmanager
+def git_worktree(rev: str) -> Iterator[str]:
+  """This repository at ``rev``, checked out into a temporary ``git worktree``.
+
+  Yields the worktree's root. A case process given it imports ``gsa_flax`` from there
+  (:func:`import_package_from`) while the benchmark scripts still come from the current
+  tree. The worktree and its administrative files are removed however the block ends.
+  """
+  root = tempfile.mkdtemp(prefix='gsa-flax-before-')
+  path = os.path.join(root, 'tree')
+  subprocess.run(
+    ['git', 'worktree', 'add', '--detach', '--quiet', path, resolve_rev(rev)],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+  )
+  try:
+    yield path
+  finally:
+    subprocess.run(['git', 'worktree', 'remove', '--force', path], cwd=REPO, capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+    subprocess.run(['git', 'worktree', 'prune'], cwd=REPO, capture_output=True)
+
+
+def import_package_from(root: str) -> None:
+  """Makes ``import gsa_flax`` in this process load the package under ``root``.
+
+  Call before anything imports ``gsa_flax``.
+
+  Raises:
+    RuntimeError: ``gsa_flax`` was already imported from elsewhere.
+  """
+  sys.path.insert(0, root)
+  import gsa_flax
+
+  if not os.path.abspath(gsa_flax.__file__).startswith(os.path.abspath(root) + os.sep):
+    raise RuntimeError(f'gsa_flax was already imported from {gsa_flax.__file__}, not {root}.')

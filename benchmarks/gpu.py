@@ -4,26 +4,28 @@ One script, under 8 minutes on one H100:
 
 1. the accelerator's measured bfloat16 matmul rate (a large ``jnp.dot``) and memory
    bandwidth (a large elementwise pass): the ceilings;
-2. the project's real train step (``gsa_flax.train.train_step``, jitted with donated state
-   as ``train_and_evaluate`` does) of ResNet-50 and GSA-ResNet-50 at 224x224,
-   ``config.dtype='bfloat16'`` (parameters stay float32), batch 128 and 256, on a fixed
-   random batch: compile time, per-step times, images/s and model FLOPs utilisation
-   (the step's model FLOPs from XLA's cost analysis / step time / measured matmul rate);
+2. the project's train step as the trainer runs it (``state.setup`` + ``state.create`` +
+   ``train.jit_train_step`` over a one-device ``train.make_mesh``) of ResNet-50 and
+   GSA-ResNet-50 at 224x224, ``config.dtype='bfloat16'`` (parameters stay float32), batch
+   128 and 256, on a fixed random batch: compile time, per-step times, images/s and model
+   FLOPs utilisation (the step's model FLOPs from XLA's cost analysis, counted with
+   ``config.gsa.order='logits'``, / step time / measured matmul rate);
 3. the GSA module alone (GSA-ResNet-50's first stage: 64 channels, 8 heads, 56x56) forward
    + backward in bfloat16, against its floors: FLOPs / matmul rate and bytes accessed
-   (XLA's estimate) / bandwidth.
+   (XLA's estimate) / bandwidth; once per ``GSA(implementation=...)`` variant (``'xla'``,
+   ``'pallas'``) where the layer has that attribute, else once.
 
 Cases that would overrun ``--budget-s`` are skipped and listed; a case that fails (e.g.
 out of memory) is reported and the rest still run.
 
   python -m benchmarks.gpu                 # on the GPU machine
-  python -m benchmarks.gpu --smoke         # CPU, tiny models and sizes, < 1 minute
+  python -m benchmarks.gpu --smoke         # CPU, tiny models and sizes, ~1 minute
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import statistics
 import time
 import traceback
@@ -32,6 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+
+NUM_CLASSES = 1000
 
 
 def matmul_rate(n: int, dtype, iters: int = 10) -> float:
@@ -52,87 +56,57 @@ def bandwidth(mib: int, iters: int = 10) -> float:
 
 
 def train_case(model_name: str, batch: int, image_size: int, dtype: str, steps: int) -> dict:
-  """Compile and time the project's train step; per-step wall times."""
-  from configs import imagenet
-  from gsa_flax import train
-
-  config = imagenet.get_config()
-  config.model = model_name
-  config.batch_size = batch
-  config.image_size = image_size
-  config.dtype = dtype
-  if model_name.endswith('tiny'):  # the smoke test's small networks
-    config.num_filters, config.small_stem, config.gsa.num_heads = 16, True, 4
-  schedule = train.learning_rate_schedule(config, steps_per_epoch=1000, num_train_steps=10_000)
-  model = train.create_model(config, 1000)
-  tx = train.create_optimizer(config, schedule)
-  state = jax.jit(
-    functools.partial(train.create_train_state, config, model, tx, image_size=image_size)
-  )(jax.random.key(0))
-  data = {
-    'image': jax.random.normal(jax.random.key(1), (batch, image_size, image_size, 3)),
-    'label': jax.random.randint(jax.random.key(2), (batch,), 0, 1000),
-  }
-  step = jax.jit(
-    functools.partial(
-      train.train_step,
-      schedule=schedule,
-      num_classes=1000,
-      label_smoothing=config.label_smoothing,
-    ),
-    donate_argnums=0,
-  )
-  t0 = time.perf_counter()
-  compiled = step.lower(state, data).compile()
-  compile_s = time.perf_counter() - t0
-  flops = model_flops(train.train_step, schedule, config, state, data)
-  times = []
-  for i in range(steps + 2):  # the first two steps warm up (allocation, autotuning)
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, data)
-    jax.block_until_ready((state, metrics))
-    if i >= 2:
-      times.append(time.perf_counter() - t0)
+  """Compile and time the project's train step on one device; per-step wall times."""
+  config = common.imagenet_config(model_name, batch, image_size, dtype)
+  step = common.compile_train_step(config, NUM_CLASSES, jax.devices()[:1])
+  times = [step() for _ in range(steps + 2)][2:]  # two warm-up steps (allocation, autotuning)
   return {
-    'compile_s': compile_s,
+    'compile_s': step.compile_s,
     'step_s': statistics.median(times),
     'step_times_s': times,
-    'flops': flops,
-    'executed_flops': common.xla_flops(compiled),
-    'peak_bytes': common.xla_peak_bytes(compiled),
+    'flops': model_flops(config, step.batch),
+    'executed_flops': common.xla_flops(step.compiled),
+    'peak_bytes': common.xla_peak_bytes(step.compiled),
   }
 
 
-def model_flops(train_step, schedule, config, state, data) -> float:
+def model_flops(config, batch) -> float:
   """The train step's FLOPs in the model's minimal-FLOP order: what MFU counts.
 
-  Where the GSA ops run the values-first order they execute more FLOPs for fewer bytes;
-  that is a schedule, not model work, so MFU counts the logits-first order (XLA's cost
-  analysis of the lowered, uncompiled step; a fresh ``jax.jit`` so the trace is redone).
+  Where ``order='auto'`` runs the values-first order it executes more FLOPs for fewer
+  bytes; that is a schedule, not model work, so MFU counts the same step built with
+  ``config.gsa.order = 'logits'`` (XLA's cost analysis of the lowered step; shapes only,
+  nothing is initialised or compiled).
   """
-  from gsa_flax import ops
+  from gsa_flax import state as state_lib
+  from gsa_flax import train
 
-  original = ops._values_first
-  ops._values_first = lambda q, v, axis: False
-  try:
-    step = jax.jit(
-      functools.partial(
-        train_step,
-        schedule=schedule,
-        num_classes=1000,
-        label_smoothing=config.label_smoothing,
-      )
-    )
-    return common.xla_flops(step.lower(state, data))
-  finally:
-    ops._values_first = original
+  config = config.copy_and_resolve_references()
+  config.gsa.order = 'logits'
+  pieces = state_lib.setup(config, NUM_CLASSES, steps_per_epoch=1000, num_train_steps=10_000)
+  mesh = train.make_mesh(jax.devices()[:1])
+  step = train.jit_train_step(mesh, pieces.schedule, NUM_CLASSES, config.label_smoothing)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+  return common.xla_flops(step.lower(state_lib.abstract(pieces, config.image_size), abstract))
 
 
-def gsa_case(batch: int, size: int, channels: int, heads: int, dtype, iters: int) -> dict:
+def gsa_implementations() -> list[str | None]:
+  """The ``GSA(implementation=...)`` variants to time; ``[None]`` if the layer has no such knob."""
+  from gsa_flax.layers import GSA
+
+  if 'implementation' in {f.name for f in dataclasses.fields(GSA)}:
+    return ['xla', 'pallas']
+  return [None]
+
+
+def gsa_case(
+  batch: int, size: int, channels: int, heads: int, dtype, iters: int, implementation=None
+) -> dict:
   """The GSA module alone, forward + backward (params and input), train-mode BatchNorm."""
   from gsa_flax.layers import GSA
 
-  module = GSA(channels, num_heads=heads, dtype=dtype)
+  kwargs = {} if implementation is None else {'implementation': implementation}
+  module = GSA(channels, num_heads=heads, dtype=dtype, **kwargs)
   x = jax.random.normal(jax.random.key(0), (batch, size, size, channels), dtype)
   compiled, params = common.compile_fwd_bwd(module, x)
   t = common.time_fn(lambda: jax.block_until_ready(compiled(params, x)), warmup=3, iters=iters)
@@ -196,22 +170,30 @@ def main() -> None:
       print(f'<!-- per-step ms: {", ".join(f"{t * 1e3:.1f}" for t in r["step_times_s"])} -->')
 
   b, s, c, h = gsa_shape
-  r = gsa_case(b, s, c, h, jnp.bfloat16, iters=steps)
-  flop_floor = r['flops'] / peak
-  bw_floor = r['bytes_accessed'] / bw
-  io_floor = r['io_bytes'] / bw
   print(f'\nGSA module alone, batch {b}, {s}x{s}, {c} channels, {h} heads, bf16, fwd + bwd:\n')
   print(
-    '| step ms | GFLOP | FLOP floor ms | XLA bytes GB | bandwidth floor ms | I/O floor ms '
-    '| bound | time / max(floors) |'
+    '| implementation | step ms | GFLOP | FLOP floor ms | XLA bytes GB | bandwidth floor ms '
+    '| I/O floor ms | bound | time / max(floors) |'
   )
-  print('|---:|---:|---:|---:|---:|---:|---|---:|')
-  bound = 'memory' if bw_floor > flop_floor else 'arithmetic'
-  print(
-    f'| {r["step_s"] * 1e3:.2f} | {r["flops"] / 1e9:.1f} | {flop_floor * 1e3:.2f} '
-    f'| {r["bytes_accessed"] / 1e9:.2f} | {bw_floor * 1e3:.2f} | {io_floor * 1e3:.2f} | {bound} '
-    f'| {r["step_s"] / max(flop_floor, bw_floor):.1f}x |'
-  )
+  print('|---|---:|---:|---:|---:|---:|---:|---|---:|')
+  for impl in gsa_implementations():
+    label = 'default' if impl is None else impl
+    try:
+      r = gsa_case(b, s, c, h, jnp.bfloat16, iters=steps, implementation=impl)
+    except Exception as e:  # noqa: BLE001 - report (e.g. no kernel for this backend) and go on
+      print(f'| {label} | failed: {type(e).__name__}: {str(e)[:120]} | | | | | | | |')
+      traceback.print_exc(limit=1)
+      continue
+    flop_floor = r['flops'] / peak
+    bw_floor = r['bytes_accessed'] / bw
+    io_floor = r['io_bytes'] / bw
+    bound = 'memory' if bw_floor > flop_floor else 'arithmetic'
+    print(
+      f'| {label} | {r["step_s"] * 1e3:.2f} | {r["flops"] / 1e9:.1f} | {flop_floor * 1e3:.2f} '
+      f'| {r["bytes_accessed"] / 1e9:.2f} | {bw_floor * 1e3:.2f} | {io_floor * 1e3:.2f} '
+      f'| {bound} | {r["step_s"] / max(flop_floor, bw_floor):.1f}x |',
+      flush=True,
+    )
   if skipped:
     print(f'\nskipped (time budget {args.budget_s:.0f} s): {"; ".join(skipped)}')
   print(f'\n# total {time.perf_counter() - start:.0f} s')

@@ -7,8 +7,10 @@ plan exceeds ``--mem-budget-gib`` is reported as out of memory without being run
 attention materialises ``heads x N x N`` weights; GSA never does). The growth exponent is
 fitted on log(time or memory) against log(pixels) over the sizes >= ``--fit-from``.
 
-  /work/venv/bin/python -m benchmarks.scaling                  # ~3 min, writes the plot
-  /work/venv/bin/python -m benchmarks.scaling --batch 8 --sizes 16 32 64 128
+  python -m benchmarks.scaling                  # ~6 min; writes the JSON and the plot
+  python -m benchmarks.scaling --replot         # table and plot again from the saved JSON
+  python -m benchmarks.scaling --batch 8 --sizes 16 32 64 128
+  python -m benchmarks.scaling --smoke          # 16 and 24 only; writes nothing under docs/
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 
 from benchmarks import common
 
@@ -97,10 +100,17 @@ def main() -> None:
   parser.add_argument(
     '--replot', action='store_true', help='redraw the table and plot from --json, no runs'
   )
+  parser.add_argument(
+    '--smoke', action='store_true', help='sizes 16 and 24, one step; JSON and plot to a temp dir'
+  )
   parser.add_argument('--case', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.case:
     return run_case(args)
+  if args.smoke:
+    out = tempfile.mkdtemp(prefix='scaling-smoke-')
+    args.sizes, args.iters, args.fit_from = [16, 24], 1, 16
+    args.json, args.plot = os.path.join(out, 'scaling.json'), os.path.join(out, 'scaling.png')
   if args.replot:
     with open(args.json) as f:
       saved = json.load(f)
@@ -230,7 +240,10 @@ def plot(args, results) -> None:
   fig.tight_layout()
   os.makedirs(os.path.dirname(args.plot), exist_ok=True)
   fig.savefig(args.plot, dpi=110)
-  print(f'\nplot: {os.path.relpath(args.plot, common.REPO)}')
+  shown = (
+    os.path.relpath(args.plot, common.REPO) if args.plot.startswith(common.REPO) else args.plot
+  )
+  print(f'\nplot: {shown}')
 
 
 if __name__ == '__main__':
