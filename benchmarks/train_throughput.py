@@ -1,20 +1,22 @@
 """Training throughput: GSA-ResNet-50 vs ResNet-50 train steps, and the input pipeline alone.
 
-Train step: the project's own ``gsa_flax.train.train_step`` (SGD + momentum, label smoothing,
-metrics) jitted with donated state as ``train_and_evaluate`` does, on a fixed random batch
-(so the data pipeline is out of the measurement), ImageNet config at ``--image-size``, float32.
-Both models are compiled in one fresh process per repetition and their steps alternate
-(A, B, B, A, ...), so that load from other processes hits both alike; the ratio is taken
-per adjacent pair of steps. FLOPs from XLA's cost
-analysis of the compiled step give the achieved rate against the measured matmul rate.
+Train step: the project's train step as the trainer runs it (``state.setup`` +
+``state.create`` + ``train.jit_train_step`` over a one-device ``train.make_mesh``: SGD +
+momentum, weight decay, label smoothing, metrics, donated state), on a fixed random batch
+(so the data pipeline is out of the measurement), ImageNet config at ``--image-size``,
+float32. Both models are compiled in one fresh process per repetition and their steps
+alternate (A, B, B, A, ...), so that load from other processes hits both alike; the ratio
+is taken per adjacent pair of steps. FLOPs from XLA's cost analysis of the compiled step
+give the achieved rate against the measured matmul rate.
 
 Input pipeline: ``input_pipeline.create_train_iterator`` alone (decode, augment, batch), for
 the embedded digits set at its config size and for a mocked ImageNet
 (``tfds.testing.mock_data``, real metadata, random JPEGs) at 224, in images/s after the
 first batch (which waits for the pipeline to start and the shuffle buffer to fill).
 
-  /work/venv/bin/python -m benchmarks.train_throughput              # ~4 min on 2 cores
-  /work/venv/bin/python -m benchmarks.train_throughput --batch 16 --reps 2
+  python -m benchmarks.train_throughput --reps 3 --json docs/benchmarks/train_throughput.json
+  python -m benchmarks.train_throughput --batch 16 --reps 2
+  python -m benchmarks.train_throughput --smoke    # tiny models at 32, a few batches
 """
 
 from __future__ import annotations
@@ -38,55 +40,18 @@ def _build_step(args: argparse.Namespace, model_name: str, config=None, num_clas
   ``config``: the experiment; default the ImageNet config at ``--batch``/``--image-size``.
   """
   import jax
-  import jax.numpy as jnp
-
-  from configs import imagenet
-  from gsa_flax import train
 
   if config is None:
-    config = imagenet.get_config()
-    config.model = model_name
-    config.batch_size = args.batch
-    config.image_size = args.image_size
-  batch_size, image_size = config.batch_size, config.image_size
-  schedule = train.learning_rate_schedule(config, steps_per_epoch=1000, num_train_steps=10_000)
-  model = train.create_model(config, num_classes)
-  tx = train.create_optimizer(config, schedule)
-  state = train.create_train_state(config, model, tx, jax.random.key(0), image_size)
-  batch = {
-    'image': jax.random.normal(
-      jax.random.key(1), (batch_size, image_size, image_size, 3), jnp.float32
-    ),
-    'label': jax.random.randint(jax.random.key(2), (batch_size,), 0, num_classes),
-  }
-  step = jax.jit(
-    functools.partial(
-      train.train_step,
-      schedule=schedule,
-      num_classes=num_classes,
-      label_smoothing=config.label_smoothing,
-    ),
-    donate_argnums=0,
-  )
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  holder = [state]
-
-  def run() -> float:
-    t0 = time.perf_counter()
-    holder[0], metrics = compiled(holder[0], batch)
-    jax.block_until_ready((holder[0], metrics))
-    return time.perf_counter() - t0
-
+    config = common.imagenet_config(model_name, args.batch, args.image_size, 'float32')
+  step = common.compile_train_step(config, num_classes, jax.devices()[:1])
   info = {
     'model': model_name,
-    'compile_s': compile_s,
-    'flops': common.xla_flops(compiled),
-    'bytes_accessed': common.xla_bytes(compiled),
-    'peak_bytes': common.xla_peak_bytes(compiled),
+    'compile_s': step.compile_s,
+    'flops': common.xla_flops(step.compiled),
+    'bytes_accessed': common.xla_bytes(step.compiled),
+    'peak_bytes': common.xla_peak_bytes(step.compiled),
   }
-  return run, info
+  return step, info
 
 
 def default_case(args: argparse.Namespace) -> dict:
@@ -114,18 +79,19 @@ def paired_case(args: argparse.Namespace) -> dict:
   Load from other processes then hits both models within seconds of each other; the
   ratio is taken per pair and its median reported.
   """
+  models = args.models
   runs, infos = {}, {}
-  for name in MODELS:
+  for name in models:
     runs[name], infos[name] = _build_step(args, name)
     infos[name]['first_s'] = runs[name]()  # warm-up step (allocation), not timed
-  times = {name: [] for name in MODELS}
+  times = {name: [] for name in models}
   loads = []
   for i in range(args.iters):
-    for name in MODELS if i % 2 == 0 else MODELS[::-1]:
+    for name in models if i % 2 == 0 else models[::-1]:
       times[name].append(runs[name]())
     loads.append(common.loadavg())
   results = []
-  for name in MODELS:
+  for name in models:
     t = times[name]
     results.append(
       {
@@ -137,7 +103,7 @@ def paired_case(args: argparse.Namespace) -> dict:
         'load': statistics.median(loads),
       }
     )
-  ratios = [g / r for g, r in zip(times[MODELS[1]], times[MODELS[0]], strict=True)]
+  ratios = [g / r for g, r in zip(times[models[1]], times[models[0]], strict=True)]
   return {'paired': results, 'ratio_median': statistics.median(ratios), 'ratios': ratios}
 
 
@@ -145,11 +111,12 @@ def _write_mock_metadata(root: str, num_examples: int) -> None:
   """Real imagenet2012 metadata with a tiny split, so mock_data(USE_FILES) can serve it."""
   import tensorflow_datasets as tfds
 
-  from gsa_flax import input_pipeline
+  from gsa_flax import datasets
 
-  name = 'imagenet2012'
+  spec = datasets.get('imagenet2012')
+  name = spec.name
   builder = tfds.builder(name, data_dir=root)
-  splits = [input_pipeline.train_split_name(name), input_pipeline.eval_split_name(name)]
+  splits = [spec.train_split, spec.eval_split]
   template = functools.partial(
     tfds.core.ShardedFileTemplate,
     data_dir=builder.data_path,
@@ -203,9 +170,10 @@ def input_case(args: argparse.Namespace, dataset: str) -> dict:
   import tensorflow_datasets as tfds
 
   from configs import default
-  from gsa_flax import input_pipeline
+  from gsa_flax import datasets, input_pipeline
 
   name = dataset.split('-')[0]
+  spec = datasets.get(name)
   with tempfile.TemporaryDirectory() as root:
     if name == 'digits':
       image_size = default.get_config().image_size
@@ -235,10 +203,10 @@ def input_case(args: argparse.Namespace, dataset: str) -> dict:
       )
       data_dir = None
     with mock:
-      builder = input_pipeline.get_builder(name, data_dir, image_size=image_size)
+      builder = input_pipeline.get_builder(spec, data_dir, image_size=image_size)
       it = input_pipeline.create_train_iterator(
         builder,
-        dataset=name,
+        spec=spec,
         global_batch_size=args.batch,
         image_size=image_size,
         seed=0,
@@ -272,8 +240,22 @@ def main() -> None:
   parser.add_argument('--mock-examples', type=int, default=512)
   parser.add_argument('--skip-train', action='store_true')
   parser.add_argument('--json', help='also write the raw results to this file')
+  parser.add_argument(
+    '--smoke',
+    action='store_true',
+    help='resnet_tiny vs gsa_resnet_tiny at 32, batch 4, 2 steps; 3 input batches',
+  )
+  parser.add_argument('--models', nargs=2, default=list(MODELS), help=argparse.SUPPRESS)
   parser.add_argument('--case', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.smoke:
+    args.models, args.batch, args.image_size, args.iters = (
+      ['resnet_tiny', 'gsa_resnet_tiny'],
+      4,
+      32,
+      2,
+    )
+    args.input_batches, args.mock_examples, args.reps = 3, 64, 1
   if args.case:
     kind, name = args.case.split(',')
     cases = {'train': paired_case, 'default': default_case}
@@ -287,6 +269,8 @@ def main() -> None:
     f'--iters={args.iters}',
     f'--input-batches={args.input_batches}',
     f'--mock-examples={args.mock_examples}',
+    '--models',
+    *args.models,
   ]
   print(f'# train throughput; {common.machine()}; load {common.loadavg():.1f}', flush=True)
   rate = common.matmul_peak_flops()
@@ -295,7 +279,7 @@ def main() -> None:
     r = common.run_isolated('benchmarks.train_throughput', ['--case=train,both', *flags])
     print(f'#   rep {rep} {json.dumps(r)}', flush=True)
     if 'error' in r:
-      train_results += [{'model': name, 'error': r['error']} for name in MODELS]
+      train_results += [{'model': name, 'error': r['error']} for name in args.models]
       continue
     train_results += r['paired']
     ratios += r['ratios']
@@ -327,7 +311,7 @@ def main() -> None:
 
 
 def report(args, rate, train_results, input_results, ratios, default_step) -> None:
-  """Markdown tables: train steps (with the ratio to ResNet-50) and the pipeline alone."""
+  """Markdown tables: train steps (with the ratio to the first model) and the pipeline alone."""
 
   def med(name, key):
     vals = [r[key] for r in train_results if r['model'] == name and key in r]
@@ -341,11 +325,11 @@ def report(args, rate, train_results, input_results, ratios, default_step) -> No
     )
     print(
       '| model | step s | images/s | compile s | GFLOP/step | GFLOP/s | % of matmul rate '
-      '| XLA plan GiB | step time vs ResNet-50 | load |'
+      f'| XLA plan GiB | step time vs {args.models[0]} | load |'
     )
     print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
-    base = med('resnet50', 'median_s')
-    for name in MODELS:
+    base = med(args.models[0], 'median_s')
+    for name in args.models:
       t = med(name, 'median_s')
       if t is None:
         err = next((r.get('error') for r in train_results if r['model'] == name), '')
@@ -355,12 +339,13 @@ def report(args, rate, train_results, input_results, ratios, default_step) -> No
       print(
         f'| {name} | {t:.2f} | {args.batch / t:.2f} | {med(name, "compile_s"):.0f} '
         f'| {flops / 1e9:.0f} | {flops / t / 1e9:.1f} | {100 * flops / t / rate:.0f}% '
-        f'| {med(name, "peak_bytes") / 2**30:.1f} | {t / base:.2f}x | {med(name, "load"):.1f} |'
+        f'| {med(name, "peak_bytes") / 2**30:.1f} | {f"{t / base:.2f}x" if base else "-"} '
+        f'| {med(name, "load"):.1f} |'
       )
-    slowest_step = max(med(n, 'median_s') or 0 for n in MODELS)
+    slowest_step = max(med(n, 'median_s') or 0 for n in args.models)
     if ratios:
       print(
-        f'\nGSA-ResNet-50 / ResNet-50 step time, per adjacent pair of steps: median '
+        f'\n{args.models[1]} / {args.models[0]} step time, per adjacent pair of steps: median '
         f'{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x over '
         f'{len(ratios)} pairs.'
       )
