@@ -4,13 +4,16 @@ FLOPs come from XLA's own cost analysis of the compiled forward pass (eval mode,
 224x224, float32). XLA counts a multiply-add as 2 FLOPs; the table reports both XLA's
 FLOPs and multiply-adds (= FLOPs / 2), which is the unit papers usually quote as "FLOPs".
 
-The positional attention is counted in its logits-first contraction order, the one with
-the fewest FLOPs (``n * (d + e)`` multiply-adds per pixel, head and axis step) and the one
-a paper counts. Where the values-first order is faster (GSA-ResNet's first stage on CPU,
-see ``gsa_flax.ops._values_first``) it executes more FLOPs for fewer bytes; that is a
-choice of schedule, not of model, and is left out of the model's cost.
+The positional attention is counted in its logits-first contraction order
+(``models.create_model(..., order='logits')``), the one with the fewest FLOPs
+(``n * (d + e)`` multiply-adds per pixel, head and axis step) and the one a paper counts.
+Where the values-first order is faster (``order='auto'`` picks it for GSA-ResNet's first
+stage on CPU; BENCHMARKS.md, "Speed work: contraction order") it executes more FLOPs for
+fewer bytes; that is a choice of schedule, not of model, and is left out of the model's
+cost.
 
-  /work/venv/bin/python -m benchmarks.model_table
+  python -m benchmarks.model_table            # ~1 min
+  python -m benchmarks.model_table --smoke    # depth 50 and its breakdown at 32x32
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import xla_flops
-from gsa_flax import models, ops
+from gsa_flax import models
 
 DEPTHS = (26, 38, 50, 101)
 
@@ -32,7 +35,7 @@ def count_and_flops(name: str, size: int, **kwargs) -> tuple[int, float, int]:
 
   The spatial layers are the residual blocks' 3x3 convolutions (ResNet) or GSA modules.
   """
-  model = models.create_model(name, **kwargs)
+  model = models.create_model(name, order='logits', **kwargs)  # minimal FLOPs (see above)
   x = jnp.zeros((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   leaves = jax.tree_util.tree_leaves_with_path(variables['params'])
@@ -43,22 +46,20 @@ def count_and_flops(name: str, size: int, **kwargs) -> tuple[int, float, int]:
     if 'GSA' in jax.tree_util.keystr(path) or p.shape[:2] == (3, 3)
   )
   fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  original = ops._values_first
-  ops._values_first = lambda q, v, axis: False  # count the minimal-FLOP order (see above)
-  try:
-    compiled = fwd.lower(variables, x).compile()
-  finally:
-    ops._values_first = original
-  return params, xla_flops(compiled), spatial
+  return params, xla_flops(fwd.lower(variables, x).compile()), spatial
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--depths', type=int, nargs='+', default=list(DEPTHS), choices=DEPTHS)
   parser.add_argument('--no-breakdown', action='store_true', help='skip the depth-50 breakdown')
+  parser.add_argument('--smoke', action='store_true', help='depth 50 and its breakdown at 32x32')
   args = parser.parse_args()
+  if args.smoke:
+    args.size, args.depths = 32, [50]
   rows = []
-  for depth in DEPTHS:
+  for depth in args.depths:
     base = count_and_flops(f'resnet{depth}', args.size)
     gsa = count_and_flops(f'gsa_resnet{depth}', args.size)
     rows.append((depth, base, gsa))
@@ -74,9 +75,9 @@ def main() -> None:
       f'| {depth} | {bp:,} | {gp:,} | {gp / bp:.3f} | {bf / 1e9:.2f} ({bf / 2e9:.2f}) '
       f'| {gf / 1e9:.2f} ({gf / 2e9:.2f}) | {gf / bf:.3f} |'
     )
-  if args.no_breakdown:
+  if args.no_breakdown or 50 not in args.depths:
     return
-  (bp, bf, bs), (gp, gf, gs) = rows[DEPTHS.index(50)][1:]
+  (bp, bf, bs), (gp, gf, gs) = rows[args.depths.index(50)][1:]
   print('\nDepth 50, where the parameters and FLOPs go:\n')
   print('| variant | params | of ResNet-50 | GFLOPs | of ResNet-50 |')
   print('|---|---:|---:|---:|---:|')
