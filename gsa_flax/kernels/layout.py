@@ -1,0 +1,197 @@
+"""How the axial kernels see their arrays: line geometry, relative tables, partial results.
+
+Both backends (Mosaic on TPU, Triton on NVIDIA GPUs) compute one axial step as a set of
+independent *lines*: the columns of the image for the column step (attending along the
+height, ``axis=1``) or its rows for the row step (``axis=2``). A line has ``length``
+positions; on the pixels of one image flattened to ``height * width`` rows, position ``i``
+of line ``j`` is row ``j * line_stride + i * pos_stride``, so both steps read the arrays in
+their ``[batch, height, width, channels]`` layout and nothing is transposed in HBM.
+
+Relative embeddings ``rel [L, heads, d]`` enter the kernels as ``rel_t [heads * d, width]``:
+only the ``used`` offsets that can occur on a line of this length (``|offset| < length``)
+are kept, transposed so that channels are rows and offsets are lanes, and zero-padded to
+``width``. Offset ``o`` (key minus query position) is column ``center + o``.
+
+Programs return per-program partial sums (BatchNorm statistics, the content context, the
+embedding gradient) that the wrappers merge with a few small XLA ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HEIGHT_AXIS = 1
+WIDTH_AXIS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class AxialStep:
+  """Static description of one axial step on ``[batch, height, width, heads, .]`` arrays.
+
+  Attributes:
+    axis: ``1`` (column step, along the height) or ``2`` (row step, along the width).
+    height: image height ``H``.
+    width: image width ``W``.
+    heads: number of heads ``n``.
+    key_dim: query channels per pixel, ``heads * d``.
+    value_dim: value channels per pixel, ``heads * e``.
+    rel_length: length ``L`` (odd) of the relative embeddings.
+    softmax: softmax the weights of each query over its neighbourhood.
+  """
+
+  axis: int
+  height: int
+  width: int
+  heads: int
+  key_dim: int
+  value_dim: int
+  rel_length: int
+  softmax: bool = False
+
+  def __post_init__(self):
+    if self.axis not in (HEIGHT_AXIS, WIDTH_AXIS):
+      raise ValueError(f'axis must be {HEIGHT_AXIS} or {WIDTH_AXIS}, got {self.axis}.')
+    if self.rel_length % 2 != 1:
+      raise ValueError(f'relative embeddings need an odd length L, got L={self.rel_length}.')
+    if self.key_dim % self.heads or self.value_dim % self.heads:
+      raise ValueError(
+        f'{self.heads} heads must divide key_dim={self.key_dim} and value_dim={self.value_dim}.'
+      )
+
+  @property
+  def d(self) -> int:
+    return self.key_dim // self.heads
+
+  @property
+  def e(self) -> int:
+    return self.value_dim // self.heads
+
+  @property
+  def length(self) -> int:
+    """Positions per line (the size of the attended axis)."""
+    return self.height if self.axis == HEIGHT_AXIS else self.width
+
+  @property
+  def lines(self) -> int:
+    """Lines per image (the size of the other spatial axis)."""
+    return self.width if self.axis == HEIGHT_AXIS else self.height
+
+  @property
+  def line_stride(self) -> int:
+    return 1 if self.axis == HEIGHT_AXIS else self.width
+
+  @property
+  def pos_stride(self) -> int:
+    return self.width if self.axis == HEIGHT_AXIS else 1
+
+  @property
+  def lo(self) -> int:
+    """First embedding index that can occur on a line (offset ``-(length - 1)`` or lower)."""
+    return max(0, (self.rel_length - 1) // 2 - (self.length - 1))
+
+  @property
+  def used(self) -> int:
+    """Number of embedding entries that can occur on a line (at most ``2 * length - 1``)."""
+    return min(self.rel_length, (self.rel_length - 1) // 2 + self.length) - self.lo
+
+  @property
+  def center(self) -> int:
+    """Column of offset 0 in the cropped table."""
+    return (self.rel_length - 1) // 2 - self.lo
+
+
+def relative_rows(rel: jax.Array, step: AxialStep, width: int, dtype) -> jax.Array:
+  """``rel [L, heads, d]`` as ``[heads * d, width]``: cropped to the used offsets, padded."""
+  used = rel[step.lo : step.lo + step.used].reshape(step.used, step.key_dim)
+  return jnp.pad(used.T.astype(dtype), ((0, 0), (0, width - step.used)))
+
+
+def relative_grad(rows_grad: jax.Array, step: AxialStep, dtype) -> jax.Array:
+  """The gradient of :func:`relative_rows`: ``[heads * d, >= used]`` back to ``[L, heads, d]``."""
+  used = rows_grad[:, : step.used].T.reshape(step.used, step.heads, step.d)
+  after = step.rel_length - step.lo - step.used
+  return jnp.pad(used, ((step.lo, after), (0, 0), (0, 0))).astype(dtype)
+
+
+def head_mask(key_dim: int, value_dim: int, heads: int) -> jax.Array:
+  """``[key_dim, value_dim]`` booleans: query channel and value channel of the same head."""
+  kh = jnp.arange(key_dim) // (key_dim // heads)
+  vh = jnp.arange(value_dim) // (value_dim // heads)
+  return kh[:, None] == vh[None, :]
+
+
+def merge_context(m: jax.Array, s: jax.Array, ctx: jax.Array) -> tuple[jax.Array, ...]:
+  """Merges per-program key-softmax partials into the context of each image.
+
+  Args:
+    m: ``[batch, programs, key_dim]`` running maxima of the keys.
+    s: ``[batch, programs, key_dim]`` sums of ``exp(k - m)``.
+    ctx: ``[batch, programs, key_dim, value_dim]`` sums of ``exp(k - m) v``.
+
+  Returns:
+    ``(m, s, context)`` per image: ``[batch, key_dim]``, ``[batch, key_dim]`` and the
+    normalised ``[batch, key_dim, value_dim]`` context ``softmax_N(K)^T V``.
+  """
+  top = jnp.max(m, axis=1)
+  rescale = jnp.exp(m - top[:, None])
+  total = jnp.sum(s * rescale, axis=1)
+  context = jnp.sum(ctx * rescale[..., None], axis=1) / total[..., None]
+  return top, total, context
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def grid_traffic(jaxpr) -> dict[str, int]:
+  """HBM bytes the Pallas kernels of a jaxpr copy in and out, per backend.
+
+  A custom call's traffic is invisible to XLA's cost analysis, so it is counted from the
+  kernel's grid and block specs: every program instance copies each of its input and
+  output blocks once (a block that several programs read counts once per program).
+  Nested jaxprs (``cond`` branches of :func:`jax.lax.platform_dependent`, ``custom_vjp``
+  rules, loops) are walked.
+
+  Args:
+    jaxpr: a (closed) jaxpr, e.g. from :func:`jax.make_jaxpr`.
+
+  Returns:
+    ``{'mosaic': bytes, 'triton': bytes, 'interpret': bytes}`` over the ``pallas_call``
+    equations for TPU, for NVIDIA GPUs and in interpret mode.
+  """
+  totals = {'mosaic': 0, 'triton': 0, 'interpret': 0}
+
+  def visit(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == 'pallas_call':
+        gm = eqn.params['grid_mapping']
+        programs = 1
+        for size in gm.grid:
+          programs *= int(size)
+        per_program = sum(
+          int(np.prod(bm.block_aval.shape)) * jnp.dtype(bm.block_aval.dtype).itemsize
+          for bm in gm.block_mappings
+        )
+        if eqn.params['interpret']:
+          kind = 'interpret'
+        else:
+          kind = (
+            'triton' if 'triton' in type(eqn.params['compiler_params']).__module__ else 'mosaic'
+          )
+        totals[kind] += programs * per_program
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, tuple | list) else (param,):
+          inner = getattr(sub, 'jaxpr', sub)
+          if hasattr(inner, 'eqns'):
+            visit(inner)
+
+  visit(getattr(jaxpr, 'jaxpr', jaxpr))
+  return totals
