@@ -173,6 +173,11 @@ def main() -> None:
   if args.smoke:
     args.sizes, args.batch, args.iters, args.reps = [16], 2, 2, 1
 
+  if args.before:
+    try:
+      before = f'ours@{common.resolve_rev(args.before)}'
+    except ValueError as e:
+      parser.error(str(e))
   impls = list(args.impls)
   missing = peer_missing()
   if missing and any(i in PEER_IMPLS for i in impls):
@@ -195,10 +200,6 @@ def main() -> None:
   src = {}  # impl -> the package root its case processes import
   with contextlib.ExitStack() as stack:
     if args.before:
-      try:
-        before = f'ours@{common.resolve_rev(args.before)}'
-      except ValueError as e:
-        parser.error(str(e))
       src[before] = stack.enter_context(common.git_worktree(args.before))
       impls.insert(1, before)
       print(f'# {before}: the package at git revision {args.before}', flush=True)
