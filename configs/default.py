@@ -56,6 +56,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 5e-5  # L2 on kernels and embeddings (not on BatchNorm or biases).
   config.label_smoothing = 0.0  # Label smoothing of the cross-entropy targets.
   config.seed = 0  # Initialisation and data order; the same seed gives the same run.
+  # Exponential moving average of the parameters, ema = decay * ema + (1 - decay) * params
+  # after every step, evaluated and exported in place of the raw parameters; 0 = off.
+  config.ema_decay = 0.0
+
+  # --- Augmentation (gsa_flax/augment.py); the defaults are off -------------------------
+  config.augment = ml_collections.ConfigDict()
+  # RandAugment (Cubuk et al. 2020) after crop and flip: ops per image (n of rand-m9-n2);
+  # 0 = off.
+  config.augment.num_layers = 0
+  config.augment.magnitude = 0.0  # Strength of every op on 0..10 (m of rand-m9-n2).
+  config.augment.magnitude_std = 0.0  # Std of each op's magnitude (timm's mstd); 0 = fixed.
+  config.augment.mixup_alpha = 0.0  # Mixup's Beta(alpha, alpha) (Zhang et al. 2018); 0 = off.
+  config.augment.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha) (Yun et al. 2019); 0 = off.
+  config.augment.prob = 1.0  # Probability that a batch is mixed, when an alpha is > 0.
+  config.augment.switch_prob = 0.5  # Probability of CutMix over Mixup when both are on.
+
+  # --- Transfer ------------------------------------------------------------------------
+  # Start from trained weights instead of a random initialisation: a training workdir (its
+  # newest checkpoint), a checkpoint directory under it, or an exported weights file
+  # (python -m gsa_flax.tools.export); local or gs://. Parameters and BatchNorm statistics
+  # are copied, position tables resized to this image_size, and the classifier
+  # re-initialised if the number of classes differs (gsa_flax/transfer.py). Used only when
+  # the workdir has no checkpoint yet (a resumed run continues from its own). '' = scratch.
+  config.init_from = ''
 
   # --- Bookkeeping -------------------------------------------------------------------
   # Intervals are in steps (<name>_steps) or epochs (<name>_epochs; kept when batch_size

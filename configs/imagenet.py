@@ -1,4 +1,9 @@
-"""GSA-ResNet-50 on ImageNet at 224x224: the 90-epoch SGD recipe, for TPU/GPU.
+"""GSA-ResNet-50 on ImageNet at 224x224: the standard 90-epoch SGD recipe, for TPU/GPU.
+
+The recipe ResNets are usually compared with (Goyal et al. 2017; the paper's setting):
+Inception crop and flips only (no RandAugment, Mixup or CutMix), label smoothing 0.1, no
+weight averaging. ``configs/imagenet_strong.py`` is the longer, strongly augmented recipe;
+``configs/imagenet_finetune_384.py`` fine-tunes a run of either at 384x384.
 
 Prepare the data once (manual download): put ILSVRC2012_img_train.tar and
 ILSVRC2012_img_val.tar in ``$DATA_DIR/downloads/manual`` and run

@@ -51,7 +51,9 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-MAX_MAGNITUDE = 10.0
+from gsa_flax import augment_config
+
+MAX_MAGNITUDE = augment_config.MAX_MAGNITUDE
 # Grey level of the pixels that a geometric op uncovers (the image mean of most datasets is
 # near mid grey, so the fill adds little new contrast).
 FILL_VALUE = 128
@@ -627,10 +629,6 @@ def mix_batch(
 # Configuration.
 
 
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_config(
   *,
   num_layers: int = 0,
@@ -645,7 +643,8 @@ def check_config(
 ) -> None:
   """Raises ``ValueError`` naming the first augmentation setting out of its valid range.
 
-  Cheap and eager: call it at start-up with the config's values, before any data is read.
+  The ranges of :func:`gsa_flax.augment_config.check_config` (which start-up validation
+  runs without TensorFlow), plus the op names.
 
   Args:
     num_layers: RandAugment ops per image; an int >= 0 (0 turns RandAugment off).
@@ -662,41 +661,18 @@ def check_config(
   Raises:
     ValueError: the message names the field, its value and the valid range.
   """
-
-  def require(ok: bool, name: str, value, valid: str) -> None:
-    if not ok:
-      raise ValueError(f'{prefix}{name}={value!r} is invalid: {valid}.')
-
-  require(
-    isinstance(num_layers, int) and not isinstance(num_layers, bool) and num_layers >= 0,
-    'num_layers',
-    num_layers,
-    'an integer >= 0 (0 turns RandAugment off)',
+  augment_config.check_config(
+    num_layers=num_layers,
+    magnitude=magnitude,
+    magnitude_std=magnitude_std,
+    mixup_alpha=mixup_alpha,
+    cutmix_alpha=cutmix_alpha,
+    prob=prob,
+    switch_prob=switch_prob,
+    prefix=prefix,
   )
-  require(
-    _is_number(magnitude) and 0 <= magnitude <= MAX_MAGNITUDE,
-    'magnitude',
-    magnitude,
-    f'a number in 0..{MAX_MAGNITUDE:g}',
-  )
-  require(
-    _is_number(magnitude_std) and 0 <= magnitude_std < math.inf,
-    'magnitude_std',
-    magnitude_std,
-    'a finite number >= 0 (0 keeps the magnitude fixed)',
-  )
-  require(
-    not isinstance(ops, str) and len(ops) > 0 and all(name in _OPS for name in ops),
-    'ops',
-    ops,
-    f'a non-empty sequence of op names from: {", ".join(ALL_OPS)}',
-  )
-  for name, value in (('mixup_alpha', mixup_alpha), ('cutmix_alpha', cutmix_alpha)):
-    require(
-      _is_number(value) and 0 <= value < math.inf,
-      name,
-      value,
-      'a finite number >= 0 (0 turns it off)',
+  if isinstance(ops, str) or len(ops) == 0 or not all(name in _OPS for name in ops):
+    raise ValueError(
+      f'{prefix}ops={ops!r} is invalid: a non-empty sequence of op names from: '
+      f'{", ".join(ALL_OPS)}.'
     )
-  for name, value in (('prob', prob), ('switch_prob', switch_prob)):
-    require(_is_number(value) and 0 <= value <= 1, name, value, 'a probability in 0..1')

@@ -20,6 +20,12 @@ cut to ``steps_per_epoch`` whole batches; the augmentation of an example is draw
 ``create_train_iterator(..., start_step=k)`` yields exactly what a fresh iterator yields
 after ``k`` batches; it skips the records before step ``k`` of its epoch without decoding.
 
+Strong augmentation (:class:`Augment`, off by default) keeps that property: RandAugment
+(:func:`gsa_flax.augment.rand_augment`) is drawn from the example's key, after the crop,
+resize and flip and before normalisation; Mixup/CutMix (:func:`gsa_flax.augment.mix_batch`)
+acts on each batch with a key drawn from ``(seed, process, absolute step)``, a stream apart
+from the examples' keys. With augmentation off, no op of it is in the pipeline.
+
 Evaluation visits every example of the eval split once: the last batches are padded and
 carry ``mask`` 0.0, and every process yields the same number of batches.
 """
@@ -35,6 +41,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from gsa_flax.augment import mix_batch, rand_augment
+from gsa_flax.augment_config import Augment
 from gsa_flax.datasets import DatasetNotFoundError, DatasetSpec
 
 # 'center' evaluation crop: center crop of image_size / (image_size + 32) of the shorter side
@@ -48,6 +56,10 @@ _CROP_MAX_ATTEMPTS = 10
 # 'pad' training crop: zero-pad by 4 pixels per 32 (scaled with image_size), then crop back
 # at a random position.
 _PAD_FRACTION = 4 / 32
+
+# The Mixup/CutMix key stream: folded into (seed, process) where the example keys fold in
+# the epoch, at a value no epoch reaches, so the two streams never share a key.
+_MIX_STREAM = 2**31 - 1
 
 # Encoded records held by the per-epoch shuffle buffer (ImageNet: about 2 GB of JPEG bytes);
 # smaller splits are shuffled whole.
@@ -269,9 +281,19 @@ def _eval_image(encoded: tf.Tensor, spec: DatasetSpec, image_size: int) -> tf.Te
   return preprocess_for_eval(decode(encoded), spec=spec, image_size=image_size)
 
 
-def _train_image(encoded: tf.Tensor, key: tf.Tensor, spec: DatasetSpec, image_size: int):
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """Rounds half up to a grey level and clips to 0..255 (RandAugment's input)."""
+  return tf.cast(tf.clip_by_value(tf.floor(image + 0.5), 0.0, 255.0), tf.uint8)
+
+
+def _train_image(
+  encoded: tf.Tensor, key: tf.Tensor, spec: DatasetSpec, image_size: int, augment: Augment
+):
   """Decodes and augments one training image; all randomness comes from ``key``."""
-  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  # The first two keys of a 3-way split are those of a 2-way split: crops and flips are
+  # the same with RandAugment on or off.
+  keys = tf.random.experimental.stateless_split(key, 3 if augment.rand_augment else 2)
+  crop_key, flip_key = keys[0], keys[1]
   if spec.train_crop == 'inception':
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.image.extract_jpeg_shape(encoded),
@@ -295,6 +317,14 @@ def _train_image(encoded: tf.Tensor, key: tf.Tensor, spec: DatasetSpec, image_si
     image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], seed=crop_key)
   if spec.flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_key)
+  if augment.rand_augment:
+    image = rand_augment(
+      _to_uint8(image),
+      keys[2],
+      num_layers=augment.num_layers,
+      magnitude=augment.magnitude,
+      magnitude_std=augment.magnitude_std,
+    )
   return _normalize(image, spec)
 
 
@@ -329,6 +359,7 @@ def _train_epoch(
   epoch: int,
   first_step: int,
   process: Process,
+  augment: Augment,
 ) -> tf.data.Dataset:
   """Batches ``first_step ..< steps`` of one epoch of this process's train examples."""
   epoch_seed = _epoch_seed(seed, epoch)
@@ -343,19 +374,37 @@ def _train_epoch(
   # the skipped records are never decoded.
   first = first_step * local_batch
   ds = ds.take(steps * local_batch).skip(first).enumerate(start=first)
-  epoch_key = tf.random.experimental.stateless_fold_in(
-    tf.constant([seed % 2**63, process[0]], tf.int64), epoch
-  )
+  run_key = tf.constant([seed % 2**63, process[0]], tf.int64)
+  epoch_key = tf.random.experimental.stateless_fold_in(run_key, epoch)
 
   def prepare(position, example):
     key = tf.random.experimental.stateless_fold_in(epoch_key, position)
     return {
-      'image': _train_image(example['image'], key, spec, image_size),
+      'image': _train_image(example['image'], key, spec, image_size, augment),
       'label': tf.cast(example['label'], tf.int32),
     }
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True)
+  if augment.mix:
+    mix_key = tf.random.experimental.stateless_fold_in(run_key, _MIX_STREAM)
+
+    def mix(step, batch):
+      key = tf.random.experimental.stateless_fold_in(mix_key, step)
+      return mix_batch(
+        batch['image'],
+        batch['label'],
+        key,
+        mixup_alpha=augment.mixup_alpha,
+        cutmix_alpha=augment.cutmix_alpha,
+        prob=augment.prob,
+        switch_prob=augment.switch_prob,
+      )
+
+    # Keyed by the absolute step, so a resumed epoch mixes its batches as a fresh one does.
+    ds = ds.enumerate(start=epoch * steps + first_step).map(
+      mix, num_parallel_calls=tf.data.AUTOTUNE
+    )
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
@@ -368,6 +417,7 @@ def create_train_iterator(
   seed: int,
   start_step: int = 0,
   process: Process | None = None,
+  augment: Augment | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator over augmented, shuffled training batches of this process.
 
@@ -384,11 +434,17 @@ def create_train_iterator(
     start_step: number of batches to skip: the iterator yields what a ``start_step=0``
       iterator yields from its ``start_step``-th batch on.
     process: ``(index, count)`` of this process among the JAX processes; default: JAX's.
+    augment: RandAugment and Mixup/CutMix settings (``Augment(**config.augment)``); None
+      or ``Augment()`` is off, and the batches are then exactly those of a pipeline
+      without them.
 
   Returns:
     An iterator of ``{'image': float32 [local_batch, image_size, image_size, 3]
     (normalized), 'label': int32 [local_batch]}``, ``local_batch = global_batch_size //
-    jax.process_count()``.
+    jax.process_count()``. With Mixup or CutMix on, batches also carry ``'mix_label':
+    int32 [local_batch]`` and ``'mix_weight': float32 [local_batch]``: the target is
+    ``mix_weight * onehot(label) + (1 - mix_weight) * onehot(mix_label)``
+    (:func:`gsa_flax.augment.mix_batch`).
 
   Raises:
     ValueError: bad ``batch_size``, negative ``start_step``, or a split with fewer examples
@@ -407,6 +463,7 @@ def create_train_iterator(
     )
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
+  augment = Augment() if augment is None else augment
 
   def batches() -> Iterator[dict[str, np.ndarray]]:
     epoch, first_step = divmod(start_step, steps)
@@ -422,6 +479,7 @@ def create_train_iterator(
         epoch=epoch,
         first_step=first_step,
         process=process,
+        augment=augment,
       ).as_numpy_iterator()
       epoch, first_step = epoch + 1, 0
 

@@ -9,14 +9,18 @@ and keys are fresh random draws; the expected values come from the documented ra
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import environment
 from PIL import Image, ImageEnhance, ImageOps
 from scipy import stats
 
-from gsa_flax import augment
+from configs import default, imagenet, imagenet_strong
+from gsa_flax import augment, augment_config
 
 FILL = 128  # The documented fill of the geometric ops.
 SIZES = [(16, 16), (32, 32), (20, 36)]
@@ -573,3 +577,39 @@ def test_check_config_names_the_bad_field(field, value):
         np.zeros(2, np.int64),
         **{'num_layers': 1, 'magnitude': 5.0, field: value},
       )
+
+
+def test_augment_settings_are_checked_without_tensorflow():
+  """Start-up validation checks config.augment before TensorFlow is imported."""
+  program = (
+    'import sys\n'
+    'from gsa_flax import augment_config\n'
+    'augment_config.check_config(num_layers=2, magnitude=9.0, mixup_alpha=0.2)\n'
+    "assert 'tensorflow' not in sys.modules, 'augment_config imported TensorFlow'\n"
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', program], env=environment(devices=1), capture_output=True, text=True
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+  'field, value', [('num_layers', -1), ('magnitude', 12.0), ('prob', 2.0), ('cutmix_alpha', -1.0)]
+)
+def test_augment_dataclass_names_the_bad_field(field, value):
+  with pytest.raises(ValueError, match=rf'^{field}={value!r} is invalid'):
+    augment_config.Augment(**{field: value})
+  with pytest.raises(ValueError, match=rf'^config\.augment\.{field}='):
+    augment_config.check_config(**{field: value}, prefix='config.augment.')
+
+
+@pytest.mark.parametrize(
+  'module, rand_augment, mix',
+  [(default, False, False), (imagenet, False, False), (imagenet_strong, True, True)],
+)
+def test_configs_build_their_augmentation(module, rand_augment, mix):
+  settings = augment_config.Augment(**module.get_config().augment)
+  assert settings.rand_augment == rand_augment and settings.mix == mix
+  if module is imagenet_strong:  # rand-m9-n2, Mixup 0.2, CutMix 1.0
+    assert (settings.num_layers, settings.magnitude) == (2, 9.0)
+    assert (settings.mixup_alpha, settings.cutmix_alpha) == (0.2, 1.0)

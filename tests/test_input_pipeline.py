@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from helpers import DIGITS_IMAGE_SIZE as IMAGE_SIZE
 from helpers import MOCK_EXAMPLES, environment, mock_data
 
-from gsa_flax import datasets, input_pipeline
+from gsa_flax import augment, datasets, input_pipeline
 
 DIGITS = datasets.get('digits')
 # Decode and normalise only (no crop, no flip): training examples can be identified.
@@ -326,3 +326,131 @@ def test_empty_data_dir_means_the_tfds_default(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().splitlines()[-1].startswith(str(default_dir))
   assert not (tmp_path / 'digits').exists()
+
+
+# Strong augmentation: RandAugment per example, Mixup/CutMix per batch.
+
+# Process 1 of 8 (its own key stream; 1437 // 8 = 179 examples) at a local batch of 32:
+# 5 steps per epoch, so a few batches cross an epoch boundary, and few images to augment.
+PROCESS = (1, 8)
+AUGMENT_BATCH = 256
+LOCAL_BATCH = AUGMENT_BATCH // PROCESS[1]
+RAND_AUGMENT = input_pipeline.Augment(num_layers=2, magnitude=9.0, magnitude_std=0.5)
+MIX = input_pipeline.Augment(mixup_alpha=0.2, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
+BOTH = dataclasses.replace(RAND_AUGMENT, mixup_alpha=0.2, cutmix_alpha=1.0, prob=0.8)
+
+
+def _batches(builder, count, *, spec=DIGITS, seed=5, start_step=0, augment=None):
+  iterator = input_pipeline.create_train_iterator(
+    builder,
+    spec=spec,
+    global_batch_size=AUGMENT_BATCH,
+    image_size=IMAGE_SIZE,
+    seed=seed,
+    start_step=start_step,
+    process=PROCESS,
+    augment=augment,
+  )
+  return list(itertools.islice(iterator, count))
+
+
+def _example_keys(seed: int, epoch: int, positions) -> list[tf.Tensor]:
+  """The documented key of each example: (seed, process index) folded with the epoch (an
+  int32 scalar), then with the position in the epoch (int64, as tf.data counts)."""
+  run_key = tf.constant([seed, PROCESS[0]], tf.int64)
+  epoch_key = tf.random.experimental.stateless_fold_in(run_key, epoch)
+  return [
+    tf.random.experimental.stateless_fold_in(epoch_key, tf.constant(p, tf.int64)) for p in positions
+  ]
+
+
+def _padded_crops(builder, seed: int, keys) -> np.ndarray:
+  """digits' 'pad' crop by hand: the raw examples in the epoch's order (from the
+  unaugmented pipeline, same seed), zero-padded by 2 and cropped back with each key's
+  first 2-way split key. Returns the crops (float32 on 0..255, [batch, 16, 16, 3]) and
+  their labels."""
+  (plain,) = _batches(builder, 1, spec=UNAUGMENTED, seed=seed)
+  raw = _unnormalize(plain['image'], UNAUGMENTED).astype(np.float32)
+  crops = []
+  for image, key in zip(raw, keys, strict=True):
+    crop_key = tf.random.experimental.stateless_split(key, 2)[0]
+    padded = tf.pad(image, [[2, 2], [2, 2], [0, 0]])  # round(4 / 32 * 16) = 2
+    crops.append(tf.image.stateless_random_crop(padded, image.shape, seed=crop_key).numpy())
+  return np.stack(crops), plain['label']
+
+
+def _normalized(images: np.ndarray) -> np.ndarray:
+  mean = np.array(DIGITS.mean_rgb, np.float32)
+  std = np.array(DIGITS.stddev_rgb, np.float32)
+  return (images.astype(np.float32) - mean) / std
+
+
+def test_augmentation_off_leaves_the_batches_as_they_were(builder):
+  keys = _example_keys(5, 0, range(LOCAL_BATCH))
+  crops, labels = _padded_crops(builder, 5, keys)
+  for off in (None, input_pipeline.Augment()):
+    (batch,) = _batches(builder, 1, augment=off)
+    assert set(batch) == {'image', 'label'}
+    np.testing.assert_array_equal(batch['label'], labels)
+    np.testing.assert_array_equal(batch['image'], _normalized(crops))
+
+
+def test_rand_augment_follows_the_crop_with_the_third_key(builder):
+  keys = _example_keys(5, 0, range(LOCAL_BATCH))
+  crops, labels = _padded_crops(builder, 5, keys)
+  (batch,) = _batches(builder, 1, augment=RAND_AUGMENT)
+  assert set(batch) == {'image', 'label'}
+  assert batch['image'].shape == (LOCAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert batch['image'].dtype == np.float32
+  np.testing.assert_array_equal(batch['label'], labels)
+  want = []
+  for crop, key in zip(crops, keys, strict=True):
+    grey_levels = np.clip(np.floor(crop + 0.5), 0, 255).astype(np.uint8)
+    ra_key = tf.random.experimental.stateless_split(key, 3)[2]
+    want.append(
+      augment.rand_augment(grey_levels, ra_key, num_layers=2, magnitude=9.0, magnitude_std=0.5)
+    )
+  np.testing.assert_array_equal(batch['image'], _normalized(np.stack(want)))
+  # Most images are changed (2 ops of 15, most of which change a digit at magnitude ~9).
+  changed = (batch['image'] != _normalized(crops)).any(axis=(1, 2, 3))
+  assert changed.mean() > 0.5
+
+
+def test_mixing_is_keyed_by_the_absolute_step(builder):
+  plain = _batches(builder, 7)  # crosses into epoch 1 at step 5
+  mixed = _batches(builder, 7, augment=MIX)
+  run_key = tf.constant([5, PROCESS[0]], tf.int64)
+  base = tf.random.experimental.stateless_fold_in(run_key, 2**31 - 1)
+  weights = set()
+  for step, (before, after) in enumerate(zip(plain, mixed, strict=True)):
+    assert set(after) == {'image', 'label', 'mix_label', 'mix_weight'}
+    assert after['mix_label'].dtype == np.int32 and after['mix_weight'].dtype == np.float32
+    np.testing.assert_array_equal(after['label'], before['label'])
+    # prob=1: every batch is mixed with itself reversed.
+    np.testing.assert_array_equal(after['mix_label'], before['label'][::-1])
+    key = tf.random.experimental.stateless_fold_in(base, tf.constant(step, tf.int64))
+    want = augment.mix_batch(
+      before['image'], before['label'], key, mixup_alpha=0.2, cutmix_alpha=1.0, prob=1.0
+    )
+    for name in after:
+      np.testing.assert_array_equal(after[name], want[name].numpy(), err_msg=name)
+    assert len(set(after['mix_weight'].tolist())) == 1
+    weights.add(float(after['mix_weight'][0]))
+  assert len(weights) == 7  # a new lam every step
+
+
+@pytest.fixture(scope='module')
+def augmented(builder):
+  """Seven batches with RandAugment and mixing on, from step 0 (crossing into epoch 1)."""
+  return _batches(builder, 7, augment=BOTH)
+
+
+@pytest.mark.parametrize('start_step', [3, 6])
+def test_augmented_resume_is_exact(builder, augmented, start_step):
+  resumed = _batches(builder, 7 - start_step, augment=BOTH, start_step=start_step)
+  for expected, actual in zip(augmented[start_step:], resumed, strict=True):
+    assert set(actual) == {'image', 'label', 'mix_label', 'mix_weight'}
+    for name in expected:
+      np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+  # prob=0.8 over 7 steps: both mixed and unmixed batches are in the stream.
+  assert {float(batch['mix_weight'][0]) == 1.0 for batch in augmented} == {True, False}
