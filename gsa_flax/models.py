@@ -10,11 +10,15 @@ global attention pays" is a config change.
 
 Parameters are named for what they are: the stem ``conv_init``/``bn_init``, the blocks
 ``BottleneckBlock_<i>`` in order, the classifier ``head`` (see :func:`part_of`).
+:func:`load_pretrained` rebuilds a network from a portable-weights file
+(:mod:`gsa_flax.weights`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -22,7 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 
+from gsa_flax import weights
 from gsa_flax.layers import GSA
 
 ModuleDef = Any
@@ -255,6 +261,28 @@ def downsampling(model: ResNet) -> int:
   return stem * 2 ** (len(model.stage_sizes) - 1)
 
 
+def init_variables(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
+  """``{'params': ..., 'batch_stats': ...}`` of ``model`` initialised at ``image_size``.
+
+  Global position tables get the length of each GSA layer's feature map at this
+  resolution (``docs/method.md``, "Positional attention").
+
+  Args:
+    model: the network.
+    rng: the initialisation key.
+    image_size: height and width of the (square, RGB) images it is initialised for.
+  """
+  return model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+
+
+def abstract_variables(model: ResNet, image_size: int) -> dict[str, Any]:
+  """The shapes and dtypes of :func:`init_variables` (``jax.ShapeDtypeStruct`` leaves).
+
+  Nothing is computed: cheap even for a GSA-ResNet-101 at 384x384.
+  """
+  return jax.eval_shape(lambda rng: init_variables(model, rng, image_size), jax.random.key(0))
+
+
 def build(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
   """The network of an experiment config, every knob of ``config`` applied.
 
@@ -315,3 +343,60 @@ def part_of(model: ResNet, name: str) -> str:
         return f'stage{i + 1}'
       first += count
   raise ValueError(f'parameter {name!r} belongs to no part of {type(model).__name__}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A network from a portable-weights file, ready to apply.
+
+  Attributes:
+    model: the network, built from the file's config by :func:`build`.
+    variables: ``{'params': ..., 'batch_stats': ...}`` (NumPy arrays, as exported).
+    config: the config of the run that trained it.
+    card: the model card (model, dataset, resolution, parameters, accuracy, ...).
+  """
+
+  model: ResNet
+  variables: dict[str, Any]
+  config: ml_collections.ConfigDict
+  card: dict[str, Any]
+
+
+def load_pretrained(path: str | os.PathLike) -> Pretrained:
+  """Rebuilds the network of a portable-weights file (local or ``gs://``).
+
+  ``pretrained.model.apply(pretrained.variables, images, train=False)`` gives the logits the
+  exported network gave, bit for bit on the same machine. For another compute dtype,
+  ``pretrained.model.clone(dtype=jnp.float32)``; for another resolution or number of
+  classes, :func:`gsa_flax.transfer.adapt` the variables to the new network.
+
+  Args:
+    path: a file written by :func:`gsa_flax.weights.export` (``python -m
+      gsa_flax.tools.export``).
+
+  Raises:
+    gsa_flax.weights.WeightsError: the file cannot be read, or its variables do not fit
+      the network its config describes (one line, naming the first mismatching entry).
+  """
+  contents = weights.read(path)
+  config = ml_collections.ConfigDict(contents.config)
+  params = contents.variables['params']
+  if HEAD not in params or 'bias' not in params[HEAD]:
+    raise weights.WeightsError(f'{path} holds no classifier ({HEAD}/bias): not a ResNet family.')
+  try:
+    model = build(config, num_classes=int(params[HEAD]['bias'].shape[0]))
+    want = traverse_util.flatten_dict(abstract_variables(model, config.image_size), sep='/')
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    raise weights.WeightsError(
+      f'{path}: its config does not describe a network of this gsa-flax ({error}).'
+    ) from None
+  got = traverse_util.flatten_dict(contents.variables, sep='/')
+  for name in sorted(want.keys() | got.keys()):
+    if name not in got or name not in want or tuple(want[name].shape) != got[name].shape:
+      shapes = [tuple(t[name].shape) if name in t else 'absent' for t in (got, want)]
+      raise weights.WeightsError(
+        f'{path} does not fit the network its config describes ({config.model} at '
+        f'{config.image_size}x{config.image_size}): {name} is {shapes[0]} in the file, '
+        f'{shapes[1]} in the network.'
+      )
+  return Pretrained(model, contents.variables, config, contents.card)

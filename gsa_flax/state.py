@@ -13,7 +13,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from flax.training import train_state
@@ -106,9 +105,7 @@ def create(pieces: Setup, rng: jax.Array, image_size: int) -> TrainState:
     rng: the initialisation key.
     image_size: the training resolution (global position tables are sized from it).
   """
-  variables = pieces.model.init(
-    rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False
-  )
+  variables = models.init_variables(pieces.model, rng, image_size)
   return TrainState.create(
     apply_fn=pieces.model.apply,
     params=variables['params'],
