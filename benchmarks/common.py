@@ -28,6 +28,12 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def repo_relative(path: str) -> str:
+  """``path`` relative to the repository if it lies inside it (what saved results record)."""
+  path = os.path.abspath(path)
+  return os.path.relpath(path, REPO) if path.startswith(REPO + os.sep) else path
+
+
 def loadavg() -> float:
   """One-minute load average (the machine is shared; we record it with every number)."""
   return os.getloadavg()[0]

@@ -137,7 +137,9 @@ def main() -> None:
   rate = common.matmul_peak_flops()
   bw = common.memory_bandwidth()
   with open(args.json, 'w') as f:
-    json.dump({'args': vars(args), 'matmul_flops': rate, 'bandwidth': bw, 'results': results}, f)
+    saved = {**vars(args), 'plot': common.repo_relative(args.plot)}
+    saved['json'] = common.repo_relative(args.json)
+    json.dump({'args': saved, 'matmul_flops': rate, 'bandwidth': bw, 'results': results}, f)
   print_table(args, results, rate, bw)
   plot(args, results)
 
@@ -240,10 +242,7 @@ def plot(args, results) -> None:
   fig.tight_layout()
   os.makedirs(os.path.dirname(args.plot), exist_ok=True)
   fig.savefig(args.plot, dpi=110)
-  shown = (
-    os.path.relpath(args.plot, common.REPO) if args.plot.startswith(common.REPO) else args.plot
-  )
-  print(f'\nplot: {shown}')
+  print(f'\nplot: {common.repo_relative(args.plot)}')
 
 
 if __name__ == '__main__':
