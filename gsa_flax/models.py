@@ -391,7 +391,8 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
       f'{path}: its config does not describe a network of this gsa-flax ({error}).'
     ) from None
   got = traverse_util.flatten_dict(contents.variables, sep='/')
-  for name in sorted(want.keys() | got.keys()):
+  # Parameters before statistics: the first mismatch named is the telling one.
+  for name in sorted(want.keys() | got.keys(), key=lambda p: (not p.startswith('params/'), p)):
     if name not in got or name not in want or tuple(want[name].shape) != got[name].shape:
       shapes = [tuple(t[name].shape) if name in t else 'absent' for t in (got, want)]
       raise weights.WeightsError(

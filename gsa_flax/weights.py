@@ -261,7 +261,7 @@ def read(path: str | os.PathLike) -> Weights:
   for name, leaf in traverse_util.flatten_dict(variables, sep='/').items():
     if not isinstance(leaf, np.ndarray):
       raise WeightsError(
-        f'{path} is malformed: variables/{name} is a {type(leaf).__name__}, not an array.'
+        f'{path} is malformed: variables/{name} is not an array ({type(leaf).__name__}).'
       )
   for key in ('config', 'card'):
     if not isinstance(contents[key], dict):

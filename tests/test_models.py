@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import imagenet, imagenet_resnet50
-from gsa_flax import models
+from configs import default, imagenet, imagenet_resnet50
+from gsa_flax import models, weights
 
 DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -164,3 +164,58 @@ def test_every_parameter_belongs_to_a_part():
   assert parts.count('stem') == 2 and parts.count('head') == 1
   with pytest.raises(ValueError, match='no part'):
     models.part_of(model, 'Dense_7')
+
+
+def _tiny_config(**overrides):
+  config = default.get_config()
+  config.stage_sizes = (1, 1)
+  config.num_filters = 8
+  config.gsa.num_heads = 2
+  config.gsa.attention_stages = (True, False)  # a tuple in the config, a list in the file
+  config.dtype = 'bfloat16'
+  for name, value in overrides.items():
+    config[name] = value
+  return config
+
+
+def _random(shapes, rng):
+  return jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype), shapes)
+
+
+def test_load_pretrained_rebuilds_the_exported_network(tmp_path):
+  rng = np.random.default_rng()
+  config = _tiny_config()
+  model = models.build(config, num_classes=7)
+  variables = _random(models.abstract_variables(model, config.image_size), rng)
+  card = weights.make_card(config, variables, num_classes=7)
+  path = weights.export(tmp_path / 'w.msgpack', config, variables, card)
+  pretrained = models.load_pretrained(path)
+  assert type(pretrained.model) is models.GSAResNet and pretrained.card == card
+  assert pretrained.model.num_classes == 7 and pretrained.model.dtype == jnp.bfloat16
+  assert tuple(pretrained.model.stage_attention()) == (True, False)
+  assert pretrained.config.to_dict() == {
+    **config.to_dict(),
+    'stage_sizes': [1, 1],
+    'gsa': {**config.gsa.to_dict(), 'attention_stages': [True, False]},
+  }
+  x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_array_equal(
+    np.asarray(pretrained.model.apply(pretrained.variables, x, train=False)),
+    np.asarray(model.apply(variables, x, train=False)),
+  )
+
+
+def test_load_pretrained_refuses_variables_its_config_does_not_describe(tmp_path):
+  config = _tiny_config()
+  variables = _random(
+    models.abstract_variables(models.build(config, 10), 16), np.random.default_rng()
+  )
+  wider = _tiny_config(num_filters=16)  # the file claims another width
+  path = weights.export(tmp_path / 'w.msgpack', wider, variables, {})
+  with pytest.raises(weights.WeightsError) as error:
+    models.load_pretrained(path)
+  message = str(error.value)
+  assert str(path) in message and '\n' not in message
+  assert (
+    'params/BottleneckBlock_0/BatchNorm_0/bias is (8,) in the file, (16,) in the network' in message
+  )
