@@ -1,8 +1,10 @@
 """The GSA module (Shen et al. 2020, Fig. 1) as a Flax linen layer.
 
 The layer owns the parameters (the fused 1x1 query/key/value projection, the relative
-position embeddings, the BatchNorm between the axial steps) and calls the pure ops of
-:mod:`gsa_flax.ops`, where the math lives.
+position embeddings, the BatchNorm between the axial steps and its running statistics)
+and calls the pure ops of :mod:`gsa_flax.ops`, where the math lives; ``implementation``
+chooses between the einsum ops and the fused Pallas kernels, as
+:func:`jax.nn.dot_product_attention` does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from gsa_flax import ops
 POSITIONAL_MODES = ('axial', 'column', 'none')
 POSITION_EMBEDDINGS = ('relative', 'absolute')
 ORDERS = ('auto', 'logits', 'values')
+IMPLEMENTATIONS = ops.IMPLEMENTATIONS
 
 
 def global_rel_length(height: int, width: int) -> int:
@@ -35,6 +38,7 @@ def check_gsa_config(
   rel_length: int | None,
   order: str = 'auto',
   positional_softmax: bool = False,
+  implementation: str | None = None,
 ) -> None:
   """Raises ValueError, naming the knob, when a GSA configuration cannot be built."""
   if features <= 0 or key_features <= 0:
@@ -63,6 +67,17 @@ def check_gsa_config(
       "GSA order='values' never forms the positional weights, so it cannot softmax them; "
       "use order='auto' or 'logits' with positional_softmax=True."
     )
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f'GSA implementation={implementation!r}; valid: None (the best for the platform), '
+      "'xla' (einsum ops) or 'pallas' (Pallas kernels)."
+    )
+  if implementation == 'pallas' and (position_embedding == 'absolute' or positional == 'none'):
+    raise ValueError(
+      "GSA implementation='pallas' has kernels for relative position embeddings only, and "
+      f'none for position_embedding={position_embedding!r} with positional={positional!r}; '
+      "use implementation=None (einsum ops where no kernel applies) or 'xla'."
+    )
 
 
 class GSA(nn.Module):
@@ -86,9 +101,13 @@ class GSA(nn.Module):
       learned embedding per key position along each axis, shared by every query).
     normalize_queries: softmax each query over its channels in the content branch.
     positional_softmax: softmax the positional weights over the neighbourhood.
-    order: contraction order of the positional steps, ``'auto'`` (the cheaper for the
-      shape), ``'logits'`` or ``'values'``; the same result either way (see
-      :func:`gsa_flax.ops.axial_attention`).
+    order: contraction order of the einsum path's positional steps, ``'auto'`` (the
+      cheaper for the shape), ``'logits'`` or ``'values'``; the same result either way
+      (see :func:`gsa_flax.ops.axial_attention`).
+    implementation: ``None`` (the Pallas kernels on TPU and NVIDIA GPUs, the einsum ops
+      elsewhere and for absolute embeddings), ``'xla'`` (einsum ops) or ``'pallas'`` (the
+      kernels; in the Pallas interpreter on other platforms); see :mod:`gsa_flax.ops`.
+      The parameters are the same for all three.
     bn_momentum: momentum of the BatchNorm between the column and row steps.
     dtype: computation dtype (e.g. ``jnp.bfloat16``).
     param_dtype: parameter dtype.
@@ -104,6 +123,7 @@ class GSA(nn.Module):
   normalize_queries: bool = False
   positional_softmax: bool = False
   order: str = 'auto'
+  implementation: str | None = None
   bn_momentum: float = 0.9
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -126,6 +146,7 @@ class GSA(nn.Module):
       self.rel_length,
       self.order,
       self.positional_softmax,
+      self.implementation,
     )
     batch, height, width, _ = x.shape
     heads = self.num_heads
@@ -139,49 +160,95 @@ class GSA(nn.Module):
       param_dtype=self.param_dtype,
       name='qkv',
     )(x)
+    init = nn.initializers.normal(stddev=dk**-0.5)
+    if self.positional == 'axial':
+      col_emb = self._embedding('col', height, width, heads, dk, init)
+      row_emb = self._embedding('row', width, height, heads, dk, init)
+      bn = _BatchNormVariables(self.features, self.bn_momentum, self.param_dtype, name='bn_col')
+      out, mean, var = ops.gsa_attention(
+        qkv,
+        col_emb,
+        row_emb,
+        bn.scale,
+        bn.bias,
+        bn.mean.value,
+        bn.var.value,
+        num_heads=heads,
+        key_features=key_features,
+        train=train,
+        content=self.content,
+        position_embedding=self.position_embedding,
+        normalize_queries=self.normalize_queries,
+        softmax=self.positional_softmax,
+        order=self.order,
+        implementation=self.implementation,
+      )
+      if train:
+        bn.update(mean, var)
+      return out
+
     q, k, v = jnp.split(qkv, [key_features, 2 * key_features], axis=-1)
     q = q.reshape(batch, height, width, heads, dk)
     k = k.reshape(batch, height, width, heads, dk)
     v = v.reshape(batch, height, width, heads, dv)
-
     out = jnp.zeros_like(v)
     if self.content:
       out = out + ops.content_attention(q, k, v, normalize_queries=self.normalize_queries)
-    if self.positional != 'none':
-      out = out + self._positional(q, v, train=train)
+    if self.positional == 'column':
+      out = out + self._column_step(q, v, self._embedding('col', height, width, heads, dk, init))
     return out.reshape(batch, height, width, self.features)
 
-  def _positional(self, q: jax.Array, v: jax.Array, *, train: bool) -> jax.Array:
-    """Column step, BatchNorm, row step; the same queries in both steps."""
-    _, height, width, heads, dk = q.shape
-    init = nn.initializers.normal(stddev=dk**-0.5)
-    y = self._axial_step(q, v, 'col', height, init, axis=ops.HEIGHT_AXIS)
-    if self.positional == 'column':
-      return y
-    y = nn.BatchNorm(
-      use_running_average=not train,
-      momentum=self.bn_momentum,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name='bn_col',
-    )(y.reshape(*y.shape[:3], -1)).reshape(y.shape)
-    return self._axial_step(q, y, 'row', width, init, axis=ops.WIDTH_AXIS)
-
-  def _axial_step(self, q, v, name, length, init, *, axis):
-    _, height, width, heads, dk = q.shape
+  def _embedding(self, name, length, other, heads, dk, init):
+    """The position embeddings of one axial step: ``rel_{name}`` or ``abs_{name}``."""
     if self.position_embedding == 'absolute':
-      emb = self.param(f'abs_{name}', init, (length, heads, dk), self.param_dtype)
-      table = jnp.broadcast_to(emb[None], (length, length, heads, dk))
-      return ops.axial_attention(
-        q, v, table, axis=axis, softmax=self.positional_softmax, order=self.order
-      )
+      return self.param(f'abs_{name}', init, (length, heads, dk), self.param_dtype)
     param_name = f'rel_{name}'
     if self.rel_length is None and self.has_variable('params', param_name):
       # Global length was fixed by the input seen at init; other sizes reuse that table.
-      rel = self.get_variable('params', param_name)
-    else:
-      rel_length = self.rel_length or global_rel_length(height, width)
-      rel = self.param(param_name, init, (rel_length, heads, dk), self.param_dtype)
+      return self.get_variable('params', param_name)
+    rel_length = self.rel_length or global_rel_length(length, other)
+    return self.param(param_name, init, (rel_length, heads, dk), self.param_dtype)
+
+  def _column_step(self, q, v, emb):
+    """The column step alone (``positional='column'``)."""
+    if self.position_embedding == 'absolute':
+      table = jnp.broadcast_to(emb[None], (emb.shape[0], *emb.shape))
+      return ops.axial_attention(
+        q, v, table, axis=ops.HEIGHT_AXIS, softmax=self.positional_softmax, order=self.order
+      )
     return ops.positional_attention(
-      q, v, rel, axis=axis, softmax=self.positional_softmax, order=self.order
+      q,
+      v,
+      emb,
+      axis=ops.HEIGHT_AXIS,
+      softmax=self.positional_softmax,
+      order=self.order,
+      implementation=self.implementation,
     )
+
+
+class _BatchNormVariables(nn.Module):
+  """The variables of ``flax.linen.BatchNorm`` over channels (same names, shapes, inits).
+
+  :func:`gsa_flax.ops.gsa_attention` applies the BatchNorm between the axial steps inside
+  the attention (fused into the kernels); this module holds its scale and bias and keeps
+  the running statistics as ``flax.linen.BatchNorm`` would, so parameters and checkpoints
+  are the same whichever implementation runs.
+  """
+
+  features: int
+  momentum: float
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    shape = (self.features,)
+    self.scale = self.param('scale', nn.initializers.ones, shape, self.param_dtype)
+    self.bias = self.param('bias', nn.initializers.zeros, shape, self.param_dtype)
+    self.mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(shape, jnp.float32))
+    self.var = self.variable('batch_stats', 'var', lambda: jnp.ones(shape, jnp.float32))
+
+  def update(self, mean: jax.Array, var: jax.Array) -> None:
+    """Folds batch statistics into the running averages (not while initialising)."""
+    if not self.is_initializing():
+      self.mean.value = self.momentum * self.mean.value + (1 - self.momentum) * mean
+      self.var.value = self.momentum * self.var.value + (1 - self.momentum) * var

@@ -13,17 +13,61 @@ number of pixels and positional attention is axial (``O(N * (H + W))``).
 Besides the attention itself, this module holds the weights one query pixel gives every
 key (:func:`content_weights`, :func:`positional_weights`), which attention maps draw: the
 same math, read out per query instead of summed against the values.
+
+The einsum functions here are the reference and the CPU path. Like
+:func:`jax.nn.dot_product_attention`, :func:`positional_attention` and
+:func:`gsa_attention` take an ``implementation``: ``None`` picks, for the platform the
+program is compiled for, the fused Pallas kernels of :mod:`gsa_flax.kernels` (Mosaic on
+TPU, Triton on NVIDIA GPUs) or these einsums elsewhere; ``'xla'`` forces the einsums;
+``'pallas'`` forces the kernels (in the Pallas interpreter on other platforms).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+
+from gsa_flax.kernels import gsa as gsa_kernels
+from gsa_flax.kernels import positional as positional_kernels
 
 Array = jax.Array
 
 HEIGHT_AXIS = 1
 WIDTH_AXIS = 2
+IMPLEMENTATIONS = (None, 'xla', 'pallas')
+
+
+def check_implementation(implementation: str | None) -> None:
+  """Raises ValueError unless ``implementation`` is one of :data:`IMPLEMENTATIONS`."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"implementation={implementation!r}; valid: None (the best for the platform), 'xla' "
+      "(einsum ops) or 'pallas' (the Pallas kernels)."
+    )
+
+
+def _dispatch(implementation: str | None, reference: Callable, kernel: Callable, *args):
+  """Runs ``kernel(*args, backend=...)`` or ``reference(*args)`` as ``implementation`` says.
+
+  The choice is made by :func:`jax.lax.platform_dependent` when the program is lowered:
+  an ahead-of-time compile for a TPU takes the Mosaic kernels and one for an NVIDIA GPU
+  the Triton kernels. Other platforms take ``reference`` under ``None`` and the Mosaic
+  kernels in the Pallas interpreter under ``'pallas'``.
+  """
+  if implementation == 'xla':
+    return reference(*args)
+  default = reference
+  if implementation == 'pallas':
+    default = functools.partial(kernel, backend='mosaic', interpret=True)
+  return jax.lax.platform_dependent(
+    *args,
+    tpu=functools.partial(kernel, backend='mosaic'),
+    cuda=functools.partial(kernel, backend='triton'),
+    default=default,
+  )
 
 
 def _at_least_f32(a: Array) -> Array:
@@ -133,10 +177,7 @@ def axial_attention(
   """
   if axis not in (HEIGHT_AXIS, WIDTH_AXIS):
     raise ValueError(f'axis must be {HEIGHT_AXIS} (height) or {WIDTH_AXIS} (width), got {axis}.')
-  if order not in ('auto', 'logits', 'values'):
-    raise ValueError(f"order must be 'auto', 'logits' or 'values', got {order!r}.")
-  if softmax and order == 'values':
-    raise ValueError("order='values' never forms the weights, so it cannot softmax them.")
+  _check_order(order, softmax)
   if order == 'auto':
     order = 'logits' if softmax else ('values' if _values_first(q, v, axis) else 'logits')
   if order == 'values':
@@ -154,6 +195,13 @@ def axial_attention(
     out = _logits_first_columns(q.swapaxes(1, 2), v.swapaxes(1, 2), table, valid, softmax)
     return out.swapaxes(1, 2)
   return _logits_first_columns(q, v, table, valid, softmax)
+
+
+def _check_order(order: str, softmax: bool) -> None:
+  if order not in ('auto', 'logits', 'values'):
+    raise ValueError(f"order must be 'auto', 'logits' or 'values', got {order!r}.")
+  if softmax and order == 'values':
+    raise ValueError("order='values' never forms the weights, so it cannot softmax them.")
 
 
 def _logits_first_columns(
@@ -209,6 +257,7 @@ def positional_attention(
   axis: int,
   softmax: bool = False,
   order: str = 'auto',
+  implementation: str | None = None,
 ) -> Array:
   """One axial step of GSA positional attention with relative position embeddings.
 
@@ -224,14 +273,162 @@ def positional_attention(
     rel: relative embeddings ``[L, heads, d]``, ``L`` odd, ``rel[(L-1)//2]`` = offset 0.
     axis: ``1`` for the column step, ``2`` for the row step.
     softmax: softmax the weights over the neighbourhood (ablation; default off).
-    order: contraction order (``'auto'``, ``'logits'``, ``'values'``); see
-      :func:`axial_attention`.
+    order: contraction order of the einsum path (``'auto'``, ``'logits'``, ``'values'``);
+      see :func:`axial_attention`. The kernels never form the weights in HBM.
+    implementation: ``None``, ``'xla'`` or ``'pallas'`` (module docstring): the kernel is
+      :func:`gsa_flax.kernels.positional.positional_attention`.
 
   Returns:
     ``[batch, height, width, heads, e]``.
   """
-  table, valid = relative_table(rel, q.shape[axis])
-  return axial_attention(q, v, table, valid, axis=axis, softmax=softmax, order=order)
+  check_implementation(implementation)
+  if axis not in (HEIGHT_AXIS, WIDTH_AXIS):
+    raise ValueError(f'axis must be {HEIGHT_AXIS} (height) or {WIDTH_AXIS} (width), got {axis}.')
+  if rel.shape[0] % 2 != 1:
+    raise ValueError(f'relative embeddings need an odd length L, got L={rel.shape[0]}.')
+
+  def reference(q, v, rel):
+    table, valid = relative_table(rel, q.shape[axis])
+    return axial_attention(q, v, table, valid, axis=axis, softmax=softmax, order=order)
+
+  _check_order(order, softmax)
+  kernel = functools.partial(positional_kernels.positional_attention, axis=axis, softmax=softmax)
+  return _dispatch(implementation, reference, kernel, q, v, rel)
+
+
+def gsa_attention(
+  qkv: Array,
+  col_embedding: Array,
+  row_embedding: Array,
+  bn_scale: Array,
+  bn_bias: Array,
+  bn_mean: Array,
+  bn_var: Array,
+  *,
+  num_heads: int,
+  key_features: int,
+  train: bool,
+  bn_epsilon: float = 1e-5,
+  content: bool = True,
+  position_embedding: str = 'relative',
+  normalize_queries: bool = False,
+  softmax: bool = False,
+  order: str = 'auto',
+  implementation: str | None = None,
+) -> tuple[Array, Array, Array]:
+  """The attention of a GSA module with the axial positional branch (method, "The GSA module").
+
+  ``out = content(q, k, v) + row(q, BN(column(q, v)))``: content attention (if
+  ``content``), the column step, a BatchNorm over the channels of its output and the row
+  step, the same queries in both steps. With relative embeddings the kernel path
+  (:func:`gsa_flax.kernels.gsa.gsa_attention`) runs all of it in four Pallas passes;
+  absolute embeddings always take the einsum path (``'pallas'`` refuses them).
+
+  Args:
+    qkv: ``[batch, height, width, 2*key_features + d_out]``, queries, keys and values
+      concatenated along channels (the module's fused projection).
+    col_embedding: relative embeddings ``[L, heads, d]`` of the column step, or absolute
+      ones ``[height, heads, d]`` (one per key row).
+    row_embedding: as ``col_embedding`` for the row step (``[L or width, heads, d]``).
+    bn_scale: BatchNorm scale ``[d_out]``.
+    bn_bias: BatchNorm bias ``[d_out]``.
+    bn_mean: BatchNorm running mean ``[d_out]``, used when not ``train``.
+    bn_var: BatchNorm running variance ``[d_out]``, used when not ``train``.
+    num_heads: heads ``n``; must divide ``key_features`` and ``d_out``.
+    key_features: query/key channels ``d_k``.
+    train: normalise with the batch statistics of the column output (else the running
+      ones), as ``flax.linen.BatchNorm`` does.
+    bn_epsilon: BatchNorm epsilon.
+    content: add the content branch.
+    position_embedding: ``'relative'`` or ``'absolute'``.
+    normalize_queries: see :func:`content_attention`.
+    softmax: softmax the positional weights over each neighbourhood.
+    order: contraction order of the einsum path; see :func:`axial_attention`.
+    implementation: ``None``, ``'xla'`` or ``'pallas'`` (module docstring).
+
+  Returns:
+    ``(out, mean, var)``: ``out [batch, height, width, d_out]`` in the dtype of ``qkv``,
+    and the float32 statistics ``[d_out]`` the BatchNorm used (the batch statistics when
+    ``train``), without gradient: what a layer feeds its running averages.
+  """
+  check_implementation(implementation)
+  _check_order(order, softmax)
+  batch, height, width, channels = qkv.shape
+  values = channels - 2 * key_features
+  if values <= 0 or key_features % num_heads or values % num_heads:
+    raise ValueError(
+      f'qkv has {channels} channels: it must hold 2*key_features={2 * key_features} query '
+      f'and key channels and value channels, both divisible by num_heads={num_heads}.'
+    )
+  if position_embedding not in ('relative', 'absolute'):
+    raise ValueError(f'position_embedding={position_embedding!r}; valid: relative, absolute.')
+  relative = position_embedding == 'relative'
+  if relative and (col_embedding.shape[0] % 2 != 1 or row_embedding.shape[0] % 2 != 1):
+    raise ValueError(
+      'relative embeddings need an odd length L, got '
+      f'L={col_embedding.shape[0]} (column) and L={row_embedding.shape[0]} (row).'
+    )
+  if not relative and implementation == 'pallas':
+    raise ValueError(
+      "implementation='pallas' has no kernel for absolute position embeddings; use "
+      "implementation=None (einsum ops for them) or 'xla'."
+    )
+  dk, dv = key_features // num_heads, values // num_heads
+
+  def reference(qkv, col_embedding, row_embedding, bn_scale, bn_bias, bn_mean, bn_var):
+    q, k, v = jnp.split(qkv, [key_features, 2 * key_features], axis=-1)
+    q = q.reshape(batch, height, width, num_heads, dk)
+    k = k.reshape(batch, height, width, num_heads, dk)
+    v = v.reshape(batch, height, width, num_heads, dv)
+
+    def step(values, embedding, axis):
+      if relative:
+        return positional_attention(
+          q, values, embedding, axis=axis, softmax=softmax, order=order, implementation='xla'
+        )
+      size = embedding.shape[0]
+      table = jnp.broadcast_to(embedding[None], (size, *embedding.shape))
+      return axial_attention(q, values, table, axis=axis, softmax=softmax, order=order)
+
+    # The content branch is traced first: in the other order the XLA GPU compiler (jaxlib
+    # 0.10.2) lays out the gradient of qkv channel-major and fails to tile the projection's
+    # backward GEMM for the H100.
+    out = jnp.zeros_like(v)
+    if content:
+      out = out + content_attention(q, k, v, normalize_queries=normalize_queries)
+    y = step(v, col_embedding, HEIGHT_AXIS).reshape(batch, height, width, values)
+    if train:
+      y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
+      mean = jnp.mean(y32, axis=(0, 1, 2))
+      var = jnp.maximum(jnp.mean(jnp.square(y32), axis=(0, 1, 2)) - jnp.square(mean), 0.0)
+    else:
+      mean, var = bn_mean.astype(jnp.float32), bn_var.astype(jnp.float32)
+    # As flax.linen.BatchNorm: in (at least) float32, cast back to the computation dtype.
+    normed = (y - mean) * (jax.lax.rsqrt(var + bn_epsilon) * bn_scale) + bn_bias
+    normed = normed.astype(y.dtype).reshape(v.shape)
+    out = out + step(normed, row_embedding, WIDTH_AXIS)
+    out = out.reshape(batch, height, width, values)
+    return out, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+
+  args = (qkv, col_embedding, row_embedding, bn_scale, bn_bias, bn_mean, bn_var)
+  if not relative:
+    return reference(*args)
+
+  def kernel(*args, backend, interpret=False):
+    config = gsa_kernels.Config(
+      num_heads,
+      key_features,
+      train,
+      bn_epsilon,
+      content,
+      normalize_queries,
+      softmax,
+      backend,
+      interpret,
+    )
+    return gsa_kernels.gsa_attention(*args, config)
+
+  return _dispatch(implementation, reference, kernel, *args)
 
 
 # ----------------------------------------------------------------------------- per-query weights

@@ -31,8 +31,23 @@ MIN_DOT = 16  # tensor-core dots need every dimension >= 16
 
 
 def group_size(step: AxialStep) -> int:
-  """Lines per program: the largest divisor of the line count that is at most 8."""
-  return max(g for g in range(1, min(8, step.lines) + 1) if step.lines % g == 0)
+  """Lines per program: the largest divisor of the line count that is at most 16.
+
+  Larger groups read the small shared inputs (embeddings, contexts) and write the
+  per-program partial sums fewer times; 56 lines give 4 programs per image.
+  """
+  return max(g for g in range(1, min(16, step.lines) + 1) if step.lines % g == 0)
+
+
+def _channel_window(channels: int, used: list[tuple[int, int]]) -> tuple[int, int]:
+  """``(first, width)``: the block of channels that covers the ``(offset, width)`` used.
+
+  A program then reads only those channels of the array (the row step reads only the
+  queries of ``qkv``); all channels when the used span is not an aligned block.
+  """
+  lo = min(off for off, _ in used)
+  width = max(off + w for off, w in used) - lo
+  return (lo, width) if lo % width == 0 else (0, channels)
 
 
 def offset_lanes(step: AxialStep) -> int:
@@ -81,14 +96,13 @@ class _Line:
   def at(self, ref, pos, lanes):
     return ref.at[pos, self.j, lanes] if self.step.axis == 1 else ref.at[self.j, pos, lanes]
 
+  def lanes(self, start: int, size: int):
+    """Lanes ``[start, start + size)``, which may run past the block's channels.
 
-def _window(start: int, size: int):
-  """Lanes ``[start, start + size)`` of a block, which may run past its channels.
-
-  The loads and stores that use it are masked to the real channels; a traced start keeps
-  the indexer from rejecting the window for its static bounds.
-  """
-  return pl.ds(pl.multiple_of(jnp.int32(start), 1), size)
+    The loads and stores that use them are masked to the real channels; a start traced
+    from the line index keeps the indexer from rejecting the window for its static bounds.
+    """
+    return pl.ds(self.j * 0 + start, size)
 
 
 def _row(ref, row, width, limit):
@@ -122,15 +136,26 @@ def _head_sum(x, heads, d):
 
 
 def _block_specs(step: AxialStep, g: int, arrays):
-  """BlockSpecs for the ``(array, kind)`` pairs: ``'lines'``, ``'image'``, ``'shared'``."""
+  """BlockSpecs for ``(array, kind)`` pairs.
+
+  Kinds: ``'lines'`` (the program's lines of a ``[batch, height, width, channels]``
+  array, all channels), ``('lines', width, block)`` (the same for channel block
+  ``block`` of ``width`` channels), ``'image'`` (the image's slice of a per-image array),
+  ``'program'`` (the program's slice of a ``[batch, programs, ...]`` partial result) or
+  ``'shared'`` (the whole array, for every program).
+  """
   specs = []
   for array, kind in arrays:
     nd = array.ndim
-    if kind == 'lines':
-      block = (None, step.height, g, array.shape[3])
+    if kind == 'lines' or kind[0] == 'lines':
+      _, width, c = kind if kind != 'lines' else (None, array.shape[3], 0)
+      block = (None, step.height, g, width)
       if step.axis == 2:
-        block = (None, g, step.width, array.shape[3])
-      index = (lambda b, i: (b, 0, i, 0)) if step.axis == 1 else (lambda b, i: (b, i, 0, 0))
+        block = (None, g, step.width, width)
+      if step.axis == 1:
+        index = lambda b, i, c=c: (b, 0, i, c)  # noqa: E731
+      else:
+        index = lambda b, i, c=c: (b, i, 0, c)  # noqa: E731
       specs.append(pl.BlockSpec(block, index))
     elif kind == 'image':
       specs.append(
@@ -244,7 +269,11 @@ def forward(
   cdt = compute_dtype or src.dtype
   out_dtype = (vals if vals is not None else src).dtype
   dkp, dvp = _tile(dk), _tile(dv)
-  inputs = [(src, 'lines'), (rel_t, 'shared')]
+  used = [(q_off, dk)] + ([(k_off, dk)] if k_off is not None else [])
+  used += [(v_off, dv)] if vals is None else []
+  first, block_ch = _channel_window(src.shape[3], used)
+  q_off, k_off, v_off = (None if o is None else o - first for o in (q_off, k_off, v_off))
+  inputs = [(src, ('lines', block_ch, first // block_ch)), (rel_t, 'shared')]
   names = ['src', 'rel_t']
   for name, array, kind in (
     ('vals', vals, 'lines'),
@@ -286,7 +315,7 @@ def forward(
 
     def line_fn(j, carry):
       line = _Line(step, j)
-      v = _load(line.at(r[v_src], pl.ds(0, geo.ap), _window(v_base, dvp)), mask_v)
+      v = _load(line.at(r[v_src], pl.ds(0, geo.ap), line.lanes(v_base, dvp)), mask_v)
       if affine is not None:
         v = jnp.where(mask_v, v * scale + shift, 0.0)
 
@@ -297,7 +326,7 @@ def forward(
 
       out = jax.lax.fori_loop(0, step.heads, head, jnp.zeros((geo.ap, dvp), F32))
       if context is not None:
-        q = _load(line.at(r['src'], pl.ds(0, geo.ap), _window(q_off, dkp)), mask_k)
+        q = _load(line.at(r['src'], pl.ds(0, geo.ap), line.lanes(q_off, dkp)), mask_k)
         if normalize_queries:
           q = _head_softmax(q, step.heads, step.d)
         out = out + _dot(q, ctx_bd, cdt)
@@ -309,7 +338,7 @@ def forward(
         carry['s1'] = carry['s1'] + jnp.sum(rounded, 0, keepdims=True)
         carry['s2'] = carry['s2'] + jnp.sum(rounded * rounded, 0, keepdims=True)
       if k_off is not None:
-        k = _load(line.at(r['src'], pl.ds(0, geo.ap), _window(k_off, dkp)), mask_k)
+        k = _load(line.at(r['src'], pl.ds(0, geo.ap), line.lanes(k_off, dkp)), mask_k)
         k = jnp.where(mask_k, k, NEG)
         top = jnp.maximum(carry['m'], jnp.max(k, axis=0, keepdims=True))
         alpha = jnp.exp(carry['m'] - top)
@@ -379,7 +408,12 @@ def backward(
   cdt = compute_dtype or src.dtype
   vals_dtype = (vals if vals is not None else src).dtype
   dkp, dvp = _tile(dk), _tile(dv)
-  inputs = [(src, 'lines'), (rel_t, 'shared'), (grad, 'lines')]
+  used = [(q_off, dk)] + ([(k_off, dk)] if key_stats is not None else [])
+  used += [(v_off, dv)] if vals is None else []
+  first, block_ch = _channel_window(src_ch, used)
+  # Offsets of the channels read, in the program's channel block of src.
+  rq, rk, rv = (None if o is None else o - first for o in (q_off, k_off, v_off))
+  inputs = [(src, ('lines', block_ch, first // block_ch)), (rel_t, 'shared'), (grad, 'lines')]
   names = ['src', 'rel_t', 'grad']
   for name, array, kind in (
     ('vals', vals, 'lines'),
@@ -432,7 +466,7 @@ def backward(
     if key_stats is not None:
       ks = [_row(r['key_stats'], i, dkp, dk) for i in range(3)]
       dctx_in = _load(r['dcontext'].at[pl.ds(0, dkp), pl.ds(0, dvp)], mask_kv)
-    v_src, v_base = ('vals', 0) if vals is not None else ('src', v_off)
+    v_src, v_base = ('vals', 0) if vals is not None else ('src', rv)
 
     def line_fn(j, carry):
       line = _Line(step, j)
@@ -441,12 +475,12 @@ def backward(
       if grad_affine is not None:
         y = _load(line.at(r['grad_y'], pos, pl.ds(0, dvp)), mask_v)
         gr = jnp.where(mask_v, ga[0] * gr + ga[1] * y + ga[2], 0.0)
-      raw = _load(line.at(r[v_src], pos, _window(v_base, dvp)), mask_v)
+      raw = _load(line.at(r[v_src], pos, line.lanes(v_base, dvp)), mask_v)
       v = jnp.where(mask_v, raw * scale + shift, 0.0) if affine is not None else raw
 
       def head(h, acc):
         dq, dvals, drel = acc
-        logits = _head_logits(r, line, step, geo, q_off, h, relative=step.softmax)
+        logits = _head_logits(r, line, step, geo, rq, h, relative=step.softmax)
         w, top, total = _weights(logits['logits'], geo, step.softmax)
         gh = jnp.where(lane_head == h, gr, 0.0)
         dvals = dvals + _dot(w, gh, cdt, ta=True)
@@ -471,7 +505,7 @@ def backward(
           ch = h * step.d + dd
           rel_row = _row(r['rel_t'], ch, geo.lp, step.used)
           dq = jnp.where(kl == ch, jnp.sum(dw * rel_row, 1, keepdims=True), dq)
-          qc = _qcol(r, line, geo, q_off, ch)
+          qc = _qcol(r, line, geo, rq, ch)
           drel = jnp.where(kr == ch, jnp.sum(dw * qc, 0, keepdims=True), 0.0) + drel
           return dq, drel
 
@@ -482,7 +516,7 @@ def backward(
       dq, dvals, drel = jax.lax.fori_loop(0, step.heads, head, init)
       carry = dict(carry, drel=drel)
       if context is not None or key_stats is not None:
-        q = _load(line.at(r['src'], pos, _window(q_off, dkp)), mask_k)
+        q = _load(line.at(r['src'], pos, line.lanes(rq, dkp)), mask_k)
       if context is not None:
         if normalize_queries:
           q = _head_softmax(q, step.heads, step.d)
@@ -497,7 +531,7 @@ def backward(
         carry['s1'] = carry['s1'] + jnp.sum(dvals, 0, keepdims=True)
         carry['s2'] = carry['s2'] + jnp.sum(dvals * raw, 0, keepdims=True)
       if key_stats is not None:
-        k = _load(line.at(r['src'], pos, _window(k_off, dkp)), mask_k)
+        k = _load(line.at(r['src'], pos, line.lanes(rk, dkp)), mask_k)
         p = jnp.where(mask_k, jnp.exp(k - ks[0]) / ks[1], 0.0)
         dp = _dot(v, dctx_in, cdt, tb=True)
         dkeys = p * (dp - ks[2])
@@ -510,7 +544,9 @@ def backward(
           parts.append((k_off, jnp.zeros_like(dq), mask_k))
         for off, part, mask in parts:
           pltriton.store(
-            line.at(r['dsrc'], pos, _window(off, part.shape[1])), part.astype(src.dtype), mask=mask
+            line.at(r['dsrc'], pos, line.lanes(off, part.shape[1])),
+            part.astype(src.dtype),
+            mask=mask,
           )
       else:
         pltriton.store(line.at(r['dq'], pos, pl.ds(0, dkp)), dq.astype(src.dtype), mask=mask_k)

@@ -133,6 +133,19 @@ def _head_sum(x, heads):
   return total
 
 
+def _stage(r, q_off, v_off, dk, dv):
+  """Queries and values of the image into float32 scratch, where lines are read with
+  strided loads (the values from ``vals``, after ``affine``, or from ``src``)."""
+  r['q_s'][...] = r['src'][:, q_off : q_off + dk].astype(F32)
+  if 'vals' in r:
+    v = r['vals'][...].astype(F32)
+  else:
+    v = r['src'][:, v_off : v_off + dv].astype(F32)
+  if 'affine' in r:
+    v = v * r['affine'][0:1, :] + r['affine'][1:2, :]
+  r['v_s'][...] = v
+
+
 def _spec(block):
   """A whole-image block of a ``[batch, ...]`` array, or a block shared by all programs."""
   if block[0] is None:
@@ -249,31 +262,20 @@ def forward(
     for name, shape in (('m', (1, dk)), ('s', (1, dk)), ('ctx', (dk, dv))):
       outputs.append((jax.ShapeDtypeStruct((batch, *shape), F32), (None, *shape)))
       out_names.append(name)
-  scratch = [jax.ShapeDtypeStruct((rows, src_ch), F32), jax.ShapeDtypeStruct((rows, dv), F32)]
-  scratch_names = ['src_s', 'out_s']
-  if vals is not None:
-    scratch.append(jax.ShapeDtypeStruct((rows, dv), F32))
-    scratch_names.append('vals_s')
+  scratch = [jax.ShapeDtypeStruct((rows, c), F32) for c in (dk, dv, dv)]
+  scratch_names = ['q_s', 'v_s', 'out_s']
 
   def kernel(*refs):
     r = _bound(names + out_names + scratch_names, refs)
-    r['src_s'][...] = r['src'][...].astype(F32)
-    if vals is not None:
-      v_all = r['vals'][...].astype(F32)
-      if affine is not None:
-        v_all = v_all * r['affine'][0:1, :] + r['affine'][1:2, :]
-      r['vals_s'][...] = v_all
-      v_ref, v_lanes = r['vals_s'], slice(0, dv)
-    else:
-      v_ref, v_lanes = r['src_s'], slice(v_off, v_off + dv)
+    _stage(r, q_off, v_off, dk, dv)
     rbd = _block_rel(r['rel_t'][...].astype(F32), step, width).astype(cdt)
     valid = _valid(step, width)
     lane_head = _group((step.length, dv), 1, step.e)
     pad = jnp.zeros((width - step.length, dv), F32)
 
     def line(j, carry):
-      q = r['src_s'][_line_rows(step, j), q_off : q_off + dk]
-      v = v_ref[_line_rows(step, j), v_lanes]
+      q = r['q_s'][_line_rows(step, j), :]
+      v = r['v_s'][_line_rows(step, j), :]
       vpad = jnp.concatenate([v, pad], axis=0)
       logits = _dot(q, rbd, ((1,), (0,)), cdt)
       out = jnp.zeros((step.length, dv), F32)
@@ -286,7 +288,7 @@ def forward(
     jax.lax.fori_loop(0, step.lines, line, 0)
     out = r['out_s'][...]
     if context is not None:
-      q_all = r['src_s'][:, q_off : q_off + dk]
+      q_all = r['q_s'][...]
       if normalize_queries:
         q_all = _head_softmax(q_all, step.heads)
       out = out + _dot(q_all, r['context'][...], ((1,), (0,)), cdt)
@@ -298,10 +300,10 @@ def forward(
         [jnp.sum(rounded, 0, keepdims=True), jnp.sum(rounded * rounded, 0, keepdims=True)], 0
       )
     if k_off is not None:
-      k_all = r['src_s'][:, k_off : k_off + dk]
+      k_all = r['src'][:, k_off : k_off + dk].astype(F32)
       top = jnp.max(k_all, axis=0, keepdims=True)
       p = jnp.exp(k_all - top)
-      v_all = v_ref[:, v_lanes]
+      v_all = r['v_s'][...]
       r['m'][...] = top
       r['s'][...] = jnp.sum(p, axis=0, keepdims=True)
       r['ctx'][...] = _dot(p, v_all, ((0,), (0,)), cdt)
@@ -401,34 +403,18 @@ def backward(
   if context is not None:
     outputs.append(out((dk, dv), F32))
     out_names.append('dctx')
-  scratch = [
-    jax.ShapeDtypeStruct((rows, src_ch), F32),
-    jax.ShapeDtypeStruct((rows, dv), F32),
-    jax.ShapeDtypeStruct((rows, dk), F32),
-    jax.ShapeDtypeStruct((rows, dv), F32),
-    jax.ShapeDtypeStruct((dk, step.heads * width), F32),
-  ]
-  scratch_names = ['src_s', 'grad_s', 'dq_s', 'dv_s', 'drel_s']
-  if vals is not None:
-    scratch.append(jax.ShapeDtypeStruct((rows, dv), F32))
-    scratch_names.append('vals_s')
+  scratch = [jax.ShapeDtypeStruct((rows, c), F32) for c in (dk, dv, dv, dk, dv)]
+  scratch.append(jax.ShapeDtypeStruct((dk, step.heads * width), F32))
+  scratch_names = ['q_s', 'v_s', 'grad_s', 'dq_s', 'dv_s', 'drel_s']
 
   def kernel(*refs):
     r = _bound(names + out_names + scratch_names, refs)
-    r['src_s'][...] = r['src'][...].astype(F32)
+    _stage(r, q_off, v_off, dk, dv)
     g_all = r['grad'][...].astype(F32)
     if grad_affine is not None:
       ga = r['grad_affine']
       g_all = ga[0:1, :] * g_all + ga[1:2, :] * r['grad_y'][...].astype(F32) + ga[2:3, :]
     r['grad_s'][...] = g_all
-    if vals is not None:
-      v_all = r['vals'][...].astype(F32)
-      if affine is not None:
-        v_all = v_all * r['affine'][0:1, :] + r['affine'][1:2, :]
-      r['vals_s'][...] = v_all
-      v_ref, v_lanes = r['vals_s'], slice(0, dv)
-    else:
-      v_ref, v_lanes = r['src_s'], slice(v_off, v_off + dv)
     r['drel_s'][...] = jnp.zeros(r['drel_s'].shape, F32)
     rbd = _block_rel(r['rel_t'][...].astype(F32), step, width).astype(cdt)
     valid = _valid(step, width)
@@ -440,8 +426,8 @@ def backward(
 
     def line(j, carry):
       rows_j = _line_rows(step, j)
-      q = r['src_s'][rows_j, q_off : q_off + dk]
-      vpad = jnp.concatenate([v_ref[rows_j, v_lanes], pad], axis=0)
+      q = r['q_s'][rows_j, :]
+      vpad = jnp.concatenate([r['v_s'][rows_j, :], pad], axis=0)
       g = r['grad_s'][rows_j, :]
       logits = _dot(q, rbd, ((1,), (0,)), cdt)
       dvpad = jnp.zeros((width, dv), F32)
@@ -474,12 +460,13 @@ def backward(
     dq = r['dq_s'][...]
     dvals = r['dv_s'][...]
     if context is not None:
-      q_all = r['src_s'][:, q_off : q_off + dk]
+      q_all = r['q_s'][...]
       if normalize_queries:
         q_all = _head_softmax(q_all, step.heads)
       g_all = r['grad_s'][...]
       dctx = _dot(q_all, g_all, ((0,), (0,)), cdt)
-      r['dctx'][...] = jnp.where(layout.head_mask(dk, dv, step.heads), dctx, 0.0)
+      same_head = _group((dk, dv), 0, step.d) == _group((dk, dv), 1, step.e)
+      r['dctx'][...] = jnp.where(same_head, dctx, 0.0)
       dqc = _dot(g_all, r['context'][...], ((1,), (1,)), cdt)
       if normalize_queries:
         dqc = q_all * (dqc - _head_sum(q_all * dqc, step.heads))
@@ -493,9 +480,9 @@ def backward(
       )
     if key_stats is not None:
       ks = r['key_stats'][...]
-      p = jnp.exp(r['src_s'][:, k_off : k_off + dk] - ks[0:1, :]) / ks[1:2, :]
+      p = jnp.exp(r['src'][:, k_off : k_off + dk].astype(F32) - ks[0:1, :]) / ks[1:2, :]
       dctx_in = r['dcontext'][...]
-      dp = _dot(v_ref[:, v_lanes], dctx_in, ((1,), (1,)), cdt)
+      dp = _dot(r['v_s'][...], dctx_in, ((1,), (1,)), cdt)
       dkeys = p * (dp - ks[2:3, :])
       dvals = dvals + _dot(p, dctx_in, ((1,), (0,)), cdt)
     if packed:
