@@ -115,6 +115,27 @@ def _lane(x, index):
   return jnp.sum(jnp.where(_iota(x.shape, 1) == index, x, 0.0), axis=1, keepdims=True)
 
 
+def _ctx_row(ref, ch, dvp, dv):
+  """Row ``ch`` (one query/key channel) of a ``[n*d, n*e]`` context block, ``[1, dvp]``."""
+  return _load(ref.at[pl.ds(ch, 1), pl.ds(0, dvp)], _iota((1, dvp), 1) < dv)
+
+
+def _add_ctx_row(ref, ch, row, dvp, dv, scale=1.0):
+  """``ref[ch] = ref[ch] * scale + row`` on a ``[n*d, n*e]`` partial-result block."""
+  window = ref.at[pl.ds(ch, 1), pl.ds(0, dvp)]
+  mask = _iota((1, dvp), 1) < dv
+  pltriton.store(window, _load(window, mask) * scale + row, mask=mask)
+
+
+def _zero_rows(ref, rows, dvp, dv):
+  def zero(ch, carry):
+    window = ref.at[pl.ds(ch, 1), pl.ds(0, dvp)]
+    pltriton.store(window, jnp.zeros((1, dvp), F32), mask=_iota((1, dvp), 1) < dv)
+    return carry
+
+  jax.lax.fori_loop(0, rows, zero, 0)
+
+
 def _head_softmax(q, heads, d):
   head = _div(_iota(q.shape, 1), d)
   top = jnp.zeros_like(q)
@@ -305,13 +326,10 @@ def forward(
     lane_head = _div(vl, step.e)
     if affine is not None:
       scale, shift = _row(r['affine'], 0, dvp, dv), _row(r['affine'], 1, dvp, dv)
-    if context is not None:
-      ctx_bd = _load(
-        r['context'].at[pl.ds(0, dkp), pl.ds(0, dvp)], (_iota((dkp, 1), 0) < dk) & (vl < dv)
-      )
     v_src, v_base = ('vals', 0) if vals is not None else ('src', v_off)
     mask_v = geo.rows & (vl < dv)
     mask_k = geo.rows & (kl < dk)
+    same_head = lambda ch: lane_head == _div(ch, step.d)  # noqa: E731
 
     def line_fn(j, carry):
       line = _Line(step, j)
@@ -329,7 +347,10 @@ def forward(
         q = _load(line.at(r['src'], pl.ds(0, geo.ap), line.lanes(q_off, dkp)), mask_k)
         if normalize_queries:
           q = _head_softmax(q, step.heads, step.d)
-        out = out + _dot(q, ctx_bd, cdt)
+        # Content output q @ context, one query channel (a row of the context) at a time.
+        out = jax.lax.fori_loop(
+          0, dk, lambda ch, o: o + _lane(q, ch) * _ctx_row(r['context'], ch, dvp, dv), out
+        )
       out = out.astype(out_dtype)
       pltriton.store(line.at(r['out'], pl.ds(0, geo.ap), pl.ds(0, dvp)), out, mask=mask_v)
       carry = dict(carry)
@@ -345,7 +366,13 @@ def forward(
         p = jnp.where(mask_k, jnp.exp(k - top), 0.0)
         carry['m'] = top
         carry['s'] = carry['s'] * alpha + jnp.sum(p, 0, keepdims=True)
-        carry['ctx'] = carry['ctx'] * alpha.T + _dot(p, v, cdt, ta=True)
+
+        def key_channel(ch, c):
+          row = jnp.where(same_head(ch), jnp.sum(_lane(p, ch) * v, 0, keepdims=True), 0.0)
+          _add_ctx_row(r['ctx'], ch, row, dvp, dv, _lane(alpha, ch))
+          return c
+
+        jax.lax.fori_loop(0, dk, key_channel, 0)
       return carry
 
     init = {}
@@ -354,7 +381,7 @@ def forward(
     if k_off is not None:
       init['m'] = jnp.full((1, dkp), NEG, F32)
       init['s'] = jnp.zeros((1, dkp), F32)
-      init['ctx'] = jnp.zeros((dkp, dvp), F32)
+      _zero_rows(r['ctx'], dk, dvp, dv)
     acc = jax.lax.fori_loop(0, g, line_fn, init)
     if stats:
       both = jnp.where(_iota((2, dvp), 0) == 0, acc['s1'], acc['s2'])
@@ -364,11 +391,6 @@ def forward(
     if k_off is not None:
       pltriton.store(r['m'].at[pl.ds(0, 1), pl.ds(0, dkp)], acc['m'], mask=kl < dk)
       pltriton.store(r['s'].at[pl.ds(0, 1), pl.ds(0, dkp)], acc['s'], mask=kl < dk)
-      pltriton.store(
-        r['ctx'].at[pl.ds(0, dkp), pl.ds(0, dvp)],
-        acc['ctx'],
-        mask=(_iota((dkp, 1), 0) < dk) & (vl < dv),
-      )
 
   results = _call(step, kernel, inputs, outputs, interpret, f'gsa_axial{step.axis}_fwd')
   return dict(zip(out_names, results, strict=True))
@@ -460,12 +482,9 @@ def backward(
       scale, shift = _row(r['affine'], 0, dvp, dv), _row(r['affine'], 1, dvp, dv)
     if grad_affine is not None:
       ga = [_row(r['grad_affine'], i, dvp, dv) for i in range(3)]
-    mask_kv = (kr < dk) & (vl < dv)
-    if context is not None:
-      ctx_bd = _load(r['context'].at[pl.ds(0, dkp), pl.ds(0, dvp)], mask_kv)
     if key_stats is not None:
       ks = [_row(r['key_stats'], i, dkp, dk) for i in range(3)]
-      dctx_in = _load(r['dcontext'].at[pl.ds(0, dkp), pl.ds(0, dvp)], mask_kv)
+    same_head = lambda ch: lane_head == _div(ch, step.d)  # noqa: E731
     v_src, v_base = ('vals', 0) if vals is not None else ('src', rv)
 
     def line_fn(j, carry):
@@ -520,8 +539,15 @@ def backward(
       if context is not None:
         if normalize_queries:
           q = _head_softmax(q, step.heads, step.d)
-        carry['dctx'] = carry['dctx'] + _dot(q, gr, cdt, ta=True)
-        dqc = _dot(gr, ctx_bd, cdt, tb=True)
+
+        # Per query channel: the context gradient q^T g and the query gradient g . ctx.
+        def query_channel(ch, dqc):
+          row = jnp.where(same_head(ch), jnp.sum(_lane(q, ch) * gr, 0, keepdims=True), 0.0)
+          _add_ctx_row(r['dctx'], ch, row, dvp, dv)
+          crow = _ctx_row(r['context'], ch, dvp, dv)
+          return jnp.where(kl == ch, jnp.sum(gr * crow, 1, keepdims=True), dqc)
+
+        dqc = jax.lax.fori_loop(0, dk, query_channel, jnp.zeros((geo.ap, dkp), F32))
         if normalize_queries:
           dqc = q * (dqc - _head_sum(q * dqc, step.heads, step.d))
         dq = dq + dqc
@@ -533,9 +559,17 @@ def backward(
       if key_stats is not None:
         k = _load(line.at(r['src'], pos, line.lanes(rk, dkp)), mask_k)
         p = jnp.where(mask_k, jnp.exp(k - ks[0]) / ks[1], 0.0)
-        dp = _dot(v, dctx_in, cdt, tb=True)
-        dkeys = p * (dp - ks[2])
-        dvals = dvals + _dot(p, dctx_in, cdt)
+
+        # Per key channel: through the key softmax, and the values' content gradient.
+        def key_channel(ch, acc):
+          dkeys, dvals = acc
+          drow = _ctx_row(r['dcontext'], ch, dvp, dv)
+          pc = _lane(p, ch)
+          dp = jnp.sum(v * drow, 1, keepdims=True)
+          dkeys = jnp.where(kl == ch, pc * (dp - _lane(ks[2], ch)), dkeys)
+          return dkeys, dvals + pc * drow
+
+        dkeys, dvals = jax.lax.fori_loop(0, dk, key_channel, (jnp.zeros_like(p), dvals))
       if packed:
         parts = [(q_off, dq, mask_k), (v_off, dvals, mask_v)]
         if key_stats is not None:
@@ -559,7 +593,7 @@ def backward(
     if bn_sums:
       init['s1'] = init['s2'] = jnp.zeros((1, dvp), F32)
     if context is not None:
-      init['dctx'] = jnp.zeros((dkp, dvp), F32)
+      _zero_rows(r['dctx'], dk, dvp, dv)
     acc = jax.lax.fori_loop(0, g, line_fn, init)
     pltriton.store(
       r['drel'].at[pl.ds(0, dkp), pl.ds(0, lp)], acc['drel'], mask=(kr < dk) & (lr < step.used)
@@ -569,9 +603,6 @@ def backward(
       pltriton.store(
         r['sums'].at[pl.ds(0, 2), pl.ds(0, dvp)], both, mask=(_iota((2, 1), 0) < 2) & (vl < dv)
       )
-    if context is not None:
-      dctx = jnp.where(_div(kr, step.d) == _div(vl, step.e), acc['dctx'], 0.0)
-      pltriton.store(r['dctx'].at[pl.ds(0, dkp), pl.ds(0, dvp)], dctx, mask=mask_kv)
 
   results = _call(step, kernel, inputs, outputs, interpret, f'gsa_axial{step.axis}_bwd')
   return dict(zip(out_names, results, strict=True))

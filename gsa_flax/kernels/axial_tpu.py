@@ -86,13 +86,24 @@ def _valid(step: AxialStep, width: int):
 
 def _weights(logits_rel, valid, step: AxialStep, width: int):
   """Relative logits ``[A, P]`` of one head -> absolute weights ``[A, P]`` (float32)."""
-  logits = pltpu.roll(logits_rel, (width - step.center) % width, 1, stride=1, stride_axis=0)
+  logits = _rotate_rows(logits_rel, (width - step.center) % width)
   if not step.softmax:
     return jnp.where(valid, logits, 0.0)
   logits = jnp.where(valid, logits, -jnp.inf)
   top = jnp.max(logits, axis=1, keepdims=True)
   w = jnp.exp(logits - top)
   return w / jnp.sum(w, axis=1, keepdims=True)
+
+
+def _rotate_rows(x, shift: int):
+  """Rotates row ``i`` of ``x [rows, lanes]`` by ``shift + i`` lanes (``jnp.roll`` sense).
+
+  The strided roll runs with a zero base shift (Mosaic rotates each vreg's rows by a
+  contiguous range of amounts, which must not wrap within the vreg) and a plain roll
+  adds ``shift``.
+  """
+  x = pltpu.roll(x, 0, 1, stride=1, stride_axis=0)
+  return pltpu.roll(x, shift, 1) if shift else x
 
 
 def _unskew(dw, flip, step: AxialStep, width: int, dtype):
@@ -104,10 +115,7 @@ def _unskew(dw, flip, step: AxialStep, width: int, dtype):
   """
   shift = (width - (step.length - 1 - step.center)) % width
   flipped = _dot(flip, dw, ((1,), (0,)), dtype)
-  heads = [
-    pltpu.roll(flipped[:, h * width : (h + 1) * width], shift, 1, stride=1, stride_axis=0)
-    for h in range(step.heads)
-  ]
+  heads = [_rotate_rows(flipped[:, h * width : (h + 1) * width], shift) for h in range(step.heads)]
   return _dot(flip, jnp.concatenate(heads, axis=1), ((1,), (0,)), dtype)
 
 
@@ -189,8 +197,47 @@ def _call(kernel, inputs, outputs, scratch, interpret, name):
   )(*[a for a, _ in inputs])
 
 
-def _bound(names, refs):
-  return dict(zip(names, refs, strict=True))
+def _bound(names, refs, lane_scratch=()):
+  """Refs by name; the scratch arrays of ``lane_scratch`` as :class:`_Lanes`."""
+  r = dict(zip(names, refs, strict=True))
+  for name in lane_scratch:
+    chunks = sorted(k for k in r if k.startswith(name + '#'))
+    r[name] = _Lanes([r.pop(k) for k in chunks])
+  return r
+
+
+class _Lanes:
+  """A float32 ``[rows, channels]`` VMEM array kept as chunks of at most 128 lanes.
+
+  Strided sublane loads and stores (the lines of a step) need a memref whose last
+  dimension fits one vreg; indexing with ``[rows, :]`` or ``[...]`` gathers the chunks.
+  """
+
+  def __init__(self, refs):
+    self.refs = refs
+
+  def __getitem__(self, index):
+    rows = slice(None) if index is Ellipsis else index[0]
+    parts = [ref[rows, :] for ref in self.refs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+  def __setitem__(self, index, value):
+    rows = slice(None) if index is Ellipsis else index[0]
+    start = 0
+    for ref in self.refs:
+      width = ref.shape[1]
+      ref[rows, :] = value if len(self.refs) == 1 else value[:, start : start + width]
+      start += width
+
+
+def _lane_scratch(rows: int, channels: dict[str, int]):
+  """Scratch shapes and names for :class:`_Lanes` arrays ``{name: channels}``."""
+  shapes, names = [], []
+  for name, c in channels.items():
+    for i, start in enumerate(range(0, c, LANES)):
+      shapes.append(jax.ShapeDtypeStruct((rows, min(LANES, c - start)), F32))
+      names.append(f'{name}#{i:03d}')
+  return shapes, names
 
 
 # ----------------------------------------------------------------------------------- forward
@@ -262,11 +309,11 @@ def forward(
     for name, shape in (('m', (1, dk)), ('s', (1, dk)), ('ctx', (dk, dv))):
       outputs.append((jax.ShapeDtypeStruct((batch, *shape), F32), (None, *shape)))
       out_names.append(name)
-  scratch = [jax.ShapeDtypeStruct((rows, c), F32) for c in (dk, dv, dv)]
-  scratch_names = ['q_s', 'v_s', 'out_s']
+  lanes = {'q_s': dk, 'v_s': dv, 'out_s': dv}
+  scratch, scratch_names = _lane_scratch(rows, lanes)
 
   def kernel(*refs):
-    r = _bound(names + out_names + scratch_names, refs)
+    r = _bound(names + out_names + scratch_names, refs, lanes)
     _stage(r, q_off, v_off, dk, dv)
     rbd = _block_rel(r['rel_t'][...].astype(F32), step, width).astype(cdt)
     valid = _valid(step, width)
@@ -403,12 +450,13 @@ def backward(
   if context is not None:
     outputs.append(out((dk, dv), F32))
     out_names.append('dctx')
-  scratch = [jax.ShapeDtypeStruct((rows, c), F32) for c in (dk, dv, dv, dk, dv)]
+  lanes = {'q_s': dk, 'v_s': dv, 'grad_s': dv, 'dq_s': dk, 'dv_s': dv}
+  scratch, scratch_names = _lane_scratch(rows, lanes)
   scratch.append(jax.ShapeDtypeStruct((dk, step.heads * width), F32))
-  scratch_names = ['q_s', 'v_s', 'grad_s', 'dq_s', 'dv_s', 'drel_s']
+  scratch_names.append('drel_s')
 
   def kernel(*refs):
-    r = _bound(names + out_names + scratch_names, refs)
+    r = _bound(names + out_names + scratch_names, refs, lanes)
     _stage(r, q_off, v_off, dk, dv)
     g_all = r['grad'][...].astype(F32)
     if grad_affine is not None:
