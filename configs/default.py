@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_filters = 16  # Width of the first stage (64 for the paper's networks).
   config.small_stem = True  # 3x3/1 conv stem, no max pool (small images); False: ImageNet stem.
   config.dtype = 'float32'  # Compute dtype: 'bfloat16' on TPU/GPU; params stay float32.
+  # Rematerialise each residual block in the backward pass: '' (off), 'block' (keep only
+  # block inputs) or 'dots' (keep conv/matmul outputs): less memory, more compute.
+  config.remat = ''
 
   # The GSA module's knobs (docs/method.md); ignored by the convolutional stages.
   config.gsa = ml_collections.ConfigDict()
@@ -32,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Contraction order of the positional steps: 'auto' (the cheaper for the shape), 'logits'
   # or 'values'; the same result either way (speed only; 'values' cannot softmax).
   config.gsa.order = 'auto'
+  # Kernels: '' picks the best for the platform compiled for (Pallas kernels on TPU and
+  # NVIDIA GPUs, the einsum ops elsewhere); 'xla' forces the einsum ops, 'pallas' the kernels.
+  config.gsa.implementation = ''
   # One bool per stage: which stages use GSA. () = the model's default (GSA models: all).
   config.gsa.attention_stages = ()
 
@@ -96,4 +102,10 @@ def get_config() -> ml_collections.ConfigDict:
   )
   config.eval_only = False  # Evaluate the latest checkpoint and exit.
   config.attention_maps = True  # Write attention-map images to TensorBoard at eval time.
+  # A restarted run refuses a config that differs from its <workdir>/config.json in a field
+  # that changes what is trained (model, data, batch, schedule, seed), unless the field is
+  # listed here, comma-separated ('num_train_steps,batch_size'); each accepted change is
+  # appended to <workdir>/config_history.jsonl. Intervals, keep_checkpoints, profile_steps,
+  # eval_only, attention_maps, data_dir and eval_batch_size may change without it.
+  config.allow_config_changes = ''
   return config

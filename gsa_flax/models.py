@@ -33,6 +33,13 @@ from gsa_flax.layers import GSA
 
 ModuleDef = Any
 
+# Rematerialisation of the residual blocks (``ResNet.remat``): which of a block's
+# intermediates the backward pass keeps; the others are recomputed from the block's input.
+REMAT_POLICIES: dict[str, Callable[..., bool]] = {
+  'block': jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+  'dots': jax.checkpoint_policies.dots_saveable,  # keep conv/matmul outputs, recompute the rest
+}
+
 # Names of the top-level parameters outside the residual stages.
 STEM = ('conv_init', 'bn_init')
 HEAD = 'head'
@@ -48,7 +55,7 @@ class BottleneckBlock(nn.Module):
   gsa: Callable[..., nn.Module] | None = None  # None: 3x3 convolution
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     residual = x
     y = self.conv(self.filters, (1, 1))(x)
     y = nn.relu(self.norm()(y))
@@ -84,8 +91,10 @@ class ResNet(nn.Module):
     small_stem: a 3x3 stride-1 conv stem without max pooling (small images such as
       CIFAR); False is the ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool).
     num_heads, key_ratio, rel_length, content, positional, position_embedding,
-    normalize_queries, positional_softmax, order: the GSA knobs (see :class:`GSA`);
-      ``key_ratio`` sets ``key_features = int(features * key_ratio)``.
+    normalize_queries, positional_softmax, order, implementation: the GSA knobs (see
+      :class:`GSA`); ``key_ratio`` sets ``key_features = int(features * key_ratio)``.
+    remat: ``''`` (off) or a key of :data:`REMAT_POLICIES`: rematerialise each residual
+      block in the backward pass (less activation memory, more compute).
     bn_momentum: BatchNorm momentum everywhere.
     dtype: computation dtype; parameters are always ``param_dtype``.
   """
@@ -104,6 +113,8 @@ class ResNet(nn.Module):
   normalize_queries: bool = False
   positional_softmax: bool = False
   order: str = 'auto'
+  implementation: str | None = None
+  remat: str = ''
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -157,7 +168,14 @@ class ResNet(nn.Module):
       x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='conv_init')(x)
       x = nn.relu(norm(name='bn_init')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    if self.remat and self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={self.remat!r}; valid: "" (off), {", ".join(REMAT_POLICIES)}.')
+    block = BottleneckBlock
+    if self.remat:
+      # `train` (argument 2, counting the module) is static: it selects BatchNorm's mode.
+      block = nn.remat(BottleneckBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
     outputs = {}
+    index = 0
     for i, block_count in enumerate(self.stage_sizes):
       gsa = None
       if attention[i]:
@@ -172,18 +190,21 @@ class ResNet(nn.Module):
           normalize_queries=self.normalize_queries,
           positional_softmax=self.positional_softmax,
           order=self.order,
+          implementation=self.implementation,
           bn_momentum=self.bn_momentum,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
         )
       for j in range(block_count):
-        x = BottleneckBlock(
+        x = block(
           self.num_filters * 2**i,
           conv=conv,
           norm=norm,
           strides=2 if i > 0 and j == 0 else 1,
           gsa=gsa,
-        )(x, train=train)
+          name=f'{BottleneckBlock.__name__}_{index}',  # the same names with or without remat
+        )(x, train)
+        index += 1
       outputs[f'stage{i + 1}'] = x
     if features:
       return outputs
@@ -312,6 +333,8 @@ def build(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
     normalize_queries=gsa.normalize_queries,
     positional_softmax=gsa.positional_softmax,
     order=gsa.order,
+    implementation=gsa.implementation or None,
+    remat=config.remat,
   )
   if config.stage_sizes:
     kwargs['stage_sizes'] = tuple(config.stage_sizes)

@@ -219,3 +219,37 @@ def test_load_pretrained_refuses_variables_its_config_does_not_describe(tmp_path
   assert (
     'params/BottleneckBlock_0/BatchNorm_0/bias is (8,) in the file, (16,) in the network' in message
   )
+
+
+@pytest.mark.parametrize('remat', sorted(models.REMAT_POLICIES))
+def test_remat_changes_memory_not_the_network(remat):
+  """The same parameters and (to float32 rounding) the same gradients as without remat."""
+  plain = models.GSAResNetTiny(num_classes=5, stage_sizes=(1, 1), num_filters=8, num_heads=2)
+  rematted = plain.clone(remat=remat)
+  x = jnp.asarray(np.random.standard_normal((2, 16, 12, 3)), jnp.float32)
+  variables = plain.init(jax.random.key(1), x, train=False)
+  assert jax.tree.structure(rematted.init(jax.random.key(1), x, train=False)) == (
+    jax.tree.structure(variables)
+  )
+  # Non-zero final BN scales so every layer of the residual branches gets a gradient.
+  variables = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, variables)
+
+  def grads(model):
+    def loss(params):
+      logits, _ = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+      )
+      return jnp.sum(logits * jnp.arange(5.0))
+
+    return jax.jit(jax.grad(loss))(variables['params'])
+
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max()),
+    grads(plain),
+    grads(rematted),
+  )
+  with pytest.raises(ValueError, match='remat='):
+    models.GSAResNetTiny(remat='everything').init(jax.random.key(0), x, train=False)
