@@ -129,3 +129,54 @@ def test_train_mode_updates_batch_stats():
   before, after = variables['batch_stats']['bn_col'], updates['batch_stats']['bn_col']
   assert not np.allclose(before['mean'], after['mean'])
   assert not np.allclose(before['var'], after['var'])
+
+
+def test_train_mode_running_statistics_follow_the_column_output():
+  """Running averages move toward the batch statistics of the column step, as
+  flax.linen.BatchNorm's do (momentum 0.9, variance E[y^2] - E[y]^2)."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.standard_normal((B, H, W, C_IN)), jnp.float32)
+  module = GSA(FEATURES, num_heads=HEADS)
+  variables = _init(module, x)
+  stats = {
+    'mean': jnp.asarray(rng.standard_normal(FEATURES), jnp.float32),
+    'var': jnp.asarray(rng.uniform(0.5, 2.0, FEATURES), jnp.float32),
+  }
+  variables['batch_stats']['bn_col'] = stats
+  _, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
+  params = variables['params']
+  qkv = np.asarray(x, np.float64) @ np.asarray(params['qkv']['kernel'], np.float64)
+  dk = FEATURES // 2
+  q = qkv[..., :dk].reshape(B, H, W, HEADS, dk // HEADS)
+  v = qkv[..., 2 * dk :].reshape(B, H, W, HEADS, FEATURES // HEADS)
+  y = loop_positional(q, v, np.asarray(params['rel_col'], np.float64), axis=1)
+  y = y.reshape(-1, FEATURES)
+  new = updates['batch_stats']['bn_col']
+  np.testing.assert_allclose(
+    new['mean'], 0.9 * np.asarray(stats['mean']) + 0.1 * y.mean(0), rtol=1e-4, atol=1e-4
+  )
+  np.testing.assert_allclose(
+    new['var'], 0.9 * np.asarray(stats['var']) + 0.1 * y.var(0), rtol=1e-4, atol=1e-4
+  )
+
+
+def test_parameters_do_not_depend_on_the_implementation():
+  x = jnp.zeros((1, H, W, C_IN))
+  trees = [
+    jax.eval_shape(
+      lambda impl=impl: GSA(FEATURES, num_heads=HEADS, implementation=impl).init(
+        jax.random.key(0), x, train=False
+      )
+    )
+    for impl in (None, 'xla', 'pallas')
+  ]
+  for tree in trees[1:]:
+    assert jax.tree.structure(tree) == jax.tree.structure(trees[0])
+    assert jax.tree.leaves(tree) == jax.tree.leaves(trees[0])
+  assert set(trees[0]['params']) == {'qkv', 'rel_col', 'rel_row', 'bn_col'}
+  assert set(trees[0]['batch_stats']['bn_col']) == {'mean', 'var'}
+
+
+def test_bad_implementation_is_a_clear_error():
+  with pytest.raises(ValueError, match="implementation='fast'.*None.*'xla'.*'pallas'"):
+    _init(GSA(FEATURES, num_heads=HEADS, implementation='fast'), jnp.zeros((1, H, W, C_IN)))

@@ -1,0 +1,304 @@
+"""The Pallas kernels against the float64 loop references and the einsum ops.
+
+On CPU the kernels run in the Pallas interpreter; both backends' kernels (Mosaic for TPU,
+Triton for NVIDIA GPUs) are checked, in values and gradients. The dispatch is checked by
+lowering: ``implementation=None`` takes the einsum ops on CPU and the Mosaic kernels when
+the same code is compiled for a TPU (a real deviceless compile).
+"""
+
+import os
+
+# Compiling for a TPU topology loads libtpu, which takes a lock unless this is set; other
+# processes (pytest-xdist workers) may load it at the same time.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from reference import loop_content, loop_positional  # noqa: E402
+
+from gsa_flax import ops  # noqa: E402
+from gsa_flax.kernels import gsa, positional  # noqa: E402
+from gsa_flax.layers import GSA  # noqa: E402
+
+# Non-square maps, heads > 1, d != e: transposed axes or channels show up as errors.
+B, H, W, HEADS, D, E = 2, 5, 7, 2, 2, 3
+RTOL = 1e-4
+
+
+def _random(rng, *shape, scale=1.0):
+  return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _rel_length(kind, size):
+  return {'local': 3, 'global': 2 * size - 1, 'oversized': 2 * size + 5}[kind]
+
+
+def _close(got, want, rtol=RTOL):
+  """Equal up to ``rtol`` of the reference's largest magnitude."""
+  want = np.asarray(want, np.float64)
+  scale = max(np.abs(want).max(), 1e-6)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=rtol * scale)
+
+
+def _vjp(fn, args, cotangent):
+  out, pullback = jax.vjp(fn, *args)
+  return out, pullback(cotangent)
+
+
+# ------------------------------------------------------------------------ positional kernel
+
+
+@pytest.mark.parametrize(
+  'backend,axis,rel_kind,softmax',
+  [
+    ('mosaic', 1, 'local', False),
+    ('mosaic', 2, 'global', False),
+    ('mosaic', 1, 'oversized', True),
+    ('mosaic', 2, 'local', True),
+    ('triton', 1, 'global', True),
+    ('triton', 2, 'oversized', False),
+    ('triton', 1, 'local', False),
+  ],
+)
+def test_positional_kernel_matches_loop_and_einsum_gradients(backend, axis, rel_kind, softmax):
+  rng = np.random.default_rng()
+  size = H if axis == 1 else W
+  q, v = _random(rng, B, H, W, HEADS, D), _random(rng, B, H, W, HEADS, E)
+  rel = _random(rng, _rel_length(rel_kind, size), HEADS, D)
+  g = _random(rng, B, H, W, HEADS, E)
+
+  def kernel(q, v, rel):
+    return positional.positional_attention(
+      q, v, rel, axis=axis, softmax=softmax, backend=backend, interpret=True
+    )
+
+  def einsum(q, v, rel):
+    return ops.positional_attention(q, v, rel, axis=axis, softmax=softmax, implementation='xla')
+
+  out, grads = jax.jit(lambda *a: _vjp(kernel, a, g))(q, v, rel)
+  want = loop_positional(*(a.astype(np.float64) for a in (q, v, rel)), axis, softmax=softmax)
+  _close(out, want)
+  _, want_grads = _vjp(einsum, (q, v, rel), g)
+  for got_grad, want_grad in zip(grads, want_grads, strict=True):
+    _close(got_grad, want_grad)
+
+
+@pytest.mark.parametrize('backend', ['mosaic', 'triton'])
+def test_positional_kernel_bfloat16(backend):
+  """bfloat16 operands, float32 accumulation: close to the loop on the rounded inputs."""
+  rng = np.random.default_rng()
+  q = jnp.asarray(_random(rng, B, H, W, HEADS, D), jnp.bfloat16)
+  v = jnp.asarray(_random(rng, B, H, W, HEADS, E), jnp.bfloat16)
+  rel = jnp.asarray(_random(rng, 2 * W - 1, HEADS, D), jnp.bfloat16)
+  out = positional.positional_attention(q, v, rel, axis=2, backend=backend, interpret=True)
+  assert out.dtype == jnp.bfloat16
+  want = loop_positional(*(np.asarray(a, np.float64) for a in (q, v, rel)), 2)
+  _close(out, want, rtol=2e-2)
+
+
+def test_positional_kernel_rejects_bad_arguments():
+  q, v = jnp.zeros((1, 3, 4, 2, 2)), jnp.zeros((1, 3, 4, 2, 3))
+  with pytest.raises(ValueError, match='odd'):
+    positional.positional_attention(q, v, jnp.zeros((4, 2, 2)), axis=1, interpret=True)
+  with pytest.raises(ValueError, match='backend'):
+    positional.positional_attention(q, v, jnp.zeros((5, 2, 2)), axis=1, backend='cuda')
+
+
+# ---------------------------------------------------------------------- fused GSA attention
+
+
+def _loop_gsa(qkv, rel_col, rel_row, scale, bias, mean, var, *, train, content, normalize,
+              softmax, eps=1e-5):  # fmt: skip
+  """float64 loops: content + row(BN(column)), the BatchNorm as flax.linen.BatchNorm."""
+  qkv, rel_col, rel_row = (np.asarray(a, np.float64) for a in (qkv, rel_col, rel_row))
+  b, h, w, _ = qkv.shape
+  q = qkv[..., : HEADS * D].reshape(b, h, w, HEADS, D)
+  k = qkv[..., HEADS * D : 2 * HEADS * D].reshape(b, h, w, HEADS, D)
+  v = qkv[..., 2 * HEADS * D :].reshape(b, h, w, HEADS, E)
+  y = loop_positional(q, v, rel_col, 1, softmax=softmax).reshape(b, h, w, HEADS * E)
+  if train:
+    mean, var = y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
+  normed = (y - mean) / np.sqrt(np.asarray(var, np.float64) + eps) * scale + bias
+  out = loop_positional(q, normed.reshape(v.shape), rel_row, 2, softmax=softmax)
+  if content:
+    out = out + loop_content(q, k, v, normalize)
+  return out.reshape(b, h, w, HEADS * E), mean, var
+
+
+@pytest.mark.parametrize(
+  'backend,train,content,normalize,softmax,rel_kinds',
+  [
+    ('mosaic', True, True, False, False, ('global', 'global')),
+    ('mosaic', False, True, True, True, ('local', 'oversized')),
+    ('triton', True, True, True, False, ('oversized', 'local')),
+    ('triton', False, False, False, True, ('global', 'global')),
+  ],
+)
+def test_gsa_kernels_match_loop_and_einsum_gradients(
+  backend, train, content, normalize, softmax, rel_kinds
+):
+  rng = np.random.default_rng()
+  qkv = _random(rng, B, H, W, HEADS * (2 * D + E))
+  rel_col = _random(rng, _rel_length(rel_kinds[0], H), HEADS, D)
+  rel_row = _random(rng, _rel_length(rel_kinds[1], W), HEADS, D)
+  scale = rng.uniform(0.5, 1.5, HEADS * E).astype(np.float32)
+  bias, mean = _random(rng, HEADS * E), _random(rng, HEADS * E)
+  var = rng.uniform(0.5, 2.0, HEADS * E).astype(np.float32)
+  args = (qkv, rel_col, rel_row, scale, bias, mean, var)
+  g = _random(rng, B, H, W, HEADS * E)
+  config = gsa.Config(
+    HEADS, HEADS * D, train, content=content, normalize_queries=normalize, softmax=softmax,
+    backend=backend, interpret=True,
+  )  # fmt: skip
+
+  def kernel(*args):
+    return gsa.gsa_attention(*args, config)
+
+  def einsum(*args):
+    return ops.gsa_attention(
+      *args, num_heads=HEADS, key_features=HEADS * D, train=train, content=content,
+      normalize_queries=normalize, softmax=softmax, implementation='xla',
+    )  # fmt: skip
+
+  def values_and_grads(*args):
+    (out, mean, var), pullback = jax.vjp(kernel, *args)
+    return out, mean, var, pullback((g, jnp.zeros_like(mean), jnp.zeros_like(var)))
+
+  out, got_mean, got_var, grads = jax.jit(values_and_grads)(*args)
+  want, want_mean, want_var = _loop_gsa(
+    *args, train=train, content=content, normalize=normalize, softmax=softmax
+  )
+  _close(out, want)
+  _close(got_mean, want_mean)
+  _close(got_var, want_var)
+  _, want_grads = _vjp(lambda *b: einsum(*b)[0], args, g)
+  for got_grad, want_grad in zip(grads, want_grads, strict=True):
+    _close(got_grad, want_grad)
+
+
+def test_layer_pallas_equals_xla():
+  """GSA with the kernels: same output, running statistics and gradients as the einsums."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(_random(rng, B, H, W, 5))
+  module = GSA(HEADS * E, num_heads=HEADS, key_features=HEADS * D)
+  variables = module.init(jax.random.key(int(rng.integers(1 << 30))), x, train=False)
+  g = _random(rng, B, H, W, HEADS * E)
+
+  def run(implementation):
+    layer = module.clone(implementation=implementation)
+
+    def loss(params, x):
+      out, updates = layer.apply(
+        {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+      )
+      return jnp.sum(out * g), (out, updates)
+
+    grads, (out, updates) = jax.grad(loss, argnums=(0, 1), has_aux=True)(variables['params'], x)
+    return out, updates, grads
+
+  got, want = run('pallas'), run('xla')
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    _close(a, b)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+
+
+# --------------------------------------------------------------------------- HBM traffic
+
+
+def test_hbm_bytes_closed_form():
+  """What every program copies in and out, counted by hand for one shape."""
+  b, h, w, n, d, e, length = 3, 8, 6, 2, 4, 8, 11
+  q = jax.ShapeDtypeStruct((b, h, w, n, d), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((b, h, w, n, e), jnp.bfloat16)
+  rel = jax.ShapeDtypeStruct((length, n, d), jnp.float32)
+  dk, dv, pixels = n * d, n * e, h * w
+  used = min(length, (length - 1) // 2 + h)  # offsets a column of 8 can use: all 11
+  # TPU: one program per image reads its queries, values and the [n*d, 128] offset rows
+  # (bfloat16) and writes the output; the backward also reads the output gradient and
+  # writes both input gradients and its float32 [n*d, 128] embedding-gradient partial.
+  mosaic = positional.hbm_bytes(q, v, rel, axis=1, backend='mosaic')
+  assert mosaic['forward'] == b * (2 * pixels * (dk + 2 * dv) + 2 * dk * 128)
+  assert mosaic['backward'] == b * (2 * pixels * (2 * dk + 3 * dv) + 2 * dk * 128 + 4 * dk * 128)
+  # GPU: one program per image and group of 6 columns (all of them here), offset rows
+  # [n*d, used] in bfloat16, embedding-gradient partial [n*d, used] in float32.
+  triton = positional.hbm_bytes(q, v, rel, axis=1, backend='triton')
+  assert triton['forward'] == b * (2 * pixels * (dk + 2 * dv) + 2 * dk * used)
+  assert triton['backward'] == b * (2 * pixels * (2 * dk + 3 * dv) + 6 * dk * used)
+
+
+# ------------------------------------------------------------------------------- dispatch
+
+
+def _gsa_step(implementation, shape=(2, 4, 6, 8)):
+  """A GSA module's forward + backward, jitted, and abstract arguments for it."""
+  module = GSA(8, num_heads=2, key_features=4, implementation=implementation)
+  x = jnp.zeros(shape, jnp.float32)
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
+
+  def loss(params, stats, x):
+    out, _ = module.apply(
+      {'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats']
+    )
+    return jnp.sum(out * out)
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 2)))
+  return step, (variables['params'], variables['batch_stats'], x)
+
+
+def test_default_implementation_lowers_to_einsums_on_cpu():
+  step, args = _gsa_step(None)
+  assert 'pallas_call' not in step.lower(*args).as_text(debug_info=True)
+  forced, args = _gsa_step('pallas')  # the check sees a kernel where there is one
+  assert 'pallas_call' in forced.lower(*args).as_text(debug_info=True)
+
+
+def test_default_implementation_compiles_the_kernels_for_a_tpu():
+  """The same code, compiled for a TPU v5e chip without one: Mosaic custom calls."""
+  from jax.experimental import topologies
+
+  device = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2').devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+
+  def compiled_text(implementation):
+    step, args = _gsa_step(implementation)
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+    return step.lower(*args).compile().as_text()
+
+  assert compiled_text(None).count('custom_call_target="tpu_custom_call"') == 4
+  assert 'tpu_custom_call' not in compiled_text('xla')
+
+
+def test_implementation_is_validated():
+  q, v, rel = jnp.zeros((1, 3, 4, 2, 2)), jnp.zeros((1, 3, 4, 2, 3)), jnp.zeros((5, 2, 2))
+  with pytest.raises(ValueError, match="None.*'xla'.*'pallas'"):
+    ops.positional_attention(q, v, rel, axis=1, implementation='triton')
+  x = jnp.zeros((1, 4, 6, 3))
+  with pytest.raises(ValueError, match="implementation='mosaic'"):
+    GSA(8, num_heads=2, implementation='mosaic').init(jax.random.key(0), x, train=False)
+
+
+@pytest.mark.parametrize('kwargs', [dict(position_embedding='absolute'), dict(positional='none')])
+def test_pallas_refuses_what_no_kernel_covers(kwargs):
+  x = jnp.zeros((1, 4, 6, 3))
+  with pytest.raises(ValueError, match="'pallas'"):
+    GSA(8, num_heads=2, implementation='pallas', **kwargs).init(jax.random.key(0), x, train=False)
+  qkv, table = jnp.zeros((1, 4, 6, 16)), jnp.zeros((4, 2, 2))
+  vec = jnp.zeros((8,))
+  with pytest.raises(ValueError, match="'pallas'"):
+    ops.gsa_attention(
+      qkv, table, jnp.zeros((6, 2, 2)), vec, vec, vec, vec, num_heads=2, key_features=4,
+      train=False, position_embedding='absolute', implementation='pallas',
+    )  # fmt: skip
+
+
+def test_absolute_embeddings_fall_back_to_einsums():
+  """Under implementation=None an unsupported combination runs the einsum path."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(_random(rng, 2, 4, 6, 3))
+  module = GSA(8, num_heads=2, position_embedding='absolute')
+  variables = module.init(jax.random.key(int(rng.integers(1 << 30))), x, train=False)
+  got = module.apply(variables, x, train=False)
+  want = module.clone(implementation='xla').apply(variables, x, train=False)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
