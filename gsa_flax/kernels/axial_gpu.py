@@ -192,17 +192,32 @@ def _block_specs(step: AxialStep, g: int, arrays):
 
 
 def _call(step, kernel, inputs, outputs, interpret, name):
+  """``pallas_call`` over ``grid=(batch, line groups)``; ``inputs``/``outputs``: ``(array,
+  kind)``. Under a sharded ``jax.jit`` each device runs the kernel on its images
+  (:func:`layout.batch_partitioned`)."""
   g = group_size(step)
-  return pl.pallas_call(
-    kernel,
-    out_shape=[a for a, _ in outputs],
-    grid=(inputs[0][0].shape[0], step.lines // g),
-    in_specs=_block_specs(step, g, inputs),
-    out_specs=_block_specs(step, g, outputs),
-    compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-    interpret=interpret,
-    name=name,
-  )(*[a for a, _ in inputs])
+
+  def run(*arrays):
+    batch = arrays[0].shape[0]
+    out_shape = [jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype) for a, _ in outputs]
+    return pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=(batch, step.lines // g),
+      in_specs=_block_specs(step, g, inputs),
+      out_specs=_block_specs(step, g, outputs),
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name=name,
+    )(*arrays)
+
+  arrays = [a for a, _ in inputs]
+  return layout.batch_partitioned(
+    run,
+    [a.ndim for a in arrays],
+    [kind != 'shared' for _, kind in inputs],
+    [a.ndim for a, _ in outputs],
+  )(*arrays)
 
 
 class _Geometry:

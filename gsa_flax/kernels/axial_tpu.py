@@ -177,24 +177,39 @@ def _padded_bytes(shape, dtype) -> int:
 
 
 def _call(kernel, inputs, outputs, scratch, interpret, name):
-  """``pallas_call`` over ``grid=(batch,)``; ``inputs``/``outputs``: ``(array, block)``."""
+  """``pallas_call`` over ``grid=(batch,)``; ``inputs``/``outputs``: ``(array, block)``.
+
+  Blocks with a leading ``None`` are per image; under a sharded ``jax.jit`` each device
+  runs the kernel on its images (:func:`layout.batch_partitioned`).
+  """
   block_bytes = sum(_padded_bytes([s for s in blk if s], a.dtype) for a, blk in inputs + outputs)
   scratch_bytes = sum(_padded_bytes(s.shape, s.dtype) for s in scratch)
-  batch = inputs[0][0].shape[0]
-  return pl.pallas_call(
-    kernel,
-    out_shape=[a for a, _ in outputs],
-    grid=(batch,),
-    in_specs=[_spec(blk) for _, blk in inputs],
-    out_specs=[_spec(blk) for _, blk in outputs],
-    scratch_shapes=[pltpu.VMEM(s.shape, s.dtype) for s in scratch],
-    compiler_params=pltpu.CompilerParams(
-      dimension_semantics=('parallel',),
-      vmem_limit_bytes=_vmem_limit(block_bytes, scratch_bytes, inputs[0][0].shape[1]),
-    ),
-    interpret=interpret,
-    name=name,
-  )(*[a for a, _ in inputs])
+  params = pltpu.CompilerParams(
+    dimension_semantics=('parallel',),
+    vmem_limit_bytes=_vmem_limit(block_bytes, scratch_bytes, inputs[0][0].shape[1]),
+  )
+
+  def run(*arrays):
+    batch = arrays[0].shape[0]
+    return pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype) for a, _ in outputs],
+      grid=(batch,),
+      in_specs=[_spec(blk) for _, blk in inputs],
+      out_specs=[_spec(blk) for _, blk in outputs],
+      scratch_shapes=[pltpu.VMEM(s.shape, s.dtype) for s in scratch],
+      compiler_params=params,
+      interpret=interpret,
+      name=name,
+    )(*arrays)
+
+  arrays = [a for a, _ in inputs]
+  return layout.batch_partitioned(
+    run,
+    [a.ndim for a in arrays],
+    [blk[0] is None for _, blk in inputs],
+    [a.ndim for a, _ in outputs],
+  )(*arrays)
 
 
 def _bound(names, refs, lane_scratch=()):

@@ -19,10 +19,14 @@ embedding gradient) that the wrappers merge with a few small XLA ops.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 HEIGHT_AXIS = 1
 WIDTH_AXIS = 2
@@ -195,3 +199,118 @@ def grid_traffic(jaxpr) -> dict[str, int]:
 
   visit(getattr(jaxpr, 'jaxpr', jaxpr))
   return totals
+
+
+def batch_partitioned(
+  fn: Callable, in_ranks: Sequence[int], batched: Sequence[bool], out_ranks: Sequence[int]
+) -> Callable:
+  """``fn`` (a kernel call) run per device on its share of the batch under SPMD.
+
+  XLA's partitioner cannot split a custom call (Mosaic refuses to be partitioned at all).
+  Arguments with a leading batch dimension (``batched``) keep the batch's sharding and
+  are whole along their other dimensions, the others are replicated; every output is
+  batch-leading and sharded like the batch. When the batch's sharding is known while
+  tracing (mesh axes of type Explicit, as ``jax.make_mesh`` makes them, or a mesh set
+  with ``jax.set_mesh``), this is a :func:`jax.shard_map`; otherwise a
+  ``custom_partitioning`` rule lets the partitioner place the call (on one device, or
+  through the GPU plugin); a TPU needs the former.
+
+  Args:
+    fn: ``fn(*arrays) -> sequence of arrays``, built from its arguments' shapes (so that it
+      runs on a device's share of the batch).
+    in_ranks: rank of each argument.
+    batched: per argument, whether its leading dimension is the batch.
+    out_ranks: rank of each output (all batch-leading).
+
+  Returns:
+    A function with ``fn``'s signature.
+  """
+  batched = tuple(batched)
+  partitioned = _custom_partitioned(fn, in_ranks, batched, out_ranks)
+
+  def call(*arrays):
+    mesh, axes = _traced_batch_sharding(arrays, batched)
+    if axes is None:
+      return partitioned(*arrays)
+    in_specs = tuple(P(axes) if flag else P() for flag in batched)
+    mapped = jax.shard_map(
+      lambda *a: tuple(fn(*a)),
+      mesh=mesh,
+      in_specs=in_specs,
+      out_specs=tuple(P(axes) for _ in out_ranks),
+      check_vma=False,
+    )
+    return mapped(*arrays)
+
+  return call
+
+
+def _traced_batch_sharding(arrays, batched):
+  """``(mesh, batch axes)`` when the batch's sharding is in the traced types, else None."""
+  for array, flag in zip(arrays, batched, strict=True):
+    if not flag:
+      continue
+    sharding = getattr(jax.typeof(array), 'sharding', None)
+    spec = getattr(sharding, 'spec', ())
+    mesh = getattr(sharding, 'mesh', None)
+    if mesh is not None and not mesh.empty and len(spec) and spec[0] is not None:
+      return mesh, spec[0]
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and len(spec) and spec[0] is not None:
+      return context, spec[0]
+    return None, None
+  return None, None
+
+
+def _custom_partitioned(fn, in_ranks, batched, out_ranks):
+  """``fn`` with a ``custom_partitioning`` rule: batch-sharded, otherwise whole."""
+
+  def run(*arrays):
+    return tuple(fn(*arrays))
+
+  wrapped = custom_partitioning(run)
+
+  def shardings(mesh, axes, ranks, flags):
+    return tuple(
+      NamedSharding(mesh, P(axes, *(None,) * (rank - 1)) if flag else P())
+      for rank, flag in zip(ranks, flags, strict=True)
+    )
+
+  def batch_axes(arg_shapes):
+    for shape, flag in zip(arg_shapes, batched, strict=True):
+      spec = getattr(shape.sharding, 'spec', ())
+      if flag and len(spec):
+        return spec[0]
+    return None
+
+  def infer(mesh, arg_shapes, result_shape):
+    return shardings(mesh, batch_axes(arg_shapes), out_ranks, [True] * len(out_ranks))
+
+  def partition(mesh, arg_shapes, result_shape):
+    axes = batch_axes(arg_shapes)
+    args = shardings(mesh, axes, in_ranks, batched)
+    outs = shardings(mesh, axes, out_ranks, [True] * len(out_ranks))
+    return mesh, run, outs, args
+
+  # Shardy's rule: the batch is one factor ``b``; every other dimension its own factor,
+  # which must stay whole.
+  whole = []
+
+  def mapping(rank, flag, name):
+    dims = [f'{name}d{i}' for i in range(rank)]
+    if flag:
+      dims[0] = 'b'
+    whole.extend(d for d in dims if d != 'b')
+    return ' '.join(dims)
+
+  operands = [
+    mapping(r, f, f'i{n}') for n, (r, f) in enumerate(zip(in_ranks, batched, strict=True))
+  ]
+  results = [mapping(r, True, f'o{n}') for n, r in enumerate(out_ranks)]
+  wrapped.def_partition(
+    partition,
+    infer_sharding_from_operands=infer,
+    sharding_rule=', '.join(operands) + ' -> ' + ', '.join(results),
+    need_replication_factors=tuple(whole),
+  )
+  return wrapped
