@@ -258,6 +258,33 @@ def test_hbm_bytes_closed_form():
   assert triton['backward'] == b * (2 * pixels * (2 * dk + 3 * dv) + 6 * dk * used)
 
 
+def test_gsa_hbm_bytes_closed_form():
+  """The four fused passes on TPU, one program per image, blocks counted by hand."""
+  b, h, w, n, d, e = 2, 8, 6, 2, 4, 8
+  dk, dv, pixels, channels = n * d, n * e, h * w, n * (2 * d + e)
+  qkv = jax.ShapeDtypeStruct((b, h, w, channels), jnp.bfloat16)
+  rel_col = jax.ShapeDtypeStruct((2 * h - 1, n, d), jnp.float32)
+  rel_row = jax.ShapeDtypeStruct((2 * w - 1, n, d), jnp.float32)
+  traffic = gsa.hbm_bytes(qkv, rel_col, rel_row, gsa.Config(n, dk, train=True, backend='mosaic'))
+  image = 2 * pixels  # bfloat16 bytes of one channel of one image
+  rows = 2 * dk * 128  # the relative rows, bfloat16, 128 offset lanes
+  # Column pass: qkv and the rows in; y, its sums and the key-softmax partials out.
+  column = image * channels + rows + image * dv + 4 * (2 * dv + 2 * dk + dk * dv)
+  # Row pass: qkv, the rows, y, the BatchNorm affine and the context in; the output out.
+  row = image * channels + rows + image * dv + 4 * (2 * dv + dk * dv) + image * dv
+  assert traffic['forward'] == b * (column + row)
+  # Row gradient: qkv, rows, output gradient, y, affine, context in; the embedding
+  # gradient (float32), the query gradient, y's gradient, its sums and the context's out.
+  row_grad = image * (channels + 2 * dv) + rows + 4 * (2 * dv + dk * dv)
+  row_grad += 2 * rows + image * (dk + dv) + 4 * (2 * dv + dk * dv)
+  # Column gradient: qkv, rows, y's gradient, the BatchNorm backward's coefficients, y,
+  # key statistics, the context's gradient and the row pass's query gradient in; the
+  # embedding gradient and the gradient of qkv out.
+  column_grad = image * (channels + 2 * dv + dk) + rows + 4 * (3 * dv + 3 * dk + dk * dv)
+  column_grad += 2 * rows + image * channels
+  assert traffic['backward'] == b * (row_grad + column_grad)
+
+
 # ------------------------------------------------------------------------------- dispatch
 
 

@@ -12,7 +12,14 @@ coordinates against the relative table gathered from the (cache-resident) embedd
 ``w[x, z] = sum_d q[x, d] rel[z - x + c, d]``, then ``w [AP, AP] @ v [AP, e]`` runs on
 the tensor cores. The backward pass forms the weight gradient in relative coordinates
 (``g[x] . v[x + l - c]``, the values gathered from cache), where the query and embedding
-gradients are plain row and column sums, and the value gradient as ``w^T @ g``.
+gradients are plain row and column sums, and the value gradient as ``w^T @ g``. The fused
+content attention runs one query/key channel at a time (a row of its block-diagonal
+``[n*d, n*e]`` context), so no tile grows with the channel counts.
+
+Pallas' Triton backend is used (``pltriton.CompilerParams``): XLA compiles its kernels
+for the GPU it targets, ahead of time too. (Mosaic GPU also compiles for the H100, but
+its ``pallas_call`` entry point is deprecated in favour of ``plgpu.kernel``'s
+warpgroup-level programming.)
 """
 
 from __future__ import annotations

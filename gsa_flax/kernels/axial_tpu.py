@@ -14,8 +14,10 @@ line and head, on the MXU:
    the neighbourhood mask (and the optional softmax) applies there;
 3. ``weights [A, P] @ values [P, n*e]``, keeping the lanes of the head.
 
-The per-pixel weights never leave VMEM. The backward pass recomputes them and skews the
-weight gradient back with a roll of stride ``P - 1`` (row ``i`` by ``center - i``).
+The per-pixel weights never leave VMEM. The backward pass recomputes them, forms the
+weight gradient ``g v^T`` in absolute positions and skews it back to offsets (row ``i`` by
+``center - i`` lanes: the same roll between two row reversals, exact permutations on the
+MXU), where the query and embedding gradients are GEMMs against ``R`` and ``q``.
 
 Optional extras fuse the rest of the GSA module into the same passes (see
 :mod:`gsa_flax.kernels.gsa`): a per-channel affine map of the values on load (the
@@ -70,7 +72,7 @@ def _line_rows(step: AxialStep, line):
   return pl.ds(line * step.line_stride, step.length, stride=step.pos_stride)
 
 
-def _block_rel(rel_t, step: AxialStep, width: int):
+def _block_rel(rel_t, step: AxialStep):
   """``[n*d, P]`` offsets per query channel -> block-diagonal ``[n*d, n*P]``."""
   head = _group(rel_t.shape, 0, step.d)
   return jnp.concatenate([jnp.where(head == h, rel_t, 0.0) for h in range(step.heads)], axis=1)
@@ -330,7 +332,7 @@ def forward(
   def kernel(*refs):
     r = _bound(names + out_names + scratch_names, refs, lanes)
     _stage(r, q_off, v_off, dk, dv)
-    rbd = _block_rel(r['rel_t'][...].astype(F32), step, width).astype(cdt)
+    rbd = _block_rel(r['rel_t'][...].astype(F32), step).astype(cdt)
     valid = _valid(step, width)
     lane_head = _group((step.length, dv), 1, step.e)
     pad = jnp.zeros((width - step.length, dv), F32)
@@ -479,7 +481,7 @@ def backward(
       g_all = ga[0:1, :] * g_all + ga[1:2, :] * r['grad_y'][...].astype(F32) + ga[2:3, :]
     r['grad_s'][...] = g_all
     r['drel_s'][...] = jnp.zeros(r['drel_s'].shape, F32)
-    rbd = _block_rel(r['rel_t'][...].astype(F32), step, width).astype(cdt)
+    rbd = _block_rel(r['rel_t'][...].astype(F32), step).astype(cdt)
     valid = _valid(step, width)
     lane_head = _group((step.length, dv), 1, step.e)
     pad = jnp.zeros((width - step.length, dv), F32)
