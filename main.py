@@ -4,7 +4,9 @@ r"""Trains and evaluates a (GSA-)ResNet.
   python main.py --config=configs/imagenet.py --workdir=gs://bucket/gsa50 --config.batch_size=1024
 
 Every host of a multi-host run (Cloud TPU pod slice, GPU cluster) runs the same command.
-A run restarted with the same --workdir resumes from its latest checkpoint.
+A run restarted with the same --workdir resumes from its latest checkpoint; one run at a
+time holds a workdir, and a restart must keep the config recorded in its config.json
+(or list the fields it changes in --config.allow_config_changes).
 """
 
 import os
@@ -61,7 +63,7 @@ def main(argv: Sequence[str], **train_kwargs) -> None:
 
   # Before TensorFlow, the data or any compile: a typo costs seconds.
   config_validation.validate(FLAGS.config)
-  checkpointing.check_workdir(FLAGS.workdir)
+  checkpointing.check_workdir(FLAGS.workdir, evaluate_only=FLAGS.config.eval_only)
 
   from gsa_flax import train
   from gsa_flax.tools import attention_maps

@@ -1,11 +1,25 @@
-"""A run's workdir on disk: checkpoints, the state layout in them, and ``config.json``.
+"""A run's workdir on disk: its lock, its record (``config.json``), its checkpoints.
 
-Checkpoints are one orbax ``CheckpointManager`` under ``<workdir>/checkpoints``. Orbax
-writes each step to a temporary directory and renames it into place when complete, so a
-crash during a save never touches the previous checkpoint. On restore, a step that is
-unreadable (truncated, corrupted) is reported and skipped in favour of the newest intact
-one; nothing is deleted. A checkpoint whose shapes do not match the model stops with the
-first mismatching parameter named.
+A workdir is a ledger with one writer:
+
+- **The lock** (``<workdir>/lock.json``, naming host, pid and start time of the run that
+  holds it): on a local disk an ``fcntl.flock`` that the kernel releases when the process
+  dies, on a cloud file system (``gs://``) a :class:`Lease` that expires unless its holder
+  renews it, so a preempted VM cannot hold a workdir for ever. A second run refuses to
+  start and writes nothing.
+- **The record**: ``config.json`` is written once, when a run starts from scratch. A
+  restart compares its config with it and refuses a change to a field that changes what is
+  trained unless the field is listed in ``config.allow_config_changes``; an accepted change
+  is appended to ``config_history.jsonl`` (time, step, old and new values) and written into
+  ``config.json``. Fields that do not change what is trained (intervals, eval settings,
+  ``data_dir``) may differ freely and are not recorded.
+- **Checkpoints**: one orbax ``CheckpointManager`` under ``<workdir>/checkpoints``. Orbax
+  writes each step to a temporary directory and renames it into place when complete, so a
+  crash during a save never touches the previous checkpoint; a save that fails (disk full,
+  permissions) is one :class:`SaveError` and leaves no partial directory. On restore, an
+  unreadable step is set aside in ``<workdir>/checkpoints_unreadable/`` and the newest
+  intact one is used; nothing is deleted. A checkpoint whose shapes do not match the model
+  stops with the first mismatching parameter named.
 
 Every path goes through ``etils.epath``, so a workdir on ``gs://`` works like a local one.
 """
@@ -14,15 +28,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
+import gc
 import json
+import logging as logging_std
 import os
+import re
+import shutil
+import socket
+import sys
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -41,8 +68,29 @@ class CheckpointMismatchError(CheckpointError):
   """The checkpoint was written by a different model or configuration."""
 
 
+class WorkdirBusyError(CheckpointError):
+  """Another run holds the workdir."""
+
+
+class ConfigChangedError(CheckpointError):
+  """A restart's config differs from the run's record in what is trained."""
+
+
+class SaveError(CheckpointError):
+  """A checkpoint could not be written (disk full, permissions, ...)."""
+
+
 UNREADABLE = 'checkpoints_unreadable'
 CONFIG_FILE = 'config.json'
+HISTORY_FILE = 'config_history.jsonl'
+LOCK_FILE = 'lock.json'
+# Orbax writes a step to `<step>.orbax-checkpoint-tmp...` and renames it when complete.
+PARTIAL_MARK = '.orbax-checkpoint-tmp'
+
+# Fields that do not change what is trained: a restart may change them freely.
+FREE_FIELDS = frozenset(
+  name for name, field in config_validation.FIELDS.items() if not field.trained
+)
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -60,12 +108,27 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
   return workdir_path(workdir) / 'checkpoints'
 
 
-def check_workdir(workdir: str | os.PathLike) -> None:
-  """Creates a local workdir if missing and checks it can be written.
+def check_workdir(workdir: str | os.PathLike, *, evaluate_only: bool = False) -> None:
+  """Checks that a run can use ``workdir``, before anything is compiled.
+
+  Args:
+    workdir: the ``--workdir``.
+    evaluate_only: the run only evaluates (``config.eval_only``): the workdir must hold a
+      checkpoint, and nothing is created. Otherwise a local workdir is created if missing
+      and must be writable.
 
   Raises:
-    config_validation.ConfigError: it cannot (the message names ``--workdir``).
+    config_validation.ConfigError: it cannot be written (the message names ``--workdir``).
+    CheckpointError: ``evaluate_only`` and there is no checkpoint to evaluate.
   """
+  if evaluate_only:
+    directory = checkpoint_dir(workdir)
+    if not (directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())):
+      raise CheckpointError(
+        f'config.eval_only=True, but {workdir} holds no checkpoint ({directory}): train first, '
+        'or pass the --workdir of a training run.'
+      )
+    return
   if is_remote(workdir):
     return  # permission errors surface on the first write
   path = workdir_path(workdir)
@@ -77,6 +140,174 @@ def check_workdir(workdir: str | os.PathLike) -> None:
     raise config_validation.ConfigError(
       f'--workdir={workdir} cannot be written ({error.strerror}); choose a directory you can write.'
     ) from None
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+def _now() -> str:
+  return datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+
+
+def _this_run() -> dict[str, Any]:
+  return {'host': socket.gethostname(), 'pid': os.getpid(), 'started': _now()}
+
+
+def _read_holder(path: epath.Path) -> dict[str, Any] | None:
+  """The holder a lock file names, or None if it names none (absent, empty, damaged)."""
+  try:
+    holder = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  return holder if isinstance(holder, dict) else None
+
+
+def _busy(workdir: epath.Path, holder: dict[str, Any] | None, lease: str = '') -> WorkdirBusyError:
+  if holder is None:
+    who = 'another run'
+  else:
+    who = (
+      f'another run (host {holder.get("host", "?")}, pid {holder.get("pid", "?")}, started '
+      f'{holder.get("started", "?")}{lease})'
+    )
+  return WorkdirBusyError(
+    f'{workdir} is in use by {who}: wait for it to end or stop it, or use another --workdir.'
+  )
+
+
+class FileLock:
+  """The lock of a workdir on a local disk: ``fcntl.flock`` on ``<workdir>/lock.json``.
+
+  The kernel releases it when the holding process ends, however it ends (``kill -9``
+  included), so it never needs breaking. The file names the holder (host, pid, start
+  time) for the message of a run that is refused; it stays after the run.
+
+  Args:
+    workdir: a local workdir (it must exist).
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.workdir = workdir_path(workdir)
+    self.path = self.workdir / LOCK_FILE
+    self._fd: int | None = None
+
+  def acquire(self) -> None:
+    """Takes the lock or raises :class:`WorkdirBusyError` naming the holder."""
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      os.close(fd)
+      raise _busy(self.workdir, _read_holder(self.path)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(_this_run()).encode(), 0)
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> FileLock:
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+class Lease:
+  """A lock that expires, on any file system ``etils.epath`` reaches (``gs://`` included).
+
+  The holder writes ``{host, pid, started, token, expires}`` to ``path`` and a background
+  thread rewrites it every ``seconds / 3`` with a new expiry. Another run may take the
+  lease once it has expired, so a holder that died without releasing it (a preempted VM)
+  blocks the workdir for at most ``seconds``. Object stores offer no atomic
+  create-if-absent through ``epath``: two runs starting within ``settle`` seconds of each
+  other both write, and the one whose token is not read back after ``settle`` seconds
+  steps back.
+
+  Args:
+    path: the lease file.
+    seconds: how long a lease lasts without renewal.
+    settle: seconds between writing the lease and reading it back.
+  """
+
+  def __init__(self, path: epath.PathLike, *, seconds: float = 300.0, settle: float = 2.0):
+    self.path = epath.Path(path)
+    self.seconds = seconds
+    self.settle = settle
+    self.token = uuid.uuid4().hex
+    self._holder = dict(_this_run(), token=self.token)
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def holder(self) -> dict[str, Any] | None:
+    """Who holds the lease now: the file's content while it has not expired, else None."""
+    holder = _read_holder(self.path)
+    if holder is None or not isinstance(holder.get('expires'), (int, float)):
+      return None
+    return holder if holder['expires'] > time.time() else None
+
+  def acquire(self) -> None:
+    """Takes the lease, or raises :class:`WorkdirBusyError` naming its holder."""
+    holder = self.holder()
+    if holder is not None and holder.get('token') != self.token:
+      raise self._refusal(holder)
+    self.renew()
+    if self.settle:
+      time.sleep(self.settle)
+    holder = self.holder()
+    if holder is None or holder.get('token') != self.token:
+      raise self._refusal(holder)
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._keep_renewing, name='lease', daemon=True)
+    self._thread.start()
+
+  def renew(self) -> None:
+    """Writes the lease with an expiry ``seconds`` from now."""
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.path.write_text(json.dumps(dict(self._holder, expires=time.time() + self.seconds)))
+
+  def release(self) -> None:
+    """Stops renewing and removes the lease if it is still ours."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    holder = _read_holder(self.path)
+    if holder is not None and holder.get('token') == self.token:
+      self.path.unlink()
+
+  def _keep_renewing(self) -> None:
+    while not self._stop.wait(self.seconds / 3):
+      try:
+        self.renew()
+      except Exception as error:  # noqa: BLE001  a renewal may fail; the next one retries.
+        logging.warning('Could not renew the lease %s: %s', self.path, error)
+
+  def _refusal(self, holder: dict[str, Any] | None) -> WorkdirBusyError:
+    expires = ''
+    if holder is not None:
+      when = datetime.datetime.fromtimestamp(holder['expires']).astimezone()
+      expires = f'; its lease expires at {when.isoformat(timespec="seconds")} unless renewed'
+    return _busy(self.path.parent, holder, expires)
+
+  def __enter__(self) -> Lease:
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def lock(workdir: str | os.PathLike) -> FileLock | Lease:
+  """The lock of ``workdir`` (a context manager): a :class:`FileLock` on a local disk, a
+  :class:`Lease` on a cloud file system."""
+  if is_remote(workdir):
+    return Lease(workdir_path(workdir) / LOCK_FILE)
+  return FileLock(workdir)
 
 
 # ----------------------------------------------------------------------------- state layout
@@ -104,21 +335,37 @@ def restore_into(state: state_lib.TrainState, restored: dict[str, Any]) -> state
   )
 
 
-# ----------------------------------------------------------------------------- config.json
+# ----------------------------------------------------------------------------- the record
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+  partial = path.parent / f'.{path.name}.partial'
+  partial.write_text(text)
+  partial.replace(path)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-  """Writes the run's config to ``<workdir>/config.json`` (process 0 only)."""
+  """Writes ``config`` as the run's record, ``<workdir>/config.json`` (process 0 only)."""
   if jax.process_index() == 0:
     path = workdir_path(workdir) / CONFIG_FILE
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+    _write_atomically(path, json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+
+
+def has_config(workdir: str | os.PathLike) -> bool:
+  """Whether the workdir holds a record (``config.json``)."""
+  return (workdir_path(workdir) / CONFIG_FILE).exists()
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The config a run recorded in ``<workdir>/config.json``.
+  """The config a run recorded in ``<workdir>/config.json``, checked field by field.
+
+  Every field must be present (except those a restart may change freely, which a record
+  may lack), of its type and in range (:func:`config_validation.validate_record`), so a
+  damaged file is one clear error rather than a crash where a field is first used.
 
   Raises:
-    CheckpointError: no such workdir or file, or a file that is not a JSON object.
+    CheckpointError: no such workdir or file, or a file that is not a usable record (not
+      JSON, not an object, a field missing or of the wrong type), naming the field.
   """
   root = workdir_path(workdir)
   path = root / CONFIG_FILE
@@ -130,15 +377,121 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     raise CheckpointError(
       f'{path} is missing: {workdir} is not a training workdir (main.py writes it).'
     )
+  fix = (
+    'restore it from a copy (every checkpoint keeps one, under "config" in '
+    f'{checkpoint_dir(workdir)}/<step>/meta/metadata) or use a new --workdir.'
+  )
   try:
     value = json.loads(path.read_text())
   except (ValueError, UnicodeDecodeError) as error:
-    raise CheckpointError(
-      f'{path} is not valid JSON ({error}); restore it from a backup or retrain.'
-    ) from None
+    raise CheckpointError(f'{path} is not valid JSON ({error}); {fix}') from None
   if not isinstance(value, dict):
-    raise CheckpointError(f'{path} holds a {type(value).__name__}, not a config object.')
-  return ml_collections.ConfigDict(value)
+    raise CheckpointError(f'{path} holds a JSON {type(value).__name__}, not a config object; {fix}')
+  config = ml_collections.ConfigDict(value)
+  try:
+    config_validation.validate_record(config)
+  except config_validation.ConfigError as error:
+    raise CheckpointError(
+      f'{path} is not a usable record ({str(error).rstrip(".")}); {fix}'
+    ) from None
+  return config
+
+
+_ABSENT = '(absent)'
+
+
+def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """``{'gsa.num_heads': 4, ...}`` with JSON values (tuples as lists), for comparing."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = json.loads(json.dumps(value, default=str))
+  return flat
+
+
+def changed_fields(
+  record: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> dict[str, tuple[Any, Any]]:
+  """The fields that change what is trained and differ: ``{name: (recorded, new)}``.
+
+  Fields of :data:`FREE_FIELDS` are left out; a field present on one side only is a
+  change from or to ``'(absent)'``.
+  """
+  old, new = _flat(record.to_dict()), _flat(config.to_dict())
+  changes = {}
+  for name in sorted(old.keys() | new.keys()):
+    if name in FREE_FIELDS:
+      continue
+    before, after = old.get(name, _ABSENT), new.get(name, _ABSENT)
+    if before != after:
+      changes[name] = (before, after)
+  return changes
+
+
+def check_against_record(
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, tuple[Any, Any]]:
+  """Compares ``config`` with the run's record; returns the changes it is allowed to make.
+
+  Returns:
+    ``{name: (recorded, new)}`` for the fields listed in ``config.allow_config_changes``
+    that differ (empty when nothing that is trained changed, or there is no record).
+
+  Raises:
+    ConfigChangedError: a field that changes what is trained differs and is not listed;
+      one line naming every such field with both values.
+    CheckpointError: the record is damaged (see :func:`read_config`).
+  """
+  if not has_config(workdir):
+    return {}
+  changes = changed_fields(read_config(workdir), config)
+  allowed = set(config_validation.allowed_changes(config))
+  refused = [name for name in changes if name not in allowed]
+  if refused:
+    listed = ', '.join(
+      f'{name} {json.dumps(changes[name][0])} -> {json.dumps(changes[name][1])}' for name in refused
+    )
+    raise ConfigChangedError(
+      f'the config differs from {workdir_path(workdir) / CONFIG_FILE}, the record of this run, '
+      f'in what is trained: {listed}. Rerun with the recorded values, use a new --workdir, or '
+      f'accept the change with --config.allow_config_changes={",".join(refused)} (it is '
+      f'recorded in {HISTORY_FILE}).'
+    )
+  return changes
+
+
+def record_changes(
+  workdir: str | os.PathLike, changes: dict[str, tuple[Any, Any]], step: int
+) -> None:
+  """Appends accepted changes to ``config_history.jsonl`` and writes them into the record.
+
+  Process 0 only. Each line of the history is ``{"time", "step", "changes": {name: {"old",
+  "new"}}}``; ``step`` is the step the run resumes from.
+  """
+  if not changes or jax.process_index() > 0:
+    return
+  root = workdir_path(workdir)
+  entry = {
+    'time': _now(),
+    'step': step,
+    'changes': {name: {'old': old, 'new': new} for name, (old, new) in changes.items()},
+  }
+  history = root / HISTORY_FILE
+  previous = history.read_text() if history.exists() else ''
+  _write_atomically(history, previous + json.dumps(entry, sort_keys=True) + '\n')
+  record = read_config(workdir).to_dict()
+  for name, (_, new) in changes.items():
+    *parents, leaf = name.split('.')
+    target = record
+    for parent in parents:
+      target = target.setdefault(parent, {})
+    if new == _ABSENT:
+      target.pop(leaf, None)
+    else:
+      target[leaf] = new
+  _write_atomically(root / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- trained weights
@@ -191,9 +544,7 @@ def load(
   directory = checkpoint_dir(workdir)
   if not directory.is_dir():
     raise CheckpointError(f'no checkpoint in {workdir}: train first ({directory} is missing).')
-  restored = Checkpointer(workdir, keep=config.keep_checkpoints).restore_latest(
-    target, read_only=True
-  )
+  restored = Checkpointer(workdir, keep=1, read_only=True).restore_latest(target)
   if restored is None:
     raise CheckpointError(f'no checkpoint in {directory}: train first.')
   tree, _, step = restored
@@ -225,60 +576,239 @@ def _first_mismatch(want: Any, got: Any) -> str | None:
   return None
 
 
+def nbytes(tree: Any) -> int:
+  """Bytes of the arrays of a pytree (what a checkpoint of it holds, before compression)."""
+  return sum(
+    int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    for leaf in jax.tree.leaves(tree)
+    if hasattr(leaf, 'shape')
+  )
+
+
+def _megabytes(count: int) -> str:
+  return f'{count / 2**20:.1f} MiB'
+
+
+def _ignore_abandoned_io(unraisable) -> None:
+  """``sys.unraisablehook`` that drops the reports of an abandoned restore or save.
+
+  Orbax reads or writes a step in an event loop of its own and closes it at the first
+  array that fails (a corrupt file, a full disk), while TensorStore's operations on the
+  other arrays are still in flight. Each of them then reports its completion to the closed
+  loop, which Python prints as an unraisable ``RuntimeError: Event loop is closed``:
+  hundreds of identical tracebacks that say nothing the one line about the step does not.
+  Every other unraisable exception goes to the hook this one replaced.
+  """
+  if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed':
+    return
+  _ignore_abandoned_io.previous(unraisable)
+
+
+class _AbandonedOrbaxTasks(logging_std.Filter):
+  """Drops asyncio's "Task exception was never retrieved" reports of orbax's abandoned
+  writes (the same abandoned operations, reported when they are garbage-collected)."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith('Task exception was never retrieved') and '/orbax/' in message)
+
+
+def _install_ignore_abandoned_io() -> None:
+  """Installs :func:`_ignore_abandoned_io` and :class:`_AbandonedOrbaxTasks` (once)."""
+  if sys.unraisablehook is not _ignore_abandoned_io:
+    _ignore_abandoned_io.previous = sys.unraisablehook
+    sys.unraisablehook = _ignore_abandoned_io
+  asyncio_logger = logging_std.getLogger('asyncio')
+  if not any(isinstance(f, _AbandonedOrbaxTasks) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AbandonedOrbaxTasks())
+
+
+def _remove(path: epath.Path) -> None:
+  """Removes a file or directory, as much of it as can be (files may still be appearing)."""
+  if not is_remote(path):
+    if os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      with contextlib.suppress(OSError):
+        os.unlink(path)
+    return
+  with contextlib.suppress(OSError):
+    path.rmtree() if path.is_dir() else path.unlink()
+
+
+def _copy_tree(source: epath.Path, target: epath.Path) -> None:
+  """Copies a directory file by file (works between any two file systems)."""
+  target.mkdir(parents=True, exist_ok=False)
+  for entry in source.iterdir():
+    if entry.is_dir():
+      _copy_tree(entry, target / entry.name)
+    else:
+      entry.copy(target / entry.name)
+
+
 class Checkpointer:
   """Saves and restores ``{'state': pytree, 'meta': json}`` by step.
+
+  Saves are asynchronous: :meth:`save` starts one, :meth:`check` reports a failed one
+  without waiting and :meth:`wait` blocks until it is on disk; a failure is a
+  :class:`SaveError` and leaves no partial directory.
 
   Args:
     workdir: the run's working directory (local or ``gs://``).
     keep: how many of the newest checkpoints to keep.
+    read_only: only restore (tools that inspect a run): nothing is created, moved or
+      deleted, and unreadable steps are skipped where they are.
   """
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int, *, read_only: bool = False):
     self.directory = checkpoint_dir(workdir)
+    self.read_only = read_only
     self.manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only
+      ),
       item_handlers={'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
     )
+    self._saving: tuple[int, int] | None = None  # (step, bytes) of the save in flight
+    _install_ignore_abandoned_io()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Starts an (asynchronous) save of ``state`` at ``step``; ``wait`` makes it durable."""
+    """Starts an asynchronous save of ``state`` at ``step``; :meth:`wait` makes it durable.
+
+    Raises:
+      SaveError: the previous save failed.
+      Exception: whatever the start of this save raised (the caller turns it into a
+        :class:`SaveError` with :meth:`save_failed`).
+    """
+    self.wait()  # a failure of the previous save is reported as that step's
+    self._saving = (step, nbytes(state))
+    # force: save at exactly the steps asked for (orbax's interval policy is not used); an
+    # existing step is an error (StepAlreadyExistsError), never overwritten.
     self.manager.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
       force=True,
     )
 
+  def check(self) -> None:
+    """Raises :class:`SaveError` if a save that has ended failed; never waits for one.
+
+    Cheap enough to call after every step, so a failed save stops the run at once.
+    """
+    if self._saving is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
   def wait(self) -> None:
-    """Blocks until every started save is complete on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until every started save is complete on disk.
+
+    Raises:
+      SaveError: the save failed (its partial files are removed first).
+    """
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001  any failure of a save is reported the same way
+      step = self._saving[0] if self._saving else -1
+      raise self.save_failed(step, error) from None
+    self._saving = None
 
   @contextlib.contextmanager
   def finally_wait(self) -> Iterator[None]:
     """Waits for saves in flight when the block ends, also when it raises."""
     try:
       yield
-    finally:
-      self.wait()
+    except BaseException:
+      with contextlib.suppress(SaveError):
+        self.wait()  # the first error is the one to report
+      raise
+    self.wait()
+
+  def save_failed(self, step: int, error: BaseException, needed: int | None = None) -> SaveError:
+    """The one-line error of a failed save of ``step``, after removing its partial files.
+
+    Names what failed (the OS error when there is one), where, how much space the
+    checkpoint needs and how much is free (local disks), and the newest complete
+    checkpoint, which is untouched.
+
+    Args:
+      step: the step whose save failed.
+      error: what the save raised.
+      needed: the checkpoint's size in bytes (:func:`nbytes`), if the caller knows it.
+    """
+    # TensorStore may still finish writes that the failed save abandoned: remove what they
+    # leave until nothing has reappeared for a second (at most ten). A start of the run
+    # removes whatever is still left.
+    gc.collect()
+    quiet = 0
+    for _ in range(40):
+      quiet = 0 if self.discard_partial(step) else quiet + 1
+      if quiet == 4:
+        break
+      time.sleep(0.25)
+    self._saving, saving = None, self._saving
+    self.manager.reload()
+    steps = self.steps()
+    space = ''
+    if needed is None and saving and saving[0] == step:
+      needed = saving[1]
+    if needed and not is_remote(self.directory):
+      with contextlib.suppress(OSError):
+        free = shutil.disk_usage(self.directory).free
+        space = f'; a checkpoint needs about {_megabytes(needed)}, {_megabytes(free)} is free there'
+    kept = (
+      f'the newest complete checkpoint (step {steps[-1]}) is untouched'
+      if steps
+      else 'there is no complete checkpoint yet'
+    )
+    return SaveError(
+      f'saving checkpoint step {step} in {self.directory} failed: {_reason(error)}{space}. Its '
+      f'partial files were removed and {kept}: '
+      f'{"free some space" if _is_full(error) else "fix the cause"}, then rerun the same command '
+      'to resume.'
+    )
+
+  def discard_partial(self, step: int | None = None) -> list[epath.Path]:
+    """Removes what an unfinished save of ``step`` (None: of any step) left behind.
+
+    Orbax's temporary directories (``<step>.orbax-checkpoint-tmp...``) and, on file systems
+    where orbax writes in place, a step directory it never finalized. Process 0 only; call
+    it only while holding the workdir's lock (another run's save in flight looks the same).
+
+    Returns:
+      The paths found (and removed, as far as they could be).
+    """
+    if self.read_only or jax.process_index() > 0 or not self.directory.is_dir():
+      return []
+    finished = set(self.manager.all_steps())
+    removed = []
+    for entry in self.directory.iterdir():
+      name = entry.name
+      number = name.split('.')[0]
+      if not number.isdigit() or (step is not None and int(number) != step):
+        continue
+      if PARTIAL_MARK in name or (name.isdigit() and int(name) not in finished):
+        _remove(entry)
+        removed.append(entry)
+    return removed
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(
-    self, target: Any, *, read_only: bool = False
-  ) -> tuple[Any, dict[str, Any], int] | None:
+  def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any], int] | None:
     """Restores the newest intact checkpoint into the structure of ``target``.
+
+    An unreadable step is set aside (so training can save that step again) or, read-only,
+    left where it is; either way the next older one is tried.
 
     Args:
       target: the pytree (state dict) to restore into; its shapes are checked first.
-      read_only: leave unreadable steps where they are (tools that only inspect a run);
-        by default they are moved aside so training can save those steps again.
 
     Returns:
       ``(state, meta, step)``, or None when there is no checkpoint.
 
     Raises:
       CheckpointMismatchError: the checkpoint's parameters differ in shape from ``target``'s.
+      CheckpointError: there are checkpoints and none can be read.
     """
     steps = self.steps()
     for step in reversed(steps):
@@ -291,13 +821,12 @@ class Checkpointer:
           ),
         )
       except Exception as error:  # noqa: BLE001  (any unreadable step: fall back, delete nothing)
-        kept = self.directory / str(step) if read_only else self._set_aside(step)
+        kept = self.directory / str(step) if self.read_only else self._set_aside(step)
         logging.warning(
-          'Checkpoint step %d is unreadable (%s: %s); kept at %s (nothing deleted), trying '
-          'an older one.',
+          'Checkpoint step %d is unreadable (%s); kept at %s (nothing deleted), trying an older '
+          'one.',
           step,
-          type(error).__name__,
-          str(error).splitlines()[0][:300] if str(error) else '',
+          _reason(error),
           kept,
         )
         continue
@@ -312,7 +841,13 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int) -> epath.Path:
-    """Moves an unreadable step out of orbax's way, so it is neither reused nor deleted."""
+    """Moves an unreadable step out of orbax's way, so it is neither reused nor deleted.
+
+    A rename, or where ``checkpoints/`` is on another file system than the workdir, a copy
+    then a delete. If even the copy fails (no space), the step stays where it is and is
+    skipped; a later save of the same step then stops with a :class:`SaveError`.
+    """
+    source = self.directory / str(step)
     target = self.directory.parent / UNREADABLE / str(step)
     if jax.process_index() == 0:
       suffix = 0
@@ -320,7 +855,21 @@ class Checkpointer:
         suffix += 1
         target = self.directory.parent / UNREADABLE / f'{step}.{suffix}'
       target.parent.mkdir(parents=True, exist_ok=True)
-      (self.directory / str(step)).rename(target)
+      try:
+        source.rename(target)
+      except OSError:
+        try:
+          _copy_tree(source, target)
+          source.rmtree()
+        except OSError as error:
+          if target.exists():
+            target.rmtree()
+          logging.warning(
+            'Could not set aside the unreadable step %s (%s); it stays where it is.',
+            source,
+            error,
+          )
+          target = source
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'set_aside_{step}')
     self.manager.reload()
@@ -346,6 +895,25 @@ class Checkpointer:
         f'{problem}. Use the config it was trained with (see config.json in the workdir), or '
         'a new --workdir.'
       )
+
+
+def _reason(error: BaseException) -> str:
+  """What went wrong, in a few words: the OS error when there is one (``No space left on
+  device (errno 28)``), else the exception's first line."""
+  if isinstance(error, OSError) and error.errno:
+    where = f' ({error.filename})' if error.filename else ''
+    return f'{error.strerror or os.strerror(error.errno)} (errno {error.errno}){where}'
+  text = str(error).strip()
+  # TensorStore (under orbax) reports an OS error as "... [os_error_code='28']".
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return f'{os.strerror(int(code.group(1)))} (errno {code.group(1)})'
+  text = text.splitlines()[0][:300] if text else ''
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def _is_full(error: BaseException) -> bool:
+  return getattr(error, 'errno', None) == errno.ENOSPC or "os_error_code='28'" in str(error)
 
 
 def _to_plain(tree: Any) -> Any:

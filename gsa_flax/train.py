@@ -13,8 +13,10 @@ What a test, a tool or a notebook may want to vary is a parameter of
 
 # No `from __future__ import annotations`: clu's metric collections read their annotations.
 import collections
+import contextlib
 import dataclasses
 import functools
+import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -189,6 +191,10 @@ def prefetch(iterator: Iterator[Batch], sharding: NamedSharding, size: int = 2):
 # ----------------------------------------------------------------------------- evaluators
 
 
+def _never() -> bool:
+  return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What evaluators may use of the run they evaluate.
@@ -199,6 +205,10 @@ class Context:
     builder: the dataset's TFDS builder.
     model: the network.
     mesh: the devices (batches sharded on ``data``, variables replicated).
+    stop_requested: whether the run has been asked to stop (SIGTERM, SIGINT). An evaluator
+      that loops over batches polls it between them and returns early when it is True;
+      whatever it returns then is discarded, and the run saves a checkpoint and exits.
+      Always False on multi-host runs, where every host must run the same batches.
   """
 
   config: ml_collections.ConfigDict
@@ -206,10 +216,15 @@ class Context:
   builder: Any
   model: nn.Module
   mesh: jax.sharding.Mesh
+  stop_requested: Callable[[], bool] = _never
 
 
 class Evaluator(Protocol):
-  """Evaluates variables; returns scalars and/or ``uint8 [n, h, w, 3]`` images by name."""
+  """Evaluates variables; returns scalars and/or ``uint8 [n, h, w, 3]`` images by name.
+
+  Built once per run with the run's :class:`Context`; ``run`` is called at every
+  evaluation. A long ``run`` polls ``context.stop_requested()`` and returns early.
+  """
 
   def run(self, variables: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -221,11 +236,28 @@ class ClassificationEvaluator:
   """Loss, top-1 and top-5 accuracy over every example of the eval split exactly once.
 
   Returns ``eval_loss``, ``eval_accuracy``, ``eval_top5_accuracy`` and ``eval_examples``
-  (the count, so a short eval shows).
+  (the count, so a short eval shows). Stops between batches when the run is asked to
+  stop (``context.stop_requested``), returning ``{}``.
+
+  Args:
+    context: the run.
+    batches: ``() -> (iterator, count)`` of padded eval batches (``image``, ``label``,
+      ``mask``) for one evaluation; default: one pass over the dataset's eval split.
   """
 
-  def __init__(self, context: Context):
+  def __init__(
+    self,
+    context: Context,
+    batches: Callable[[], tuple[Iterator[Batch], int]] | None = None,
+  ):
     self.context = context
+    self.batches = batches or functools.partial(
+      input_pipeline.create_eval_iterator,
+      context.builder,
+      spec=context.spec,
+      global_batch_size=context.config.eval_batch_size or context.config.batch_size,
+      image_size=context.config.image_size,
+    )
     replicated = NamedSharding(context.mesh, P())
     self.data_sharding = NamedSharding(context.mesh, P(DATA_AXIS))
     self.step = jax.jit(
@@ -235,15 +267,11 @@ class ClassificationEvaluator:
     )
 
   def run(self, variables: dict[str, Any]) -> dict[str, Any]:
-    config = self.context.config
-    iterator, num_steps = input_pipeline.create_eval_iterator(
-      self.context.builder,
-      spec=self.context.spec,
-      global_batch_size=config.eval_batch_size or config.batch_size,
-      image_size=config.image_size,
-    )
+    iterator, num_steps = self.batches()
     collected = None
     for _, batch in zip(range(num_steps), prefetch(iterator, self.data_sharding), strict=False):
+      if self.context.stop_requested():
+        return {}
       step_metrics = self.step(variables, batch)
       collected = step_metrics if collected is None else collected.merge(step_metrics)
     result = {k: float(v) for k, v in collected.compute().items()}
@@ -252,49 +280,101 @@ class ClassificationEvaluator:
     return result
 
 
-def _write(writer: metric_writers.MetricWriter, step: int, results: dict[str, Any]) -> None:
-  """Scalars as scalars, ``[n, h, w, c]`` arrays as images."""
+def _write(
+  writer: metric_writers.MetricWriter, step: int, results: dict[str, Any], latest: dict[str, Any]
+) -> None:
+  """Scalars as scalars, ``[n, h, w, c]`` arrays as images; scalars also into ``latest``."""
   images = {k: v for k, v in results.items() if np.ndim(v) == 4}
   scalars = {k: v for k, v in results.items() if k not in images}
   if scalars:
     writer.write_scalars(step, scalars)
+    latest.update(scalars)
   if images:
     writer.write_images(step, images)
 
 
-# ----------------------------------------------------------------------------- preemption
+# ----------------------------------------------------------------------------- stop requests
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop polls; all hosts agree through a sync point."""
+class _StopRequests:
+  """SIGTERM and SIGINT (Ctrl-C, Colab's Interrupt) become a request the loop polls.
+
+  One host: the first signal sets a flag; the run finishes its step (or stops its
+  evaluation between batches), saves and returns. A second SIGINT raises
+  KeyboardInterrupt: stop at once, without saving. Several hosts: JAX's coordination
+  service catches SIGTERM on any host and picks one step at which every host sees the
+  request (:meth:`should_stop`), so all save the same step; SIGINT becomes a SIGTERM of
+  the same process, which the service then handles. An evaluation under way is not cut
+  short there: every host must run the same batches.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested: str | None = None  # the signal's name
+    self._previous = {}
 
   def __enter__(self):
     if jax.process_count() > 1:
-      return self  # the distributed runtime owns SIGTERM (see should_stop)
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread (e.g. some notebook runners)
-      self._previous = None
+      handlers = {signal.SIGINT: self._forward}
+    else:
+      handlers = {signal.SIGTERM: self._handler, signal.SIGINT: self._handler}
+    for signum, handler in handlers.items():
+      try:
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread (e.g. some notebook runners)
+        pass
     return self
 
   def _handler(self, signum, frame):
-    logging.warning('SIGTERM received: saving a checkpoint at the current step, then exiting.')
-    self.requested = True
+    name = signal.Signals(signum).name
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = name
+    again = ' (Ctrl-C again: stop now, without saving)' if signum == signal.SIGINT else ''
+    logging.warning('%s received: saving a checkpoint, then exiting%s.', name, again)
+
+  def _forward(self, signum, frame):
+    self.requested = signal.Signals(signum).name
+    logging.warning('SIGINT received: stopping every host at a common step to save it.')
+    os.kill(os.getpid(), signal.SIGTERM)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+
+  def during_evaluation(self) -> bool:
+    """Whether an evaluation should stop between batches (one host only)."""
+    return jax.process_count() == 1 and self.requested is not None
 
   def should_stop(self, step: int) -> bool:
+    """Whether to save at ``step`` and stop; the same answer on every host."""
     if jax.process_count() == 1:
-      return self.requested
+      return self.requested is not None
     # JAX's coordination service catches the SIGTERM on any host and picks one step at
     # which every host sees True, so all of them save the same step.
     return multihost_utils.reached_preemption_sync_point(step)
+
+
+def _on_process_0(action: Callable[[], Any]) -> Any:
+  """Runs ``action`` on process 0 only; if it raises, every process stops.
+
+  Returns:
+    What ``action`` returned on process 0; None on the others.
+  """
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = action()
+    except Exception as raised:  # noqa: BLE001  re-raised below, after telling the others
+      error = raised
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      raise checkpointing.CheckpointError(
+        'process 0 refused to start this run; its error line says why.'
+      )
+  if error is not None:
+    raise error
+  return result
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -311,6 +391,13 @@ def every(config: ml_collections.ConfigDict, name: str, steps_per_epoch: int) ->
   return config[f'{name}_steps']
 
 
+def run_length(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The run's length in steps: ``num_train_steps``, or ``num_epochs`` of steps."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return int(np.ceil(config.num_epochs * steps_per_epoch))
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -320,6 +407,12 @@ def train_and_evaluate(
   checkpointer: checkpointing.Checkpointer | None = None,
 ) -> state_lib.TrainState:
   """Trains (resuming from ``<workdir>/checkpoints`` if any) and evaluates periodically.
+
+  The run holds the workdir's lock (:func:`checkpointing.lock`, process 0) from start to
+  end, compares ``config`` with the workdir's record (``config.json``; see
+  :mod:`gsa_flax.checkpointing`) before anything is written, and ends with one summary
+  line: the final metrics, the checkpoint and the TensorBoard command. SIGTERM or SIGINT
+  saves the current step and returns.
 
   Args:
     config: the experiment (see ``configs/default.py`` for every field).
@@ -336,46 +429,110 @@ def train_and_evaluate(
   """
   # Everything a user can get wrong is checked here, before any data is read or compiled.
   config_validation.validate(config)
-  checkpointing.check_workdir(workdir)
+  checkpointing.check_workdir(workdir, evaluate_only=config.eval_only)
   workdir = str(checkpointing.workdir_path(workdir))
   spec = datasets.get(config.dataset)
   builder = input_pipeline.get_builder(spec, config.data_dir, image_size=config.image_size)
   config_validation.validate_against_data(config, builder)
-
-  mesh = make_mesh()
-  replicated = NamedSharding(mesh, P())
   steps_per_epoch = input_pipeline.steps_per_epoch(builder, spec, config.batch_size)
-  num_train_steps = config.num_train_steps
-  if num_train_steps <= 0:
-    num_train_steps = int(np.ceil(config.num_epochs * steps_per_epoch))
-  pieces = state_lib.setup(
-    config, spec.num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps
-  )
-  context = Context(config, spec, builder, pieces.model, mesh)
+  num_train_steps = run_length(config, steps_per_epoch)
+  config_validation.validate_schedule(config, steps_per_epoch, num_train_steps)
+  with contextlib.ExitStack() as stack:
+    stop = stack.enter_context(_StopRequests())
+    # One writer: a second run refuses here, having written nothing.
+    _on_process_0(lambda: stack.enter_context(checkpointing.lock(workdir)))
+    changes = _on_process_0(lambda: checkpointing.check_against_record(config, workdir))
+    mesh = make_mesh()
+    pieces = state_lib.setup(
+      config, spec.num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps
+    )
+    context = Context(config, spec, builder, pieces.model, mesh, stop.during_evaluation)
+    if config.eval_only:
+      return _evaluate_only(context, workdir, pieces, evaluators, stop)
+    return _train(
+      context,
+      workdir,
+      pieces,
+      stop,
+      changes=changes or {},
+      steps_per_epoch=steps_per_epoch,
+      num_train_steps=num_train_steps,
+      train_data=train_data,
+      evaluators=evaluators,
+      checkpointer=checkpointer,
+    )
 
-  if config.eval_only:
-    # The restore path of every tool that applies a trained network; moves and writes nothing.
-    trained = checkpointing.load(workdir, config, sharding=replicated)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    with metric_writers.ensure_flushes(writer):
-      for factory in evaluators:
-        _write(writer, trained.step, factory(context).run(trained.variables))
-    return state_lib.TrainState.create(
-      apply_fn=pieces.model.apply, tx=pieces.tx, **trained.variables
-    ).replace(step=trained.step)
 
+def _evaluate_only(
+  context: Context,
+  workdir: str,
+  pieces: state_lib.Setup,
+  evaluators: Sequence[EvaluatorFactory],
+  stop: _StopRequests,
+) -> state_lib.TrainState:
+  """Evaluates the newest intact checkpoint; moves nothing and never writes config.json."""
+  trained = checkpointing.load(workdir, context.config, sharding=NamedSharding(context.mesh, P()))
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  latest = {}
+  with metric_writers.ensure_flushes(writer):
+    for factory in evaluators:
+      results = factory(context).run(trained.variables)
+      if stop.during_evaluation():
+        break
+      _write(writer, trained.step, results, latest)
+  if stop.requested:
+    ending = f'Evaluation of step {trained.step} stopped by {stop.requested}'
+  else:
+    ending = f'Evaluated the checkpoint of step {trained.step}'
+  _log_summary(f'{ending}: {_metrics(latest)}.', workdir)
+  return state_lib.TrainState.create(
+    apply_fn=pieces.model.apply, tx=pieces.tx, **trained.variables
+  ).replace(step=trained.step)
+
+
+def _train(
+  context: Context,
+  workdir: str,
+  pieces: state_lib.Setup,
+  stop: _StopRequests,
+  *,
+  changes: dict[str, tuple[Any, Any]],
+  steps_per_epoch: int,
+  num_train_steps: int,
+  train_data: Callable[[int], Iterator[Batch]] | None,
+  evaluators: Sequence[EvaluatorFactory],
+  checkpointer: checkpointing.Checkpointer | None,
+) -> state_lib.TrainState:
+  """The loop of :func:`train_and_evaluate` (the workdir is locked and checked)."""
+  config, spec, mesh = context.config, context.spec, context.mesh
+  replicated = NamedSharding(mesh, P())
   init = jax.jit(
     functools.partial(state_lib.create, pieces, image_size=config.image_size),
     out_shardings=replicated,
   )
   state = init(jax.random.key(config.seed))
   ckpt = checkpointer or checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  for path in ckpt.discard_partial():
+    logging.warning('Removed %s, left by a save that did not finish.', path)
   restored = ckpt.restore_latest(checkpointing.state_dict(state))
   if restored is not None:
     state = checkpointing.restore_into(state, restored[0])
     logging.info('Resumed from checkpoint at step %d.', restored[2])
   step_offset = int(state.step)
-  checkpointing.write_config(config, workdir)
+  if step_offset > num_train_steps:
+    raise config_validation.ConfigError(
+      f'this run has trained {step_offset} steps (its newest checkpoint), more than the '
+      f'{num_train_steps} the config asks for (num_train_steps={config.num_train_steps}, '
+      f'num_epochs={config.num_epochs}): a run cannot be shortened; use a new --workdir to '
+      'train a shorter one.'
+    )
+  _on_process_0(
+    lambda: _update_record(config, workdir, changes, step_offset, pieces, context.builder)
+  )
+  path = ckpt.directory / str(step_offset)
+  if step_offset == num_train_steps:
+    _log_summary(f'Nothing to train: the run was complete at step {step_offset} ({path}).', workdir)
+    return state
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if step_offset == 0:
@@ -386,7 +543,7 @@ def train_and_evaluate(
   if train_data is None:
     train_data = functools.partial(
       input_pipeline.create_train_iterator,
-      builder,
+      context.builder,
       spec=spec,
       global_batch_size=config.batch_size,
       image_size=config.image_size,
@@ -416,9 +573,9 @@ def train_and_evaluate(
   logging.info(
     'Training from step %d to %d (%d per epoch).', step_offset, num_train_steps, steps_per_epoch
   )
-  train_metrics = None
+  train_metrics, latest, done, stopped = None, {}, step_offset, False
   # ckpt.finally_wait: whatever ends the loop (an error too), saves in flight complete.
-  with metric_writers.ensure_flushes(writer), _Preemption() as preemption, ckpt.finally_wait():
+  with metric_writers.ensure_flushes(writer), ckpt.finally_wait():
     for step in range(step_offset, num_train_steps):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, step_metrics = p_train_step(state, next(train_iter))
@@ -426,34 +583,121 @@ def train_and_evaluate(
       done = step + 1
       for hook in hooks:
         hook(done)
+      ckpt.check()  # a save that failed in the background stops the run now
       is_last = done == num_train_steps
-      stop = not is_last and preemption.should_stop(done)
+      stopped = not is_last and stop.should_stop(done)
       log = done % log_every == 0 or is_last
-      save = done % checkpoint_every == 0 or is_last or stop
+      save = done % checkpoint_every == 0 or is_last or stopped
       if train_metrics is not None and (log or save):
         # Never write a checkpoint (or a log line) of a diverged state.
         _check_finite(train_metrics)
         if log:
           summary = train_metrics.compute()
           summary.pop('nonfinite')
-          writer.write_scalars(done, {k: float(v) for k, v in summary.items()})
+          _write(writer, done, {k: float(v) for k, v in summary.items()}, latest)
           train_metrics = None
-      if not stop and (done % eval_every == 0 or is_last):
+      if not stopped and (done % eval_every == 0 or is_last):
+        logging.info('Evaluating at step %d.', done)
         with report_progress.timed('eval'):
           for run in runs:
-            _write(writer, done, run.run(state_lib.variables(state)))
+            results = run.run(state_lib.variables(state))
+            if stop.during_evaluation():
+              logging.warning(
+                'Evaluation at step %d stopped early; nothing of it is written.', done
+              )
+              stopped = save = True
+              break
+            _write(writer, done, results, latest)
       if save:
         with report_progress.timed('checkpoint'):
-          ckpt.save(
-            done, checkpointing.state_dict(state), {'step': done, 'config': config.to_dict()}
-          )
-      if stop:
+          tree = checkpointing.state_dict(state)
+          try:
+            ckpt.save(done, tree, {'step': done, 'config': config.to_dict()})
+          except checkpointing.SaveError:
+            raise
+          except Exception as error:  # noqa: BLE001  any failure to save is one line
+            raise ckpt.save_failed(done, error, checkpointing.nbytes(tree)) from None
+      if stopped:
         ckpt.wait()
-        logging.warning(
-          'Preempted: checkpoint saved at step %d; rerun the same command to resume.', done
-        )
         break
+  path = ckpt.directory / str(done)
+  if stopped:
+    ending = (
+      f'Stopped by {stop.requested or "preemption"}: checkpoint saved at step {done} ({path}); '
+      'rerun the same command to resume'
+    )
+  else:
+    ending = f'Training complete at step {done}, checkpoint {path}'
+  if stopped and jax.process_index() > 0:
+    logging.warning('%s.', ending)  # every host says which step it saved
+  _log_summary(f'{ending}. {_metrics(latest)}.', workdir)
   return state
+
+
+def _update_record(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  changes: dict[str, tuple[Any, Any]],
+  step: int,
+  pieces: state_lib.Setup,
+  builder: Any,
+) -> None:
+  """Writes the record of a new run, or the accepted changes of a resumed one (process 0).
+
+  A change to the schedule is announced with the learning rate of the next step under the
+  recorded schedule and under the new one (extending a finished run restarts the cosine
+  from near its peak).
+  """
+  if not checkpointing.has_config(workdir):
+    if step > 0:
+      logging.warning('%s had no config.json; recording this config.', workdir)
+    checkpointing.write_config(config, workdir)
+    return
+  if not changes:
+    return
+  if step > 0:
+    record = checkpointing.read_config(workdir)
+    spec = datasets.get(config.dataset)
+    recorded_steps_per_epoch = input_pipeline.steps_per_epoch(builder, spec, record.batch_size)
+    recorded_length = run_length(record, recorded_steps_per_epoch)
+    recorded = state_lib.learning_rate_schedule(record, recorded_steps_per_epoch, recorded_length)
+    before, after = float(recorded(step)), float(pieces.schedule(step))
+    if not np.isclose(before, after, rtol=1e-6, atol=0.0):
+      ended = ', which had ended' if step >= recorded_length else ''
+      new_length = run_length(
+        config, input_pipeline.steps_per_epoch(builder, spec, config.batch_size)
+      )
+      logging.warning(
+        "The learning rate of step %d changes from %.6g (config.json's schedule of %d steps%s) "
+        'to %.6g (the new schedule of %d steps, peak %.6g).',
+        step + 1,
+        before,
+        recorded_length,
+        ended,
+        after,
+        new_length,
+        config.learning_rate * config.batch_size / 256,
+      )
+  logging.warning(
+    'Accepted config changes (recorded in %s): %s.',
+    checkpointing.HISTORY_FILE,
+    ', '.join(f'{name} {old!r} -> {new!r}' for name, (old, new) in changes.items()),
+  )
+  checkpointing.record_changes(workdir, changes, step)
+
+
+def _metrics(latest: dict[str, Any]) -> str:
+  shown = [k for k in ('train_loss', 'train_accuracy', 'eval_loss', 'eval_accuracy') if k in latest]
+  shown += [k for k in ('eval_top5_accuracy',) if k in latest]
+  if not shown:
+    return 'no metrics written'
+  return 'latest ' + ', '.join(f'{k}={latest[k]:.4g}' for k in shown)
+
+
+def _log_summary(text: str, workdir: str) -> None:
+  """The run's last line (process 0): what it produced and how to look at it."""
+  if jax.process_index() == 0:
+    logging.info('%s TensorBoard: tensorboard --logdir=%s', text, workdir)
 
 
 def _check_finite(train_metrics: TrainMetrics) -> None:

@@ -30,6 +30,7 @@ TINY = {
   'batch_size': 16,
   'eval_batch_size': 48,  # Does not divide the 360 test examples: padding is exercised.
   'num_train_steps': 6,
+  'warmup_epochs': 0.0,  # A warmup must end before the run does; these runs are a few steps.
   'log_every_steps': 2,
   'eval_every_steps': 6,
   'eval_every_epochs': 0.0,

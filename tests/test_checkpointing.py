@@ -1,6 +1,8 @@
-"""Checkpoints are never destroyed: corrupted steps, wrong models and divergence."""
+"""Checkpoints are never destroyed: corrupted steps, wrong models, divergence, full disks."""
 
+import errno
 import functools
+import os
 import shutil
 
 import jax
@@ -28,14 +30,20 @@ def finished_run(digits_dir, tmp_path_factory):
   return workdir, _params(state)
 
 
-def _truncate_files(directory):
+def _truncate_files(directory, pattern='*'):
   corrupted = 0
-  for path in directory.rglob('*'):
+  for path in directory.rglob(pattern):
     if path.is_file() and path.stat().st_size > 64:
       data = path.read_bytes()
       path.write_bytes(data[: len(data) // 3])
       corrupted += 1
   assert corrupted
+
+
+def _tree(directory) -> dict[str, bytes]:
+  return {
+    str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob('*') if p.is_file()
+  }
 
 
 def test_corrupted_latest_checkpoint_falls_back_and_keeps_it(
@@ -60,12 +68,97 @@ def test_corrupted_latest_checkpoint_falls_back_and_keeps_it(
   jax.tree.map(np.testing.assert_array_equal, _params(state), final_params)
 
 
+OTHER_FILE_SYSTEM = '/dev/shm'
+
+
+@pytest.mark.skipif(
+  not os.path.isdir(OTHER_FILE_SYSTEM)
+  or os.stat(OTHER_FILE_SYSTEM).st_dev == os.stat(os.path.dirname(__file__)).st_dev,
+  reason='needs /dev/shm on another file system than the tests',
+)
+@pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
+def test_an_unreadable_step_on_another_file_system_is_set_aside_quietly(
+  finished_run, digits_dir, tmp_path, tmp_path_factory
+):
+  """checkpoints/ is a mount of its own; only the arrays of step 6 are damaged."""
+  workdir, final_params = finished_run
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  mounted = tmp_path_factory.mktemp('mount', numbered=True)
+  elsewhere = os.path.join(OTHER_FILE_SYSTEM, f'gsa_test_{os.getpid()}_{mounted.name}')
+  shutil.move(copy / 'checkpoints', elsewhere)
+  try:
+    (copy / 'checkpoints').symlink_to(elsewhere)
+    # TensorStore's array data only: the metadata reads, the arrays do not (orbax abandons
+    # the other reads in flight, each of which used to print a traceback).
+    _truncate_files(copy / 'checkpoints' / '6' / 'state', 'd/*')
+    damaged = _tree(copy / 'checkpoints' / '6')
+
+    state = train.train_and_evaluate(tiny_config(digits_dir), str(copy))
+
+    # Copied to the workdir's file system, then deleted: byte for byte as it was.
+    assert _tree(copy / 'checkpoints_unreadable' / '6') == damaged
+    assert _steps(copy) == [3, 6]  # step 6 trained again
+    jax.tree.map(np.testing.assert_array_equal, _params(state), final_params)
+  finally:
+    shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+class FullDisk(checkpointing.Checkpointer):
+  """A disk that fills up in the middle of the save of step ``full_at``.
+
+  Orbax's temporary directory of the step is half written when the write fails with
+  ENOSPC, as it would be on a full disk.
+  """
+
+  def __init__(self, workdir: str, keep: int, full_at: int):
+    super().__init__(workdir, keep=keep)
+    self.full_at = full_at
+
+  def save(self, step, state, meta):
+    if step != self.full_at:
+      return super().save(step, state, meta)
+    partial = self.directory / f'{step}.orbax-checkpoint-tmp-1764400000'
+    (partial / 'state').mkdir(parents=True)
+    (partial / 'state' / 'manifest.ocdbt').write_bytes(b'\0' * 100)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_stops_the_run_at_that_save_in_one_line(finished_run, digits_dir, tmp_path):
+  workdir, _ = finished_run
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / 'checkpoints' / '6')  # resumes at 3; the save of 6 hits the full disk
+  kept = _tree(copy / 'checkpoints' / '3')
+  restored = ocp.StandardCheckpointer().restore(copy / 'checkpoints' / '3' / 'state')
+  size = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(restored))
+
+  with pytest.raises(checkpointing.SaveError) as failed:
+    train.train_and_evaluate(
+      tiny_config(digits_dir), str(copy), checkpointer=FullDisk(str(copy), keep=3, full_at=6)
+    )
+  message = str(failed.value)
+  assert '\n' not in message
+  assert message.startswith(
+    f'saving checkpoint step 6 in {copy / "checkpoints"} failed: No space left on device '
+    f'(errno 28); a checkpoint needs about {size / 2**20:.1f} MiB, '
+  ), message
+  assert 'the newest complete checkpoint (step 3) is untouched: free some space' in message
+  # The partial directory is gone, the last good checkpoint is as it was.
+  assert sorted(p.name for p in (copy / 'checkpoints').iterdir()) == ['3']
+  assert _tree(copy / 'checkpoints' / '3') == kept
+
+
 def test_checkpoint_of_another_model_names_the_parameter(finished_run, digits_dir, tmp_path):
   workdir, _ = finished_run
   copy = tmp_path / 'run'
   shutil.copytree(workdir, copy)
+  wider = tiny_config(digits_dir, num_filters=16)
+  with pytest.raises(checkpointing.ConfigChangedError, match='num_filters 8 -> 16'):
+    train.train_and_evaluate(wider, str(copy))  # config.json stops it first
+  wider.allow_config_changes = 'num_filters'
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:
-    train.train_and_evaluate(tiny_config(digits_dir, num_filters=16), str(copy))
+    train.train_and_evaluate(wider, str(copy))
   message = str(info.value)
   assert "['params']" in message and 'shape' in message
   # The first parameter (in tree order) and both of its shapes.

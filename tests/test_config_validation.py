@@ -1,7 +1,8 @@
 """Bad input stops main.py within seconds, before any compile, with one clear line.
 
 Every case runs the real ``main.py`` in a subprocess (8 forced CPU devices); they run
-concurrently to keep the suite fast.
+concurrently to keep the suite fast. None of them may leave a traceback, a compiled step
+or a file in the workdir behind.
 """
 
 import concurrent.futures
@@ -39,21 +40,67 @@ CASES = {
     ['values', 'softmax'],
   ),
   'eval_interval_twice': (['--config.eval_every_steps=10'], ['eval_every_steps=10', 'exactly one']),
+  # Numbers that cannot train, caught before TensorFlow is imported.
+  'infinite_learning_rate': (
+    ['--config.learning_rate=inf'],
+    ['config.learning_rate=inf', 'finite'],
+  ),
+  'nan_weight_decay': (['--config.weight_decay=nan'], ['config.weight_decay=nan', 'finite']),
+  'momentum_of_one': (['--config.momentum=1.0'], ['config.momentum=1.0', '[0, 1)']),
+  'key_ratio_above_one': (['--config.gsa.key_ratio=1.5'], ['config.gsa.key_ratio=1.5', '(0, 1]']),
+  'key_ratio_without_keys': (['--config.gsa.key_ratio=0.01'], ['key_ratio', 'd_k', '= 0']),
+  'seed_beyond_32_bits': (['--config.seed=4294967296'], ['config.seed=4294967296', '2**32']),
+  'zero_filters': (['--config.num_filters=0'], ['config.num_filters=0', '> 0']),
+  'negative_epochs': (['--config.num_epochs=-1.0'], ['config.num_epochs=-1.0', '>= 0']),
+  'warmup_longer_than_run': (
+    ['--config.warmup_epochs=1.0'],
+    ['config.warmup_epochs=1.0', '22 steps of warmup', '(5 steps)', 'warmup_epochs <= 0.181'],
+  ),
+  'unknown_allowed_change': (
+    ['--config.allow_config_changes=batchsize'],
+    ['config.allow_config_changes', "'batchsize'"],
+  ),
+  'bad_flag_value': (['--config.batch_size=many'], ['config.batch_size', 'many']),
+  # The config file itself.
+  'config_file_missing': (['--config={tmp}/nowhere.py'], ['--config=', 'nowhere.py: no such file']),
+  'config_syntax_error': (
+    ['--config={tmp}/syntax.py'],
+    ['syntax.py', "'{' was never closed", 'line 2'],
+  ),
+  'get_config_raises': (
+    ['--config={tmp}/raises.py', '--config.batch_size=8'],
+    ['raises.py: loading it raised ValueError: no such experiment'],
+  ),
+  'get_config_raises_key_error': (
+    ['--config={tmp}/key_error.py'],
+    ["key_error.py: loading it raised KeyError: 'imagenet21k'"],
+  ),
+  # Evaluating a workdir without checkpoints creates nothing, not even the workdir.
+  'eval_only_without_checkpoints': (['--config.eval_only=True'], ['eval_only', 'no checkpoint']),
+}
+
+CONFIG_FILES = {
+  'syntax.py': 'def get_config():\n  return {\n',
+  'raises.py': 'def get_config():\n  raise ValueError("no such experiment")\n',
+  'key_error.py': 'def get_config():\n  return {}["imagenet21k"]\n',
 }
 
 
 def _run(case: str, data_dir: str, tmp: Path):
-  flags, _ = CASES[case]
+  flags = [flag.format(tmp=tmp) for flag in CASES[case][0]]
   workdir = tmp / case
   if case == 'unwritable_workdir':
     (tmp / 'a_file').write_text('not a directory')
     workdir = tmp / 'a_file' / 'run'
   if case == 'missing_dataset':
     data_dir = str(tmp / 'empty_data_dir')
+  config_file = [f'--config={REPO / "configs" / "default.py"}']
+  if flags and flags[0].startswith('--config='):
+    config_file, flags = flags[:1], flags[1:]
   command = [
     sys.executable,
     str(REPO / 'main.py'),
-    f'--config={REPO / "configs" / "default.py"}',
+    *config_file,
     f'--workdir={workdir}',
     f'--config.data_dir={data_dir}',
     f'--config.image_size={DIGITS_IMAGE_SIZE}',
@@ -67,6 +114,8 @@ def _run(case: str, data_dir: str, tmp: Path):
 @pytest.fixture(scope='module')
 def results(digits_dir, tmp_path_factory):
   tmp = tmp_path_factory.mktemp('bad_input')
+  for name, text in CONFIG_FILES.items():
+    (tmp / name).write_text(text)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     futures = {case: pool.submit(_run, case, digits_dir, tmp) for case in CASES}
     return {case: future.result() for case, future in futures.items()}
@@ -80,9 +129,13 @@ def test_bad_input_is_one_clear_line(results, case):
   assert last.startswith('error: '), result.stderr[-2000:]
   for word in CASES[case][1]:
     assert word in last, f'{word!r} not in {last!r}'
-  # Stopped before training: nothing compiled, no checkpoint written.
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  # Stopped before training: nothing compiled, nothing written in the workdir.
   assert 'Training from step' not in result.stderr
-  assert not (workdir / 'checkpoints').exists()
+  if case == 'eval_only_without_checkpoints':
+    assert not workdir.exists()
+  elif workdir.exists():
+    assert [p.name for p in workdir.iterdir()] == []
 
 
 def test_unknown_config_field_is_rejected(digits_dir, tmp_path):
@@ -99,5 +152,7 @@ def test_unknown_config_field_is_rejected(digits_dir, tmp_path):
     text=True,
     timeout=300,
   )
-  assert result.returncode != 0
-  assert 'batchsize' in result.stderr
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: a --config.FIELD override failed:'), result.stderr[-2000:]
+  assert "'batchsize'" in last and 'batch_size' in last

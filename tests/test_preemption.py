@@ -1,8 +1,9 @@
-"""Killed, crashed or preempted runs resume to exactly the uninterrupted result.
+"""Killed, crashed, preempted or interrupted runs save what they can and resume exactly.
 
 Each run is a real ``main.py`` subprocess on the embedded digits set. ``tests/train_program.py``
 wraps it to make the timing of the interruption deterministic (a kill in the middle of a
-chosen checkpoint save; a pause per step so SIGTERM lands mid-run).
+chosen checkpoint save; a pause per training or evaluation batch so a signal lands mid-run;
+a file-size limit that makes saves fail like a full disk).
 """
 
 import signal
@@ -50,12 +51,34 @@ def _steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
 
 
+def _saved_step(log: str) -> int:
+  """The step of the checkpoint a stopped run says it saved."""
+  return int(log.split(': checkpoint saved at step ')[1].split(' ')[0])
+
+
+def _wait_for(log: Path, text: str, proc: subprocess.Popen) -> None:
+  deadline = time.time() + 300
+  while text not in log.read_text():
+    assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+    time.sleep(0.2)
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(digits_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('uninterrupted')
   result = _run(digits_dir, workdir)
   assert result.returncode == 0, result.stderr[-3000:]
-  return _final_params(workdir), read_scalars(str(workdir))
+  scalars = read_scalars(str(workdir))
+  # The run ends with one summary: what it produced and how to look at it.
+  summary = [line for line in result.stderr.splitlines() if 'Training complete at step' in line]
+  assert len(summary) == 1
+  assert (
+    f'Training complete at step {STEPS}, checkpoint {workdir}/checkpoints/{STEPS}.' in (summary[0])
+  )
+  assert f'eval_accuracy={scalars["eval_accuracy"][STEPS]:.4g}' in summary[0]
+  assert f'train_loss={scalars["train_loss"][STEPS]:.4g}' in summary[0]
+  assert summary[0].endswith(f'TensorBoard: tensorboard --logdir={workdir}')
+  return _final_params(workdir), scalars
 
 
 def _assert_same_run(workdir: Path, uninterrupted):
@@ -83,22 +106,93 @@ def test_sigterm_saves_the_current_step_and_exits(digits_dir, tmp_path):
   log = tmp_path / 'stderr.txt'
   with log.open('w') as stderr:
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.time() + 300
-    while 'train_loss' not in log.read_text():  # training is under way (step 2 logged)
-      assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-      time.sleep(0.2)
+    _wait_for(log, 'train_loss', proc)  # training is under way (step 2 logged)
     proc.send_signal(signal.SIGTERM)
     sent = time.time()
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
   assert time.time() - sent < 60
   text = log.read_text()
-  assert 'Preempted: checkpoint saved at step' in text
-  step = int(text.split('Preempted: checkpoint saved at step ')[1].split(';')[0])
+  assert 'Stopped by SIGTERM: checkpoint saved at step' in text
+  step = _saved_step(text)
   assert 2 <= step < STEPS and step in _steps(tmp_path)
   # The checkpoint holds that step's state (resuming from any checkpoint is exact: see the
   # SIGKILL test).
   restored = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / str(step) / 'state')
   assert int(restored['step']) == step
+
+
+def test_ctrl_c_saves_like_sigterm_and_a_second_run_meanwhile_is_refused(digits_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  command, env = _command(digits_dir, workdir, GSA_TEST_STEP_PAUSE=2)
+  log = tmp_path / 'stderr.txt'
+  with log.open('w') as stderr:
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    _wait_for(log, 'Training from step', proc)
+    # A second run of the same command while the first trains: refused, naming the first.
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.poll() is None, log.read_text()[-3000:]  # the first was still training
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert (
+      second.stderr.strip()
+      .splitlines()[-1]
+      .startswith(
+        f'error: {workdir} is in use by another run (host {socket.gethostname()}, pid {proc.pid}, '
+        'started '
+      )
+    ), second.stderr[-3000:]
+    assert 'Traceback' not in second.stderr
+    assert len(list(workdir.glob('events.out.tfevents.*'))) == 1  # the first run's only
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C and Colab's Interrupt send
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+  text = log.read_text()
+  assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text[-3000:]
+  assert 'Stopped by SIGINT: checkpoint saved at step' in text
+  step = _saved_step(text)
+  assert 1 <= step < STEPS and step in _steps(workdir)
+
+
+def test_sigterm_during_an_evaluation_stops_it_between_batches(digits_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  command, env = main_command(
+    digits_dir,
+    workdir,
+    devices=2,
+    script='tests/train_program.py',
+    num_train_steps=STEPS,
+    eval_every_steps=2,
+    eval_batch_size=8,  # 45 batches of 2 s: an evaluation takes 90 s
+    checkpoint_every_steps=EVERY,
+  )
+  env['GSA_TEST_EVAL_PAUSE'] = '2'
+  log = tmp_path / 'stderr.txt'
+  with log.open('w') as stderr:
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    _wait_for(log, 'Evaluating at step 2.', proc)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+  assert time.time() - sent < 60  # well within the 90 s the evaluation would take
+  text = log.read_text()
+  assert 'Evaluation at step 2 stopped early' in text
+  assert _saved_step(text) == 2 and _steps(workdir) == [2]
+  assert 'eval_loss' not in read_scalars(str(workdir))  # nothing of the cut evaluation
+
+
+def test_a_failed_save_stops_the_run_at_once_in_one_line(digits_dir, tmp_path):
+  # Files may not grow past 20 kB: the first checkpoint (step 4) fails in the background,
+  # in TensorStore's writes, as it would on a full disk.
+  result = _run(digits_dir, tmp_path, GSA_TEST_FILE_SIZE_LIMIT=20_000)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr and 'Event loop is closed' not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(
+    f'error: saving checkpoint step {EVERY} in {tmp_path / "checkpoints"} failed: File too large '
+    '(errno 27); a checkpoint needs about '
+  ), last
+  assert 'there is no complete checkpoint yet' in last
+  # Stopped there: no step after the failed save was logged, no partial directory is left.
+  assert f'[{EVERY + 2}] ' not in result.stderr
+  assert list((tmp_path / 'checkpoints').iterdir()) == []
 
 
 def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(digits_dir, tmp_path):
@@ -117,18 +211,12 @@ def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(digits_dir, tmp_pa
       )
     )
   texts = [tmp_path / f'process{index}.txt' for index in range(2)]
-  deadline = time.time() + 300
-  while 'train_loss' not in texts[0].read_text():
-    assert all(p.poll() is None for p in procs) and time.time() < deadline, texts[0].read_text()
-    time.sleep(0.2)
+  _wait_for(texts[0], 'train_loss', procs[0])
   procs[1].send_signal(signal.SIGTERM)
   for proc, log, text in zip(procs, logs, texts, strict=True):
     code = proc.wait(timeout=120)
     log.close()
     assert code == 0, text.read_text()[-3000:]
-  steps = [
-    int(text.read_text().split('Preempted: checkpoint saved at step ')[1].split(';')[0])
-    for text in texts
-  ]
+  steps = [_saved_step(text.read_text()) for text in texts]
   assert steps[0] == steps[1] and 2 <= steps[0] < STEPS
   assert steps[0] in _steps(tmp_path / 'run')

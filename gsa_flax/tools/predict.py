@@ -39,7 +39,7 @@ def class_names(config, data_dir: str | None = None) -> list[str]:
   writes its names at preparation, so without it they are indices).
   """
   spec = datasets.get(config.dataset)
-  data_dir = data_dir or config.data_dir or None
+  data_dir = data_dir or config.get('data_dir') or None
   try:
     builder = input_pipeline.get_builder(spec, data_dir, image_size=config.image_size)
   except input_pipeline.DatasetNotFoundError:

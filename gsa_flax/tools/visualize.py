@@ -107,7 +107,7 @@ def run(
     batch = np.stack(decoded)
   else:
     builder = input_pipeline.get_builder(
-      spec, data_dir or config.data_dir, image_size=config.image_size
+      spec, data_dir or config.get('data_dir') or None, image_size=config.image_size
     )
     batch, _ = input_pipeline.eval_images(
       builder, spec=spec, image_size=config.image_size, count=count
