@@ -283,6 +283,16 @@ class Lease:
   def _keep_renewing(self) -> None:
     while not self._stop.wait(self.seconds / 3):
       try:
+        holder = _read_holder(self.path)
+        if holder is not None and holder.get('token') != self.token:
+          # Not renewed in time (a stalled process): another run took the workdir.
+          logging.error(
+            'The lease %s was taken by host %s, pid %s: this run no longer holds its workdir.',
+            self.path,
+            holder.get('host'),
+            holder.get('pid'),
+          )
+          return
         self.renew()
       except Exception as error:  # noqa: BLE001  a renewal may fail; the next one retries.
         logging.warning('Could not renew the lease %s: %s', self.path, error)

@@ -4,12 +4,13 @@ import errno
 import functools
 import os
 import shutil
+import subprocess
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import DIGITS_IMAGE_SIZE, tiny_config
+from helpers import DIGITS_IMAGE_SIZE, main_command, tiny_config
 
 from gsa_flax import checkpointing, datasets, input_pipeline, train
 
@@ -147,6 +148,36 @@ def test_a_full_disk_stops_the_run_at_that_save_in_one_line(finished_run, digits
   # The partial directory is gone, the last good checkpoint is as it was.
   assert sorted(p.name for p in (copy / 'checkpoints').iterdir()) == ['3']
   assert _tree(copy / 'checkpoints' / '3') == kept
+
+
+def test_a_save_failing_in_the_background_stops_the_run_at_once_in_one_line(digits_dir, tmp_path):
+  """A real failure: no file may grow past 20 kB, so TensorStore's writes of the first
+  checkpoint (step 4) fail in orbax's background thread, as on a full disk."""
+  workdir = tmp_path / 'run'
+  command, env = main_command(
+    digits_dir,
+    workdir,
+    devices=2,
+    script='tests/train_program.py',
+    num_train_steps=12,
+    log_every_steps=1,
+    checkpoint_every_steps=4,
+    eval_every_steps=12,
+  )
+  env.update(GSA_TEST_FILE_SIZE_LIMIT='20000', GSA_TEST_STEP_PAUSE='0.5')
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr and 'Event loop is closed' not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(
+    f'error: saving checkpoint step 4 in {workdir / "checkpoints"} failed: File too large '
+    '(errno 27); a checkpoint needs about '
+  ), last
+  assert 'there is no complete checkpoint yet' in last
+  # Stopped before the next save would have found it, and no partial directory is left.
+  assert '[4] grad_norm=' in result.stderr  # training reached the save
+  assert '[8] ' not in result.stderr
+  assert list((workdir / 'checkpoints').iterdir()) == []
 
 
 def test_checkpoint_of_another_model_names_the_parameter(finished_run, digits_dir, tmp_path):

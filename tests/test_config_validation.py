@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import pytest
 from helpers import DIGITS_IMAGE_SIZE, REPO, environment
+
+from configs import default
+from gsa_flax import config_validation
 
 # case -> (extra flags, workdir relative to tmp (None: default), words the message must name)
 CASES = {
@@ -40,25 +44,14 @@ CASES = {
     ['values', 'softmax'],
   ),
   'eval_interval_twice': (['--config.eval_every_steps=10'], ['eval_every_steps=10', 'exactly one']),
-  # Numbers that cannot train, caught before TensorFlow is imported.
+  # A number that cannot train, caught before TensorFlow is imported (more in NUMBERS).
   'infinite_learning_rate': (
     ['--config.learning_rate=inf'],
     ['config.learning_rate=inf', 'finite'],
   ),
-  'nan_weight_decay': (['--config.weight_decay=nan'], ['config.weight_decay=nan', 'finite']),
-  'momentum_of_one': (['--config.momentum=1.0'], ['config.momentum=1.0', '[0, 1)']),
-  'key_ratio_above_one': (['--config.gsa.key_ratio=1.5'], ['config.gsa.key_ratio=1.5', '(0, 1]']),
-  'key_ratio_without_keys': (['--config.gsa.key_ratio=0.01'], ['key_ratio', 'd_k', '= 0']),
-  'seed_beyond_32_bits': (['--config.seed=4294967296'], ['config.seed=4294967296', '2**32']),
-  'zero_filters': (['--config.num_filters=0'], ['config.num_filters=0', '> 0']),
-  'negative_epochs': (['--config.num_epochs=-1.0'], ['config.num_epochs=-1.0', '>= 0']),
   'warmup_longer_than_run': (
     ['--config.warmup_epochs=1.0'],
     ['config.warmup_epochs=1.0', '22 steps of warmup', '(5 steps)', 'warmup_epochs <= 0.181'],
-  ),
-  'unknown_allowed_change': (
-    ['--config.allow_config_changes=batchsize'],
-    ['config.allow_config_changes', "'batchsize'"],
   ),
   'bad_flag_value': (['--config.batch_size=many'], ['config.batch_size', 'many']),
   # The config file itself.
@@ -156,3 +149,52 @@ def test_unknown_config_field_is_rejected(digits_dir, tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error: a --config.FIELD override failed:'), result.stderr[-2000:]
   assert "'batchsize'" in last and 'batch_size' in last
+
+
+# field -> (value, words the message must name): checked in this process, as main.py does
+# before anything else (one of them through main.py: see 'infinite_learning_rate').
+NUMBERS = {
+  'weight_decay': (float('nan'), ['config.weight_decay=nan', 'finite number >= 0']),
+  'momentum': (1.0, ['config.momentum=1.0', 'in [0, 1)']),
+  'label_smoothing': (-0.1, ['config.label_smoothing=-0.1', 'in [0, 1)']),
+  'gsa.key_ratio': (1.5, ['config.gsa.key_ratio=1.5', 'in (0, 1]']),
+  'seed': (2**32, ['config.seed=4294967296', '[0, 2**32)']),
+  'num_filters': (0, ['config.num_filters=0', 'an int > 0']),
+  'num_epochs': (float('-inf'), ['config.num_epochs=-inf', 'finite number >= 0']),
+  'image_size': ('16', ["config.image_size='16'", 'an int > 0 (got str)']),
+  'batch_size': (64.0, ['config.batch_size=64.0', 'an int > 0']),
+  'nesterov': (1, ['config.nesterov=1', 'True or False']),
+  'stage_sizes': ((2, 0), ['config.stage_sizes=(2, 0)', 'ints > 0']),
+  'gsa.attention_stages': ((1, 0), ['config.gsa.attention_stages=(1, 0)', 'bools']),
+  'keep_checkpoints': (0, ['config.keep_checkpoints=0', '> 0']),
+  'allow_config_changes': (
+    'batchsize',
+    ['allow_config_changes', "'batchsize'", 'not a config field'],
+  ),
+}
+
+
+@pytest.mark.parametrize('field', sorted(NUMBERS))
+def test_a_value_that_cannot_train_is_named(field):
+  value, words = NUMBERS[field]
+  tree = default.get_config().to_dict()  # plain values: no type is enforced, as in a JSON file
+  *parents, leaf = field.split('.')
+  target = tree
+  for parent in parents:
+    target = target[parent]
+  target[leaf] = value
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(ml_collections.ConfigDict(tree))
+  for word in words:
+    assert word in str(error.value), str(error.value)
+
+
+def test_a_key_ratio_that_leaves_no_key_channel_is_rejected():
+  config = default.get_config()
+  config.gsa.key_ratio = 0.01  # d_k = int(0.01 * 16) = 0 in the first stage
+  with pytest.raises(config_validation.ConfigError, match=r'd_k = key_ratio \* 16 = 0'):
+    config_validation.validate(config)
+
+
+def test_the_default_config_passes():
+  config_validation.validate(default.get_config())
