@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from gsa_flax import datasets, layers, models
+from gsa_flax import augment_config, datasets, layers, models
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 # jax.random.key keeps the low 32 bits of a larger seed: 2**32 and 0 would be the same run.
@@ -55,7 +55,7 @@ _KINDS = {int: 'an int', float: 'a finite number'}
 
 
 def _choice(options) -> Field:
-  return Field(str, f'one of {", ".join(options)}', lambda value: value in options)
+  return Field(str, f'one of {", ".join(map(repr, options))}', lambda value: value in options)
 
 
 def _at_least(low, kind: type = int, *, trained: bool = True) -> Field:
@@ -92,6 +92,7 @@ FIELDS: dict[str, Field] = {
   'num_filters': _positive(),
   'small_stem': _BOOL,
   'dtype': _choice(DTYPES),
+  'remat': _choice(('', *models.REMAT_POLICIES)),
   'gsa.num_heads': _positive(),
   'gsa.key_ratio': _fraction(closed_top=True),
   'gsa.rel_length': _at_least(0),
@@ -101,6 +102,7 @@ FIELDS: dict[str, Field] = {
   'gsa.normalize_queries': _BOOL,
   'gsa.positional_softmax': _BOOL,
   'gsa.order': _choice(layers.ORDERS),
+  'gsa.implementation': _choice(tuple(i or '' for i in layers.IMPLEMENTATIONS)),
   'gsa.attention_stages': Field(
     tuple,
     "a tuple of bools (one per stage), or () for the model's default",
@@ -122,6 +124,16 @@ FIELDS: dict[str, Field] = {
   'weight_decay': _at_least(0, float),
   'label_smoothing': _fraction(),
   'seed': Field(int, 'an int in [0, 2**32)', lambda value: 0 <= value < SEED_LIMIT),
+  'ema_decay': _fraction(),
+  # Augmentation: their types here; their ranges are augment_config.check_config's.
+  'augment.num_layers': Field(int, 'an int'),
+  'augment.magnitude': Field(float, 'a finite number'),
+  'augment.magnitude_std': Field(float, 'a finite number'),
+  'augment.mixup_alpha': Field(float, 'a finite number'),
+  'augment.cutmix_alpha': Field(float, 'a finite number'),
+  'augment.prob': Field(float, 'a finite number'),
+  'augment.switch_prob': Field(float, 'a finite number'),
+  'init_from': _STRING,
   # Bookkeeping.
   'log_every_steps': _FREE_COUNT,
   'log_every_epochs': _FREE_EPOCHS,
@@ -250,6 +262,10 @@ def _validate_trained(config: ml_collections.ConfigDict) -> None:
     f'config.num_train_steps={config.num_train_steps} and config.num_epochs={config.num_epochs}: '
     'set num_train_steps > 0, or num_train_steps=-1 and num_epochs > 0.',
   )
+  try:
+    augment_config.check_config(**config.augment, prefix='config.augment.')
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   gsa = config.gsa
   model = models.build(config, datasets.get(config.dataset).num_classes)
   stages = len(model.stage_sizes)
@@ -275,6 +291,7 @@ def _validate_trained(config: ml_collections.ConfigDict) -> None:
         gsa.rel_length or None,
         gsa.order,
         gsa.positional_softmax,
+        gsa.implementation or None,
       )
     except ValueError as error:
       raise ConfigError(
