@@ -171,6 +171,9 @@ NUMBERS = {
     'batchsize',
     ['allow_config_changes', "'batchsize'", 'not a config field'],
   ),
+  'ema_decay': (1.0, ['config.ema_decay=1.0', 'in [0, 1)']),
+  'remat': ('all', ["config.remat='all'", "'', 'block', 'dots'"]),
+  'augment.prob': (1.5, ['config.augment.prob=1.5', '0..1']),
 }
 
 
