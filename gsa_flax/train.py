@@ -148,10 +148,13 @@ def eval_step(
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A one-axis ``data`` mesh over ``devices`` (default: every device of every process)."""
-  if devices is None:
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
-  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+  """A one-axis ``data`` mesh over ``devices`` (default: every device of every process).
+
+  Built by ``jax.make_mesh`` either way, so the batch sharding is visible while tracing:
+  the Pallas kernels then run per device on their share of the batch (``shard_map``).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
 
 
 def jit_train_step(

@@ -35,10 +35,19 @@ GSA_FRACTIONS = {'BottleneckBlock_0': 1, 'BottleneckBlock_1': 1, 'BottleneckBloc
 
 
 def _random_variables(model, image_size: int, rng) -> dict:
-  """Random values of ``model``'s shapes at ``image_size``; batch statistics in 0.5..1.5."""
+  """Random values of ``model``'s shapes at ``image_size``; batch statistics in 0.5..1.5.
+
+  Kernels and tables are scaled by 1/sqrt(fan-in), as an initialiser would, so that
+  activations stay finite through the network whatever the draw.
+  """
   shapes = models.abstract_variables(model, image_size)
+
+  def param(s):
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+    return (rng.normal(size=s.shape) / np.sqrt(fan_in)).astype(s.dtype)
+
   return {
-    'params': jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes['params']),
+    'params': jax.tree.map(param, shapes['params']),
     'batch_stats': jax.tree.map(
       lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype), shapes['batch_stats']
     ),
