@@ -63,7 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0  # Label smoothing of the cross-entropy targets.
   config.seed = 0  # Initialisation and data order; the same seed gives the same run.
   # Exponential moving average of the parameters, ema = decay * ema + (1 - decay) * params
-  # after every step, evaluated and exported in place of the raw parameters; 0 = off.
+  # after every step, kept in the checkpoints. Every evaluation writes the raw parameters'
+  # metrics (eval_accuracy, ...) and the average's (ema_eval_accuracy, ...), both with the
+  # run's BatchNorm statistics; predict, visualize, export and init_from use the average.
+  # 0 = off.
   config.ema_decay = 0.0
 
   # --- Augmentation (gsa_flax/augment.py); the defaults are off -------------------------
@@ -80,11 +83,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Transfer ------------------------------------------------------------------------
   # Start from trained weights instead of a random initialisation: a training workdir (its
-  # newest checkpoint), a checkpoint directory under it, or an exported weights file
-  # (python -m gsa_flax.tools.export); local or gs://. Parameters and BatchNorm statistics
-  # are copied, position tables resized to this image_size, and the classifier
-  # re-initialised if the number of classes differs (gsa_flax/transfer.py). Used only when
-  # the workdir has no checkpoint yet (a resumed run continues from its own). '' = scratch.
+  # newest checkpoint; the moving average of its parameters if it kept one), its
+  # checkpoints directory, one checkpoint (<workdir>/checkpoints/<step>), or an exported
+  # weights file (python -m gsa_flax.tools.export); local or gs://. Parameters and BatchNorm
+  # statistics are copied, position tables resized to this image_size, and the classifier
+  # re-initialised if the number of classes differs (gsa_flax/transfer.py); the optimizer
+  # and the step start fresh. Read only when the workdir has no checkpoint yet: a restarted
+  # run continues from its own and never reads it again. '' = random initialisation.
   config.init_from = ''
 
   # --- Bookkeeping -------------------------------------------------------------------
@@ -106,6 +111,6 @@ def get_config() -> ml_collections.ConfigDict:
   # that changes what is trained (model, data, batch, schedule, seed), unless the field is
   # listed here, comma-separated ('num_train_steps,batch_size'); each accepted change is
   # appended to <workdir>/config_history.jsonl. Intervals, keep_checkpoints, profile_steps,
-  # eval_only, attention_maps, data_dir and eval_batch_size may change without it.
+  # eval_only, attention_maps, data_dir, eval_batch_size and init_from may change without it.
   config.allow_config_changes = ''
   return config

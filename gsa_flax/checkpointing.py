@@ -56,7 +56,7 @@ from etils import epath
 from flax import serialization
 from jax.experimental import multihost_utils
 
-from gsa_flax import config_validation, datasets
+from gsa_flax import config_validation, datasets, models, transfer, weights
 from gsa_flax import state as state_lib
 
 
@@ -108,6 +108,12 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
   return workdir_path(workdir) / 'checkpoints'
 
 
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+  """Whether ``<workdir>/checkpoints`` holds a step directory (readable or not)."""
+  directory = checkpoint_dir(workdir)
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def check_workdir(workdir: str | os.PathLike, *, evaluate_only: bool = False) -> None:
   """Checks that a run can use ``workdir``, before anything is compiled.
 
@@ -123,7 +129,7 @@ def check_workdir(workdir: str | os.PathLike, *, evaluate_only: bool = False) ->
   """
   if evaluate_only:
     directory = checkpoint_dir(workdir)
-    if not (directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())):
+    if not has_checkpoints(workdir):
       raise CheckpointError(
         f'config.eval_only=True, but {workdir} holds no checkpoint ({directory}): train first, '
         'or pass the --workdir of a training run.'
@@ -323,25 +329,43 @@ def lock(workdir: str | os.PathLike) -> FileLock | Lease:
 # ----------------------------------------------------------------------------- state layout
 
 
+# The moving average of the parameters, when the run keeps one; a tree like ``params``.
+EMA = 'ema_params'
+
+
 def state_dict(state: state_lib.TrainState) -> dict[str, Any]:
-  """The checkpoint layout of a train state: step, params, batch_stats, opt_state."""
-  return serialization.to_state_dict(
-    {
-      'step': state.step,
-      'params': state.params,
-      'batch_stats': state.batch_stats,
-      'opt_state': state.opt_state,
-    }
-  )
+  """The checkpoint layout of a train state: step, params, batch_stats, opt_state, and
+  ``ema_params`` (the parameters' moving average, a tree like ``params``) when it has one."""
+  tree = {
+    'step': state.step,
+    'params': state.params,
+    'batch_stats': state.batch_stats,
+    'opt_state': state.opt_state,
+  }
+  if state.ema_params is not None:
+    tree[EMA] = state.ema_params
+  return serialization.to_state_dict(tree)
 
 
 def restore_into(state: state_lib.TrainState, restored: dict[str, Any]) -> state_lib.TrainState:
-  """``state`` with the values of a restored :func:`state_dict`."""
+  """``state`` with the values of a restored :func:`state_dict`.
+
+  The moving average follows ``state``: a state that keeps one takes the checkpoint's or,
+  from a checkpoint without one (averaging turned on in a restart), starts it at the
+  restored parameters; a state without one ignores the checkpoint's.
+  """
+  params = serialization.from_state_dict(state.params, restored['params'])
+  ema = None
+  if state.ema_params is not None:
+    # A copy: params and their average are separate buffers (the train step donates both).
+    ema = serialization.from_state_dict(state.ema_params, restored.get(EMA, restored['params']))
+    ema = jax.tree.map(lambda a: a.copy(), ema)
   return state.replace(
     step=restored['step'],
-    params=serialization.from_state_dict(state.params, restored['params']),
+    params=params,
     batch_stats=serialization.from_state_dict(state.batch_stats, restored['batch_stats']),
     opt_state=serialization.from_state_dict(state.opt_state, restored['opt_state']),
+    ema_params=ema,
   )
 
 
@@ -514,14 +538,41 @@ class Trained:
   Attributes:
     config: the run's config (from ``config.json``).
     model: the network it trained.
-    variables: ``{'params': ..., 'batch_stats': ...}`` from the checkpoint.
+    variables: ``{'params': ..., 'batch_stats': ...}`` to apply: the moving average of the
+      parameters when the checkpoint has one (unless the raw parameters were asked for),
+      with the run's BatchNorm statistics.
     step: the training step of the checkpoint.
+    ema_params: the checkpoint's moving average of the parameters; None if it has none.
+    origin: where the variables come from, in words (for logs and model cards).
   """
 
   config: ml_collections.ConfigDict
   model: nn.Module
   variables: dict[str, Any]
   step: int
+  ema_params: Any = None
+  origin: str = ''
+
+  @property
+  def averaged(self) -> bool:
+    """Whether ``variables`` holds the moving average rather than the raw parameters."""
+    return self.ema_params is not None and self.variables['params'] is self.ema_params
+
+
+def locate_run(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
+  """The workdir and the step a path names: ``<workdir>`` (its newest intact checkpoint),
+  ``<workdir>/checkpoints`` (the same) or ``<workdir>/checkpoints/<step>`` (that step).
+
+  Returns:
+    ``(workdir, step)``; ``step`` is None for the newest.
+  """
+  path = workdir_path(path)
+  if not (path / CONFIG_FILE).exists():
+    if path.name == 'checkpoints' and (path.parent / CONFIG_FILE).exists():
+      return path.parent, None
+    if path.name.isdigit() and path.parent.name == 'checkpoints':
+      return path.parent.parent, int(path.name)
+  return path, None
 
 
 def load(
@@ -529,37 +580,79 @@ def load(
   config: ml_collections.ConfigDict | None = None,
   *,
   sharding: jax.sharding.Sharding | None = None,
+  raw: bool = False,
 ) -> Trained:
-  """Restores the newest intact checkpoint of a workdir for inference, moving no file.
+  """Restores a checkpoint of a training run for inference, moving no file.
 
   The one restore path of everything that applies a trained network (evaluation of a
-  finished run, prediction, attention maps).
+  finished run, prediction, attention maps, export, ``init_from``).
 
   Args:
-    workdir: the ``--workdir`` of a training run.
+    workdir: the ``--workdir`` of a training run (its newest intact checkpoint), its
+      ``checkpoints`` directory (the same), or one checkpoint, ``<workdir>/checkpoints/<step>``.
     config: the run's config; None reads ``<workdir>/config.json``.
     sharding: where the arrays go; None: this process's first device.
+    raw: apply the raw parameters even when the checkpoint has their moving average
+      (which is applied by default; ``ema_params`` holds it either way).
 
   Raises:
     CheckpointError: no config, no checkpoint, or checkpoints that cannot be read or do
       not fit the config (one line, saying what to do).
   """
-  config = read_config(workdir) if config is None else config
+  root, step = locate_run(workdir)
+  config = read_config(root) if config is None else config
   pieces = state_lib.setup(config, datasets.get(config.dataset).num_classes)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
     state_dict(state_lib.abstract(pieces, config.image_size)),
   )
-  directory = checkpoint_dir(workdir)
+  directory = checkpoint_dir(root)
   if not directory.is_dir():
-    raise CheckpointError(f'no checkpoint in {workdir}: train first ({directory} is missing).')
-  restored = Checkpointer(workdir, keep=1, read_only=True).restore_latest(target)
+    raise CheckpointError(f'no checkpoint in {root}: train first ({directory} is missing).')
+  reader = Checkpointer(str(root), keep=1, read_only=True)
+  restored = reader.restore_latest(target) if step is None else reader.restore(step, target)
   if restored is None:
     raise CheckpointError(f'no checkpoint in {directory}: train first.')
   tree, _, step = restored
-  variables = {'params': tree['params'], 'batch_stats': tree['batch_stats']}
-  return Trained(config, pieces.model, variables, step)
+  ema = tree.get(EMA)
+  params = tree['params'] if raw or ema is None else ema
+  weights = 'raw parameters' if ema is None or raw else 'moving average of the parameters'
+  return Trained(
+    config,
+    pieces.model,
+    {'params': params, 'batch_stats': tree['batch_stats']},
+    step,
+    ema_params=ema,
+    origin=f'checkpoint {directory / str(step)} ({weights})',
+  )
+
+
+def load_weights(path: str | os.PathLike) -> Trained:
+  """The trained network at ``path``, wherever it is kept (what ``config.init_from`` reads).
+
+  Args:
+    path: a training workdir, its ``checkpoints`` directory or one checkpoint under it
+      (:func:`load`: the moving average when the run kept one), or a portable-weights file
+      (:func:`gsa_flax.models.load_pretrained`); local or ``gs://``.
+
+  Raises:
+    gsa_flax.transfer.TransferError: the path does not exist or is a file of another kind.
+    CheckpointError: a run whose config or checkpoints cannot be used.
+    gsa_flax.weights.WeightsError: a weights file that cannot be read.
+  """
+  source = transfer.locate(path)
+  if source.kind == 'run':
+    return load(path)
+  pretrained = models.load_pretrained(path)
+  step = pretrained.card.get('step')
+  return Trained(
+    pretrained.config,
+    pretrained.model,
+    pretrained.variables,
+    -1 if step is None else int(step),
+    origin=f'weights file {path} ({weights.describe(pretrained.card)})',
+  )
 
 
 def _abstract(tree: Any) -> Any:
@@ -808,7 +901,9 @@ class Checkpointer:
     """Restores the newest intact checkpoint into the structure of ``target``.
 
     An unreadable step is set aside (so training can save that step again) or, read-only,
-    left where it is; either way the next older one is tried.
+    left where it is; either way the next older one is tried. The moving average
+    (:data:`EMA`) is restored when the checkpoint has one, whether ``target`` has it or not
+    (it has the structure of ``params``), and is absent from the result otherwise.
 
     Args:
       target: the pytree (state dict) to restore into; its shapes are checked first.
@@ -822,14 +917,10 @@ class Checkpointer:
     """
     steps = self.steps()
     for step in reversed(steps):
-      self._check_shapes(step, target)
       try:
-        restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()
-          ),
-        )
+        restored = self._restore(step, target)
+      except CheckpointMismatchError:
+        raise
       except Exception as error:  # noqa: BLE001  (any unreadable step: fall back, delete nothing)
         kept = self.directory / str(step) if self.read_only else self._set_aside(step)
         logging.warning(
@@ -842,13 +933,46 @@ class Checkpointer:
         continue
       if step != steps[-1]:
         logging.warning('Resumed from step %d, the newest intact checkpoint.', step)
-      return restored['state'], dict(restored['meta']), step
+      return restored
     if steps:
       raise CheckpointError(
         f'none of the checkpoints {steps} in {self.directory} could be read (set aside in '
         f'{self.directory.parent / UNREADABLE}); fix or remove them, or use a new --workdir.'
       )
     return None
+
+  def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any], int]:
+    """Restores checkpoint ``step`` (like :meth:`restore_latest`, without falling back).
+
+    Raises:
+      CheckpointMismatchError: its parameters differ in shape from ``target``'s.
+      CheckpointError: there is no such step, or it cannot be read (one line).
+    """
+    steps = self.steps()
+    if step not in steps:
+      raise CheckpointError(
+        f'{self.directory} has no checkpoint of step {step} (it has {steps or "none"}).'
+      )
+    try:
+      return self._restore(step, target)
+    except CheckpointMismatchError:
+      raise
+    except Exception as error:  # noqa: BLE001  one line, whatever broke
+      raise CheckpointError(
+        f'checkpoint {self.directory / str(step)} cannot be read ({_reason(error)}).'
+      ) from None
+
+  def _restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any], int]:
+    stored = self._stored(step)
+    target = _with_stored_ema(target, stored)
+    self._check_shapes(step, target, stored)
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()
+      ),
+    )
+    return restored['state'], dict(restored['meta']), step
 
   def _set_aside(self, step: int) -> epath.Path:
     """Moves an unreadable step out of orbax's way, so it is neither reused nor deleted.
@@ -885,15 +1009,20 @@ class Checkpointer:
     self.manager.reload()
     return target
 
-  def _check_shapes(self, step: int, target: dict[str, Any]) -> None:
-    """Compares stored array shapes with ``target``'s from metadata, before reading data."""
+  def _stored(self, step: int) -> Any:
+    """The stored tree of ``step`` (array metadata as nested dicts), or None if unreadable."""
     try:
       stored = self.manager.item_metadata(step)['state']
     except Exception:  # noqa: BLE001  unreadable metadata: the restore reports it.
-      return
+      return None
+    if stored is None:
+      return None
+    return _to_plain(getattr(stored, 'tree', stored))
+
+  def _check_shapes(self, step: int, target: dict[str, Any], stored: Any) -> None:
+    """Compares stored array shapes with ``target``'s from metadata, before reading data."""
     if stored is None:
       return
-    stored = _to_plain(getattr(stored, 'tree', stored))
     # Parameters first: the mismatch a user can act on, before optimizer state mirrors it.
     problem = None
     if isinstance(stored, dict) and 'params' in stored and 'params' in target:
@@ -905,6 +1034,16 @@ class Checkpointer:
         f'{problem}. Use the config it was trained with (see config.json in the workdir), or '
         'a new --workdir.'
       )
+
+
+def _with_stored_ema(target: dict[str, Any], stored: Any) -> dict[str, Any]:
+  """``target`` with the moving average exactly when the stored checkpoint has one."""
+  if not isinstance(stored, dict) or not isinstance(target, dict) or 'params' not in target:
+    return target
+  target = {k: v for k, v in target.items() if k != EMA}
+  if EMA in stored:
+    target[EMA] = target['params']
+  return target
 
 
 def _reason(error: BaseException) -> str:

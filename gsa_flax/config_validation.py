@@ -73,7 +73,6 @@ def _fraction(closed_top: bool = False) -> Field:
 
 
 _BOOL = Field(bool, 'True or False')
-_STRING = Field(str, 'a string')
 # Fields that do not change what is trained.
 _FREE_BOOL = Field(bool, 'True or False', trained=False)
 _FREE_STRING = Field(str, 'a string', trained=False)
@@ -133,7 +132,9 @@ FIELDS: dict[str, Field] = {
   'augment.cutmix_alpha': Field(float, 'a finite number'),
   'augment.prob': Field(float, 'a finite number'),
   'augment.switch_prob': Field(float, 'a finite number'),
-  'init_from': _STRING,
+  # Read only when a run starts from scratch (a restart continues from its own checkpoint),
+  # so it changes nothing once a run has started; config.json keeps the first start's value.
+  'init_from': _FREE_STRING,
   # Bookkeeping.
   'log_every_steps': _FREE_COUNT,
   'log_every_epochs': _FREE_EPOCHS,

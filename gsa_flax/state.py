@@ -1,9 +1,13 @@
 """The training state and what it is made of: model, learning-rate schedule, optimizer.
 
-:func:`setup` turns a config into the three pieces every user of a train state needs (the
+:func:`setup` turns a config into the pieces every user of a train state needs (the
 trainer, the checkpoint readers, the tools that size or restore a run); :func:`create`
 initialises a state and :func:`abstract` is its shape-only twin (nothing computed), the
 target a checkpoint is restored into.
+
+With ``config.ema_decay > 0`` the state also keeps an exponential moving average of the
+parameters (``ema_params``), updated by every :meth:`TrainState.apply_gradients`; with 0
+``ema_params`` is None and the state is what it was without averaging.
 """
 
 from __future__ import annotations
@@ -15,15 +19,37 @@ import flax.linen as nn
 import jax
 import ml_collections
 import optax
+from flax import struct
 from flax.training import train_state
 
 from gsa_flax import models
 
 
 class TrainState(train_state.TrainState):
-  """Parameters, optimizer state and step, plus the BatchNorm running statistics."""
+  """Parameters, optimizer state and step, the BatchNorm running statistics and, when on,
+  the moving average of the parameters.
+
+  Attributes:
+    batch_stats: BatchNorm running statistics (updated by the forward pass, not averaged:
+      the average of the parameters is evaluated with these statistics).
+    ema_params: ``ema = ema_decay * ema + (1 - ema_decay) * params`` after every update,
+      started from the parameters the run starts with (its initialisation, or the weights
+      of ``init_from``); None when averaging is off.
+    ema_decay: the decay of the average (0 when off); a constant of the state, not an array.
+  """
 
   batch_stats: Any
+  ema_params: Any = None
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)
+
+  def apply_gradients(self, *, grads, **kwargs) -> TrainState:
+    """One optimizer update (``train_state.TrainState``'s), then the moving average's."""
+    new = super().apply_gradients(grads=grads, **kwargs)
+    if self.ema_params is None:
+      return new
+    decay = self.ema_decay
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, self.ema_params, new.params)
+    return new.replace(ema_params=ema)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +60,13 @@ class Setup:
     model: the network (:func:`gsa_flax.models.build`).
     schedule: learning rate by step.
     tx: the optimizer (uses ``schedule``).
+    ema_decay: the decay of the parameters' moving average; 0 keeps none.
   """
 
   model: nn.Module
   schedule: optax.Schedule
   tx: optax.GradientTransformation
+  ema_decay: float = 0.0
 
 
 def learning_rate_schedule(
@@ -94,11 +122,17 @@ def setup(
     schedule = optax.constant_schedule(0.0)
   else:
     schedule = learning_rate_schedule(config, steps_per_epoch, num_train_steps)
-  return Setup(models.build(config, num_classes), schedule, create_optimizer(config, schedule))
+  return Setup(
+    models.build(config, num_classes),
+    schedule,
+    create_optimizer(config, schedule),
+    ema_decay=float(config.ema_decay),
+  )
 
 
 def create(pieces: Setup, rng: jax.Array, image_size: int) -> TrainState:
-  """Initialises parameters, BatchNorm statistics and optimizer state (float32).
+  """Initialises parameters, BatchNorm statistics and optimizer state (float32), and the
+  parameters' moving average (equal to the parameters) when ``pieces.ema_decay > 0``.
 
   Args:
     pieces: from :func:`setup`.
@@ -111,6 +145,8 @@ def create(pieces: Setup, rng: jax.Array, image_size: int) -> TrainState:
     params=variables['params'],
     batch_stats=variables['batch_stats'],
     tx=pieces.tx,
+    ema_params=variables['params'] if pieces.ema_decay > 0 else None,
+    ema_decay=pieces.ema_decay,
   )
 
 
@@ -122,3 +158,14 @@ def abstract(pieces: Setup, image_size: int) -> TrainState:
 def variables(state: TrainState) -> dict[str, Any]:
   """What applying the model needs: ``{'params': ..., 'batch_stats': ...}``."""
   return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def ema_variables(state: TrainState) -> dict[str, Any] | None:
+  """The moving average with the run's BatchNorm statistics, or None when averaging is off.
+
+  The statistics are the run's own running averages: BatchNorm keeps them per step of the
+  raw parameters, and no separate statistics of the averaged network are computed.
+  """
+  if state.ema_params is None:
+    return None
+  return {'params': state.ema_params, 'batch_stats': state.batch_stats}

@@ -30,11 +30,20 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from flax import serialization, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gsa_flax import checkpointing, config_validation, datasets, input_pipeline
+from gsa_flax import (
+  checkpointing,
+  config_validation,
+  datasets,
+  input_pipeline,
+  models,
+  transfer,
+  weights,
+)
 from gsa_flax import state as state_lib
 
 DATA_AXIS = 'data'
@@ -98,8 +107,27 @@ class EvalMetrics(metrics.Collection):
 # ----------------------------------------------------------------------------- steps
 
 
-def _loss(logits, labels, num_classes, label_smoothing):
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+def soft_targets(
+  batch: dict[str, jax.Array], num_classes: int, label_smoothing: float
+) -> jax.Array:
+  """The training targets of a batch, ``[batch, num_classes]``.
+
+  ``onehot(label)``, or for a mixed batch (Mixup/CutMix: the batch carries ``mix_label`` and
+  ``mix_weight``) ``w * onehot(label) + (1 - w) * onehot(mix_label)``; then label smoothing,
+  ``(1 - s) * target + s / num_classes``.
+  """
+  targets = jax.nn.one_hot(batch['label'], num_classes)
+  if 'mix_label' in batch:
+    weight = batch['mix_weight'][:, None].astype(targets.dtype)
+    targets = weight * targets + (1.0 - weight) * jax.nn.one_hot(batch['mix_label'], num_classes)
+  return optax.smooth_labels(targets, label_smoothing)
+
+
+def cross_entropy(
+  logits: jax.Array, batch: dict[str, jax.Array], num_classes: int, label_smoothing: float
+) -> jax.Array:
+  """The training loss: mean softmax cross-entropy of ``logits`` with :func:`soft_targets`."""
+  targets = soft_targets(batch, num_classes, label_smoothing)
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
@@ -111,7 +139,12 @@ def train_step(
   num_classes: int,
   label_smoothing: float,
 ) -> tuple[state_lib.TrainState, TrainMetrics]:
-  """One SGD step on a global batch; returns the new state and this step's metrics."""
+  """One SGD step on a global batch; returns the new state and this step's metrics.
+
+  The loss is :func:`cross_entropy` (mixed targets when the batch is mixed); the accuracy
+  counts ``label``. The state's moving average, if it keeps one, is updated after the
+  parameters (:meth:`gsa_flax.state.TrainState.apply_gradients`).
+  """
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -120,7 +153,7 @@ def train_step(
       train=True,
       mutable=['batch_stats'],
     )
-    loss = _loss(logits, batch['label'], num_classes, label_smoothing)
+    loss = cross_entropy(logits, batch, num_classes, label_smoothing)
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -296,6 +329,38 @@ def _write(
     writer.write_images(step, images)
 
 
+# Results of evaluating the moving average of the parameters carry this prefix
+# (``ema_eval_accuracy``); those of the raw parameters are unprefixed (``eval_accuracy``).
+EMA_PREFIX = 'ema_'
+
+
+def _weights_to_evaluate(
+  variables: dict[str, Any], ema_params: Any
+) -> list[tuple[str, dict[str, Any]]]:
+  """``(prefix, variables)``: the raw parameters, then their moving average if kept (with
+  the same BatchNorm statistics)."""
+  evaluated = [('', variables)]
+  if ema_params is not None:
+    evaluated.append((EMA_PREFIX, {**variables, 'params': ema_params}))
+  return evaluated
+
+
+def _evaluate(
+  runs: Sequence[Evaluator],
+  evaluated: Sequence[tuple[str, dict[str, Any]]],
+  stopped: Callable[[], bool],
+) -> dict[str, Any] | None:
+  """Every evaluator on every set of weights; None if a stop request cut it short."""
+  results = {}
+  for prefix, variables in evaluated:
+    for run in runs:
+      found = run.run(variables)
+      if stopped():
+        return None
+      results.update({prefix + name: value for name, value in found.items()})
+  return results
+
+
 # ----------------------------------------------------------------------------- stop requests
 
 
@@ -440,15 +505,19 @@ def train_and_evaluate(
   steps_per_epoch = input_pipeline.steps_per_epoch(builder, spec, config.batch_size)
   num_train_steps = run_length(config, steps_per_epoch)
   config_validation.validate_schedule(config, steps_per_epoch, num_train_steps)
+  pieces = state_lib.setup(
+    config, spec.num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps
+  )
+  # A run's own checkpoints take precedence: init_from is read only by a run that has none.
+  start = None
+  if config.init_from and not config.eval_only and not checkpointing.has_checkpoints(workdir):
+    start = read_init_from(config, pieces.model)
   with contextlib.ExitStack() as stack:
     stop = stack.enter_context(_StopRequests())
     # One writer: a second run refuses here, having written nothing.
     _on_process_0(lambda: stack.enter_context(checkpointing.lock(workdir)))
     changes = _on_process_0(lambda: checkpointing.check_against_record(config, workdir))
     mesh = make_mesh()
-    pieces = state_lib.setup(
-      config, spec.num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps
-    )
     context = Context(config, spec, builder, pieces.model, mesh, stop.during_evaluation)
     if config.eval_only:
       return _evaluate_only(context, workdir, pieces, evaluators, stop)
@@ -463,7 +532,80 @@ def train_and_evaluate(
       train_data=train_data,
       evaluators=evaluators,
       checkpointer=checkpointer,
+      start=start,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """Trained weights a new run starts from (``config.init_from``).
+
+  Attributes:
+    adapted: the source's variables fitted to the run's network (:func:`transfer.adapt`;
+      re-initialised leaves are shapes only, the run's own initialisation fills them).
+    origin: where they come from, in words.
+  """
+
+  adapted: transfer.Adapted
+  origin: str
+
+
+def read_init_from(config: ml_collections.ConfigDict, model: nn.Module) -> Start:
+  """Reads ``config.init_from`` and fits it to ``model`` at ``config.image_size``.
+
+  Only shapes of the target network are used (nothing is compiled), so a source that does
+  not fit stops the run before any compile.
+
+  Raises:
+    transfer.TransferError: the source cannot be read or does not fit, in one line
+      naming ``config.init_from``.
+  """
+  where = f'config.init_from={config.init_from}'
+  try:
+    trained = checkpointing.load_weights(config.init_from)
+  except (transfer.TransferError, checkpointing.CheckpointError, weights.WeightsError) as error:
+    raise transfer.TransferError(f'{where}: {error}') from None
+  try:
+    adapted = transfer.adapt(trained.variables, models.abstract_variables(model, config.image_size))
+  except transfer.TransferError as error:
+    raise transfer.TransferError(
+      f"{where} does not fit this run's network ({config.model} at {config.image_size}x"
+      f'{config.image_size}): {error}'
+    ) from None
+  return Start(adapted, trained.origin)
+
+
+def _global(value: Any, sharding: NamedSharding) -> jax.Array:
+  """A host array (the same on every process) as a global array of ``sharding``."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _start_from(
+  state: state_lib.TrainState, start: Start, sharding: NamedSharding
+) -> state_lib.TrainState:
+  """A freshly initialised ``state`` with the weights of ``start``: parameters, BatchNorm
+  statistics and the moving average (equal to the parameters); the optimizer starts fresh.
+
+  Leaves that :func:`transfer.adapt` re-initialised keep ``state``'s initialisation.
+  """
+  own = traverse_util.flatten_dict(state_lib.variables(state), sep='/')
+  adapted = traverse_util.flatten_dict(start.adapted.variables, sep='/')
+  for path in start.adapted.reinitialized:
+    adapted[path] = jax.device_get(own[path])
+  variables = traverse_util.unflatten_dict(
+    {path: _global(value, sharding) for path, value in adapted.items()}, sep='/'
+  )
+  params = serialization.from_state_dict(state.params, variables['params'])
+  ema = None
+  if state.ema_params is not None:
+    ema = jax.tree.map(lambda a: _global(jax.device_get(a), sharding), params)
+  return state.replace(
+    params=params,
+    batch_stats=serialization.from_state_dict(state.batch_stats, variables['batch_stats']),
+    opt_state=jax.jit(state.tx.init, out_shardings=sharding)(params),
+    ema_params=ema,
+  )
 
 
 def _evaluate_only(
@@ -473,15 +615,19 @@ def _evaluate_only(
   evaluators: Sequence[EvaluatorFactory],
   stop: _StopRequests,
 ) -> state_lib.TrainState:
-  """Evaluates the newest intact checkpoint; moves nothing and never writes config.json."""
-  trained = checkpointing.load(workdir, context.config, sharding=NamedSharding(context.mesh, P()))
+  """Evaluates the newest intact checkpoint (its raw parameters and, if it has one, their
+  moving average); moves nothing and never writes config.json."""
+  trained = checkpointing.load(
+    workdir, context.config, sharding=NamedSharding(context.mesh, P()), raw=True
+  )
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   latest = {}
+  runs = [factory(context) for factory in evaluators]
   with metric_writers.ensure_flushes(writer):
-    for factory in evaluators:
-      results = factory(context).run(trained.variables)
-      if stop.during_evaluation():
-        break
+    results = _evaluate(
+      runs, _weights_to_evaluate(trained.variables, trained.ema_params), stop.during_evaluation
+    )
+    if results is not None:
       _write(writer, trained.step, results, latest)
   if stop.requested:
     ending = f'Evaluation of step {trained.step} stopped by {stop.requested}'
@@ -489,7 +635,11 @@ def _evaluate_only(
     ending = f'Evaluated the checkpoint of step {trained.step}'
   _log_summary(f'{ending}: {_metrics(latest)}.', workdir)
   return state_lib.TrainState.create(
-    apply_fn=pieces.model.apply, tx=pieces.tx, **trained.variables
+    apply_fn=pieces.model.apply,
+    tx=pieces.tx,
+    **trained.variables,
+    ema_params=trained.ema_params,
+    ema_decay=pieces.ema_decay,
   ).replace(step=trained.step)
 
 
@@ -505,22 +655,40 @@ def _train(
   train_data: Callable[[int], Iterator[Batch]] | None,
   evaluators: Sequence[EvaluatorFactory],
   checkpointer: checkpointing.Checkpointer | None,
+  start: Start | None,
 ) -> state_lib.TrainState:
   """The loop of :func:`train_and_evaluate` (the workdir is locked and checked)."""
   config, spec, mesh = context.config, context.spec, context.mesh
   replicated = NamedSharding(mesh, P())
+  ckpt = checkpointer or checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  for path in ckpt.discard_partial():
+    logging.warning('Removed %s, left by a save that did not finish.', path)
+  if config.init_from and start is None and not ckpt.steps():
+    start = read_init_from(config, pieces.model)  # only unfinished saves were there
   init = jax.jit(
     functools.partial(state_lib.create, pieces, image_size=config.image_size),
     out_shardings=replicated,
   )
   state = init(jax.random.key(config.seed))
-  ckpt = checkpointer or checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  for path in ckpt.discard_partial():
-    logging.warning('Removed %s, left by a save that did not finish.', path)
   restored = ckpt.restore_latest(checkpointing.state_dict(state))
+  origin = ''
   if restored is not None:
     state = checkpointing.restore_into(state, restored[0])
+    origin = restored[1].get('init_from', '')
     logging.info('Resumed from checkpoint at step %d.', restored[2])
+    if config.init_from:
+      logging.info(
+        'config.init_from=%s is not read: the run continues from its own checkpoint.',
+        config.init_from,
+      )
+  elif start is not None:
+    state = _start_from(state, start, replicated)
+    origin = start.origin
+    logging.info(
+      'Starting from %s (config.init_from=%s); the optimizer and the step start fresh.',
+      origin,
+      config.init_from,
+    )
   step_offset = int(state.step)
   if step_offset > num_train_steps:
     raise config_validation.ConfigError(
@@ -532,9 +700,13 @@ def _train(
   _on_process_0(
     lambda: _update_record(config, workdir, changes, step_offset, pieces, context.builder)
   )
+  started_from = f' Started from {origin}.' if origin else ''
   path = ckpt.directory / str(step_offset)
   if step_offset == num_train_steps:
-    _log_summary(f'Nothing to train: the run was complete at step {step_offset} ({path}).', workdir)
+    _log_summary(
+      f'Nothing to train: the run was complete at step {step_offset} ({path}).{started_from}',
+      workdir,
+    )
     return state
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -551,6 +723,7 @@ def _train(
       global_batch_size=config.batch_size,
       image_size=config.image_size,
       seed=config.seed,
+      augment=input_pipeline.Augment(**config.augment),
     )
   train_iter = prefetch(train_data(start_step=step_offset), NamedSharding(mesh, P(DATA_AXIS)))
   runs = [factory(context) for factory in evaluators]
@@ -576,6 +749,9 @@ def _train(
   logging.info(
     'Training from step %d to %d (%d per epoch).', step_offset, num_train_steps, steps_per_epoch
   )
+  meta = {'config': config.to_dict()}
+  if origin:
+    meta['init_from'] = origin
   train_metrics, latest, done, stopped = None, {}, step_offset, False
   # ckpt.finally_wait: whatever ends the loop (an error too), saves in flight complete.
   with metric_writers.ensure_flushes(writer), ckpt.finally_wait():
@@ -602,20 +778,21 @@ def _train(
       if not stopped and (done % eval_every == 0 or is_last):
         logging.info('Evaluating at step %d.', done)
         with report_progress.timed('eval'):
-          for run in runs:
-            results = run.run(state_lib.variables(state))
-            if stop.during_evaluation():
-              logging.warning(
-                'Evaluation at step %d stopped early; nothing of it is written.', done
-              )
-              stopped = save = True
-              break
-            _write(writer, done, results, latest)
+          results = _evaluate(
+            runs,
+            _weights_to_evaluate(state_lib.variables(state), state.ema_params),
+            stop.during_evaluation,
+          )
+        if results is None:
+          logging.warning('Evaluation at step %d stopped early; nothing of it is written.', done)
+          stopped = save = True
+        else:
+          _write(writer, done, results, latest)
       if save:
         with report_progress.timed('checkpoint'):
           tree = checkpointing.state_dict(state)
           try:
-            ckpt.save(done, tree, {'step': done, 'config': config.to_dict()})
+            ckpt.save(done, tree, {'step': done, **meta})
           except checkpointing.SaveError:
             raise
           except Exception as error:  # noqa: BLE001  any failure to save is one line
@@ -633,7 +810,7 @@ def _train(
     ending = f'Training complete at step {done}, checkpoint {path}'
   if stopped and jax.process_index() > 0:
     logging.warning('%s.', ending)  # every host says which step it saved
-  _log_summary(f'{ending}. {_metrics(latest)}.', workdir)
+  _log_summary(f'{ending}. {_metrics(latest)}.{started_from}', workdir)
   return state
 
 
@@ -690,8 +867,9 @@ def _update_record(
 
 
 def _metrics(latest: dict[str, Any]) -> str:
-  shown = [k for k in ('train_loss', 'train_accuracy', 'eval_loss', 'eval_accuracy') if k in latest]
-  shown += [k for k in ('eval_top5_accuracy',) if k in latest]
+  names = ('train_loss', 'train_accuracy', 'eval_loss', 'eval_accuracy', 'eval_top5_accuracy')
+  shown = [k for k in names if k in latest]
+  shown += [EMA_PREFIX + k for k in names if EMA_PREFIX + k in latest]
   if not shown:
     return 'no metrics written'
   return 'latest ' + ', '.join(f'{k}={latest[k]:.4g}' for k in shown)

@@ -56,6 +56,7 @@ def slow_train_data(config, pause: float):
     global_batch_size=config.batch_size,
     image_size=config.image_size,
     seed=config.seed,
+    augment=input_pipeline.Augment(**config.augment),
   )
   return lambda start_step: _slow(real(start_step=start_step), pause)
 

@@ -1,8 +1,8 @@
 """What every command line of the project shares: absl flags, one-line user errors, quiet logs.
 
 A mistake of the user (a bad flag, a config file that is missing or does not load, a bad
-config, a missing dataset or workdir, an unreadable checkpoint) is one ``error: ...`` line
-on stderr and exit status 2, never a traceback.
+config, a missing dataset or workdir, an unreadable checkpoint, weights that do not fit) is
+one ``error: ...`` line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from gsa_flax import checkpointing, config_validation, datasets
+from gsa_flax import checkpointing, config_validation, datasets, transfer, weights
 
 # Exceptions whose message is the whole story for the user.
 USER_ERRORS: tuple[type[BaseException], ...] = (
   config_validation.ConfigError,
   datasets.DatasetNotFoundError,
   checkpointing.CheckpointError,
+  transfer.TransferError,
+  weights.WeightsError,
   FloatingPointError,
 )
 

@@ -4,11 +4,13 @@ r"""Exports the newest checkpoint of a training workdir as one portable-weights 
 
 The file (:mod:`gsa_flax.weights`) holds the run's config, the parameters and BatchNorm
 statistics of its newest intact checkpoint (those ``checkpointing.load`` restores: the
-weights every evaluation of the run used) and a model card: model, dataset, resolution,
-number of classes and parameters, the step, and the run's evaluation at that step as its
-TensorBoard events recorded it. ``gsa_flax.models.load_pretrained`` rebuilds the network
-from the file alone; ``config.init_from`` starts another run from it. The card is printed
-as one line.
+moving average of the parameters when the run kept one, else the raw parameters; ``--raw``
+exports the raw ones) and a model card: model, dataset, resolution, number of classes and
+parameters, the step, the run's evaluation of the exported weights at that step as its
+TensorBoard events recorded it (``ema_eval_accuracy`` for an average, written on the card as
+``eval_accuracy``), and ``weights: ema (decay D)`` for an average.
+``gsa_flax.models.load_pretrained`` rebuilds the network from the file alone;
+``config.init_from`` starts another run from it. The card is printed as one line.
 
 Exit status: 0 when the file was written, 2 when the workdir has no usable config or
 checkpoint.
@@ -22,25 +24,40 @@ from typing import Any
 
 from absl import flags, logging
 
-from gsa_flax import checkpointing, weights
+from gsa_flax import checkpointing, train, weights
 from gsa_flax.tools import cli, events
 
 # The run's evaluation metrics that go on the card, as the trainer names them.
 CARD_METRICS = ('eval_accuracy', 'eval_top5_accuracy')
 
 
-def metrics_at(workdir: str | os.PathLike, step: int) -> dict[str, float]:
-  """The evaluation metrics the run wrote at ``step`` (:data:`CARD_METRICS` it has)."""
+def metrics_at(workdir: str | os.PathLike, step: int, prefix: str = '') -> dict[str, float]:
+  """The evaluation metrics the run wrote at ``step`` (:data:`CARD_METRICS` it has).
+
+  Args:
+    workdir: the training run.
+    step: the step of the evaluation.
+    prefix: read ``prefix + name`` (``train.EMA_PREFIX``: the moving average's metrics);
+      the result is keyed by the plain name.
+  """
   scalars = events.read_scalars(workdir)
-  return {name: scalars[name][step] for name in CARD_METRICS if step in scalars.get(name, {})}
+  return {
+    name: scalars[prefix + name][step]
+    for name in CARD_METRICS
+    if step in scalars.get(prefix + name, {})
+  }
 
 
-def run(workdir: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]:
+def run(
+  workdir: str | os.PathLike, output: str | os.PathLike, *, raw: bool = False
+) -> dict[str, Any]:
   """Writes the newest checkpoint of ``workdir`` to ``output`` and prints its card.
 
   Args:
     workdir: the ``--workdir`` of a training run (local or ``gs://``).
     output: the file to write (local or ``gs://``; replaced if it exists).
+    raw: export the raw parameters even when the run kept a moving average of them (which
+      is exported by default).
 
   Returns:
     The model card written.
@@ -48,8 +65,9 @@ def run(workdir: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]
   Raises:
     CheckpointError: the workdir has no usable config or checkpoint.
   """
-  trained = checkpointing.load(workdir)
-  metrics = metrics_at(workdir, trained.step)
+  trained = checkpointing.load(workdir, raw=raw)
+  prefix = train.EMA_PREFIX if trained.averaged else ''
+  metrics = metrics_at(workdir, trained.step, prefix)
   if not metrics:
     logging.warning(
       'No evaluation at step %d in the events of %s: the card has no accuracy.',
@@ -63,6 +81,8 @@ def run(workdir: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]
     step=trained.step,
     metrics=metrics,
   )
+  if trained.averaged:
+    card['weights'] = f'ema (decay {trained.config.ema_decay:g})'
   weights.export(output, trained.config, trained.variables, card)
   print(f'{output}: {weights.describe(card)}')
   return card
@@ -78,11 +98,14 @@ def main(argv: Sequence[str]) -> None:
     cli.fail('--workdir is required: the workdir of a training run.')
   if not FLAGS.output:
     cli.fail('--output is required: the weights file to write (local or gs://).')
-  run(FLAGS.workdir, FLAGS.output)
+  run(FLAGS.workdir, FLAGS.output, raw=FLAGS.raw)
 
 
 if __name__ == '__main__':
   # Flags exist only when the module runs as a program: importing it defines none.
   flags.DEFINE_string('workdir', None, 'The training run (config.json, checkpoints, events).')
   flags.DEFINE_string('output', None, 'The portable-weights file to write.')
+  flags.DEFINE_bool(
+    'raw', False, 'The raw parameters, not their moving average (if the run kept one).'
+  )
   cli.run(main)

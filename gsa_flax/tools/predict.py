@@ -3,7 +3,8 @@ r"""Classifies image files with the latest checkpoint of a training workdir.
   python -m gsa_flax.tools.predict --workdir=/tmp/gsa photo.jpg digit.png
 
 The model is rebuilt from the ``config.json`` the run saved next to its checkpoints, the
-parameters and BatchNorm statistics come from the newest intact checkpoint, and each image
+parameters and BatchNorm statistics come from the newest intact checkpoint (the moving
+average of the parameters when the run kept one; ``--raw`` for the raw ones), and each image
 is decoded (PNG, JPEG, GIF, BMP) and preprocessed exactly like an eval image. For each file
 the top-5 classes are printed with their probabilities; a file that cannot be read or
 decoded gets one ``error:`` line on stderr naming it, and the others are still classified.
@@ -85,14 +86,23 @@ def format_prediction(path: str, ranked: Sequence[tuple[str, float]]) -> str:
   return '\n'.join(lines)
 
 
-def run(workdir: str, paths: Sequence[str], data_dir: str | None = None) -> int:
+def run(
+  workdir: str, paths: Sequence[str], data_dir: str | None = None, *, raw: bool = False
+) -> int:
   """Prints the top-5 classes of each image file; returns the exit status (0, or 1 if a
   file could not be read).
+
+  Args:
+    workdir: the training run.
+    paths: image files.
+    data_dir: the TFDS data dir of the label names; None: the run's.
+    raw: classify with the raw parameters even when the run kept a moving average of them
+      (which is used by default).
 
   Raises:
     CheckpointError: the workdir has no usable config or checkpoint.
   """
-  trained = checkpointing.load(workdir)
+  trained = checkpointing.load(workdir, raw=raw)
   spec = datasets.get(trained.config.dataset)
   names = class_names(trained.config, data_dir)
   kept, batch = [], []
@@ -116,11 +126,14 @@ def main(argv: Sequence[str]) -> int:
     cli.fail('--workdir is required: the workdir of a training run.')
   if len(argv) < 2:
     cli.fail('no image given: python -m gsa_flax.tools.predict --workdir=DIR IMAGE...')
-  return run(FLAGS.workdir, argv[1:], FLAGS.data_dir)
+  return run(FLAGS.workdir, argv[1:], FLAGS.data_dir, raw=FLAGS.raw)
 
 
 if __name__ == '__main__':
   # Flags exist only when the module runs as a program: importing it defines none.
   flags.DEFINE_string('workdir', None, 'The training run (config.json, checkpoints).')
   flags.DEFINE_string('data_dir', None, "TFDS data dir for the label names (default: the run's).")
+  flags.DEFINE_bool(
+    'raw', False, 'The raw parameters, not their moving average (if the run kept one).'
+  )
   cli.run(main)

@@ -4,7 +4,9 @@ r"""Attention maps of a trained run as one PNG, for its first eval images or ima
 
 Rows are GSA layers (``--layers``, default the first and the last), columns are images;
 each row shows the query pixel, its content weights over the image and its positional
-weights along its column and row (see :mod:`gsa_flax.tools.attention_maps`).
+weights along its column and row (see :mod:`gsa_flax.tools.attention_maps`). The network
+is the run's newest intact checkpoint: the moving average of its parameters when the run
+kept one (``--raw`` for the raw parameters).
 
 Exit status: 0 when every image was drawn, 1 when some image file failed, 2 when the workdir
 has no usable config or checkpoint or a flag is wrong.
@@ -72,6 +74,7 @@ def run(
   head: int | None = None,
   count: int = 3,
   data_dir: str | None = None,
+  raw: bool = False,
 ) -> int:
   """Draws the attention maps of a trained run to ``output``; returns the exit status.
 
@@ -82,6 +85,8 @@ def run(
     layers, query, head: see :func:`save_attention_map`.
     count: eval images drawn when no file is given.
     data_dir: TFDS data dir of the eval images; None: the run's.
+    raw: draw the raw parameters' maps even when the run kept a moving average of them
+      (which is drawn by default).
 
   Returns:
     0, or 1 when some image file could not be read (the others are drawn).
@@ -90,7 +95,7 @@ def run(
     CheckpointError: the workdir has no usable config or checkpoint.
     ValueError: no such layer, head or query.
   """
-  trained = checkpointing.load(workdir)
+  trained = checkpointing.load(workdir, raw=raw)
   config = trained.config
   spec = datasets.get(config.dataset)
   failed = 0
@@ -143,6 +148,7 @@ def main(argv: Sequence[str]) -> int:
       head=FLAGS.head,
       count=FLAGS.count,
       data_dir=FLAGS.data_dir,
+      raw=FLAGS.raw,
     )
   except ValueError as error:
     cli.fail(str(error))
@@ -157,4 +163,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('head', None, 'One head; default: the mean over heads.')
   flags.DEFINE_integer('count', 3, 'Eval images to draw when no IMAGE is given.')
   flags.DEFINE_string('data_dir', None, "TFDS data dir of the eval images; default: the run's.")
+  flags.DEFINE_bool(
+    'raw', False, 'The raw parameters, not their moving average (if the run kept one).'
+  )
   cli.run(main)
