@@ -617,14 +617,16 @@ def load(
   tree, _, step = restored
   ema = tree.get(EMA)
   params = tree['params'] if raw or ema is None else ema
-  weights = 'raw parameters' if ema is None or raw else 'moving average of the parameters'
+  origin = f'checkpoint {directory / str(step)}'
+  if ema is not None:
+    origin += ' (raw parameters)' if raw else ' (moving average of the parameters)'
   return Trained(
     config,
     pieces.model,
     {'params': params, 'batch_stats': tree['batch_stats']},
     step,
     ema_params=ema,
-    origin=f'checkpoint {directory / str(step)} ({weights})',
+    origin=origin,
   )
 
 

@@ -685,9 +685,7 @@ def _train(
     state = _start_from(state, start, replicated)
     origin = start.origin
     logging.info(
-      'Starting from %s (config.init_from=%s); the optimizer and the step start fresh.',
-      origin,
-      config.init_from,
+      'config.init_from: starting from %s; the optimizer and the step start fresh.', origin
     )
   step_offset = int(state.step)
   if step_offset > num_train_steps:

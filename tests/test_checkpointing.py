@@ -7,12 +7,14 @@ import shutil
 import subprocess
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from helpers import DIGITS_IMAGE_SIZE, main_command, tiny_config
 
 from gsa_flax import checkpointing, datasets, input_pipeline, train
+from gsa_flax import state as state_lib
 
 
 def _params(state):
@@ -223,3 +225,32 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(digits_dir, tmp_pa
   restored = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '3' / 'state')
   assert int(restored['step']) == 3
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored['params']))
+
+
+def test_a_moving_average_turned_on_in_a_restart_starts_at_the_restored_parameters(
+  finished_run, digits_dir
+):
+  """A checkpoint without an average restores into a state that keeps one (ema_decay
+  turned on with allow_config_changes): the average starts at the restored parameters; a
+  state without one ignores a checkpoint's."""
+  workdir, final_params = finished_run
+  averaging = state_lib.abstract(
+    state_lib.setup(tiny_config(digits_dir, ema_decay=0.9), 10), DIGITS_IMAGE_SIZE
+  )
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+    checkpointing.state_dict(averaging),
+  )
+  reader = checkpointing.Checkpointer(str(workdir), keep=1, read_only=True)
+  restored, _, step = reader.restore_latest(target)
+  assert step == 6 and checkpointing.EMA not in restored  # the run kept no average
+  zeros = lambda state: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
+  resumed = checkpointing.restore_into(zeros(averaging), restored)
+  for tree in (resumed.params, resumed.ema_params):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, tree), final_params)
+  assert int(resumed.step) == 6 and resumed.ema_decay == 0.9
+
+  plain = state_lib.abstract(state_lib.setup(tiny_config(digits_dir), 10), DIGITS_IMAGE_SIZE)
+  with_average = dict(restored, ema_params=restored['params'])
+  assert checkpointing.restore_into(zeros(plain), with_average).ema_params is None

@@ -1,8 +1,10 @@
 """Killed, crashed, preempted or interrupted runs save what they can and resume exactly.
 
-Each run is a real ``main.py`` subprocess on the embedded digits set. ``tests/train_program.py``
-wraps it to make the timing of the interruption deterministic (a kill in the middle of a
-chosen checkpoint save; a pause per training or evaluation batch so a signal lands mid-run).
+Each run is a real ``main.py`` subprocess on the embedded digits set, keeping a moving
+average of its parameters (``ema_decay``), which must resume exactly too.
+``tests/train_program.py`` wraps it to make the timing of the interruption deterministic (a
+kill in the middle of a chosen checkpoint save; a pause per training or evaluation batch so
+a signal lands mid-run).
 """
 
 import signal
@@ -20,6 +22,7 @@ from helpers import main_command
 from gsa_flax.tools.events import read_scalars
 
 STEPS, EVERY = 16, 4
+EMA_DECAY = 0.75
 
 
 def _command(data_dir: str, workdir: Path, **env_hooks) -> tuple[list[str], dict]:
@@ -31,6 +34,7 @@ def _command(data_dir: str, workdir: Path, **env_hooks) -> tuple[list[str], dict
     num_train_steps=STEPS,
     eval_every_steps=STEPS,
     checkpoint_every_steps=EVERY,
+    ema_decay=EMA_DECAY,
   )
   env.update({k: str(v) for k, v in env_hooks.items()})
   return command, env
@@ -42,8 +46,9 @@ def _run(data_dir, workdir, **hooks) -> subprocess.CompletedProcess:
 
 
 def _final_params(workdir: Path) -> dict:
+  """The parameters and their moving average in the final checkpoint."""
   restored = ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / str(STEPS) / 'state')
-  return jax.tree.map(np.asarray, restored['params'])
+  return jax.tree.map(np.asarray, {k: restored[k] for k in ('params', 'ema_params')})
 
 
 def _steps(workdir: Path) -> list[int]:
@@ -77,7 +82,11 @@ def uninterrupted(digits_dir, tmp_path_factory):
   assert f'eval_accuracy={scalars["eval_accuracy"][STEPS]:.4g}' in summary[0]
   assert f'train_loss={scalars["train_loss"][STEPS]:.4g}' in summary[0]
   assert summary[0].endswith(f'TensorBoard: tensorboard --logdir={workdir}')
-  return _final_params(workdir), scalars
+  final = _final_params(workdir)
+  # The average lags behind the parameters: comparing it compares something of its own.
+  differ = jax.tree.map(lambda a, b: not np.array_equal(a, b), final['params'], final['ema_params'])
+  assert any(jax.tree.leaves(differ))
+  return final, scalars
 
 
 def _assert_same_run(workdir: Path, uninterrupted):
@@ -85,7 +94,8 @@ def _assert_same_run(workdir: Path, uninterrupted):
   jax.tree.map(np.testing.assert_array_equal, _final_params(workdir), params)
   resumed = read_scalars(str(workdir))
   for tag in ('eval_loss', 'eval_accuracy', 'eval_top5_accuracy'):
-    assert resumed[tag][STEPS] == scalars[tag][STEPS], tag
+    for name in (tag, f'ema_{tag}'):  # the raw parameters' and their average's
+      assert resumed[name][STEPS] == scalars[name][STEPS], name
 
 
 def test_sigkill_during_a_save_then_restart_is_exact(digits_dir, tmp_path, uninterrupted):

@@ -1,5 +1,6 @@
 """train_and_evaluate for real: digits, mocked cifar100/imagenet2012, resume, devices, hosts."""
 
+import functools
 import glob
 import os
 import shutil
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+from flax import traverse_util
 from helpers import (
   DIGITS_IMAGE_SIZE,
   DIGITS_TEST_EXAMPLES,
@@ -19,7 +21,8 @@ from helpers import (
   tiny_config,
 )
 
-from gsa_flax import datasets, input_pipeline, train
+from gsa_flax import checkpointing, datasets, input_pipeline, train
+from gsa_flax import state as state_lib
 from gsa_flax.tools.events import read_scalars
 
 FOUR_STEPS = dict(num_train_steps=4, eval_every_steps=4, checkpoint_every_steps=4)
@@ -73,6 +76,186 @@ def test_digits_train_evaluate_and_resume(digits_run, digits_dir, tmp_path):
   config = tiny_config(digits_dir, eval_only=True)
   evaluated = train.train_and_evaluate(config, str(tmp_path / 'b'))
   jax.tree.map(np.testing.assert_array_equal, _params(evaluated), final_params)
+
+
+# ----------------------------------------------------------------------------- strong recipe
+
+# RandAugment, Mixup and CutMix on (each batch mixed, by either), and a moving average of
+# the parameters with a decay small enough to move visibly in six steps.
+STRONG = {
+  'augment.num_layers': 2,
+  'augment.magnitude': 9.0,
+  'augment.mixup_alpha': 0.2,
+  'augment.cutmix_alpha': 1.0,
+  'ema_decay': 0.5,
+  'learning_rate': 4.0,  # steps large enough that the average lags visibly
+  'checkpoint_every_steps': 1,  # every step's raw parameters and average are kept
+  'keep_checkpoints': 6,
+}
+
+
+def _flat(tree) -> dict:
+  return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep='/')
+
+
+@pytest.fixture(scope='module')
+def strong_run(digits_dir, tmp_path_factory):
+  """The tiny digits run with augmentation and averaging: its workdir and final state."""
+  workdir = tmp_path_factory.mktemp('strong')
+  state = train.train_and_evaluate(tiny_config(digits_dir, **STRONG), str(workdir))
+  return workdir, state
+
+
+def test_strong_augmentation_and_averaging_resume_exactly(
+  strong_run, digits_run, digits_dir, tmp_path
+):
+  workdir, state = strong_run
+  scalars = read_scalars(str(workdir))
+  # Augmented batches: the same run without augmentation (same seed, same initialisation)
+  # trained on other images.
+  plain = read_scalars(str(digits_run[0]))
+  assert scalars['train_loss'][2] != plain['train_loss'][2]
+  # Both the raw parameters and their average were evaluated on the whole test split.
+  for prefix in ('', train.EMA_PREFIX):
+    assert scalars[f'{prefix}eval_examples'][6] == DIGITS_TEST_EXAMPLES
+    for name in ('eval_loss', 'eval_accuracy', 'eval_top5_accuracy'):
+      assert 6 in scalars[prefix + name], prefix + name
+  # A copy of the run that lost its last three checkpoints resumes at step 3 and ends
+  # bit-identical to the uninterrupted run: parameters, statistics and average.
+  shutil.copytree(workdir, tmp_path / 'b')
+  for step in (4, 5, 6):
+    shutil.rmtree(tmp_path / 'b' / 'checkpoints' / str(step))
+  resumed = train.train_and_evaluate(tiny_config(digits_dir, **STRONG), str(tmp_path / 'b'))
+  assert count_writes(str(tmp_path / 'b'), 'train_loss')[2] == 1  # not rerun
+  for name in ('params', 'batch_stats', 'ema_params'):
+    got, want = _flat(getattr(resumed, name)), _flat(getattr(state, name))
+    assert got.keys() == want.keys()
+    for path in want:
+      np.testing.assert_array_equal(got[path], want[path], err_msg=f'{name}/{path}')
+  resumed_scalars = read_scalars(str(tmp_path / 'b'))
+  for name in ('eval_loss', 'ema_eval_loss', 'ema_eval_accuracy'):
+    assert resumed_scalars[name][6] == scalars[name][6], name
+
+
+def test_the_average_follows_its_recursion_from_the_initial_parameters(strong_run, digits_dir):
+  """ema_k = d ema_{k-1} + (1 - d) params_k, checked on the checkpoint of every step, from
+  ema_0 = the initial parameters."""
+  workdir, _ = strong_run
+  decay = STRONG['ema_decay']
+  config = tiny_config(digits_dir, **STRONG)
+  pieces = state_lib.setup(config, 10)
+  initial = _flat(state_lib.create(pieces, jax.random.key(config.seed), DIGITS_IMAGE_SIZE).params)
+  previous = initial
+  for step in range(1, 7):
+    loaded = checkpointing.load(workdir / 'checkpoints' / str(step), raw=True)
+    assert loaded.step == step and not loaded.averaged
+    params, ema = _flat(loaded.variables['params']), _flat(loaded.ema_params)
+    for path, value in params.items():
+      expected = decay * previous[path].astype(np.float64) + (1 - decay) * value
+      np.testing.assert_allclose(ema[path], expected, rtol=1e-6, atol=1e-7, err_msg=path)
+    assert any(not np.array_equal(ema[p], params[p]) for p in params)  # it lags behind
+    previous = ema
+
+
+def test_load_gives_the_average_unless_asked_for_the_raw_parameters(strong_run):
+  workdir, state = strong_run
+  averaged, raw = checkpointing.load(workdir), checkpointing.load(workdir, raw=True)
+  assert averaged.averaged and not raw.averaged and averaged.step == raw.step == 6
+  for got, want in (
+    (averaged.variables['params'], state.ema_params),
+    (raw.variables['params'], state.params),
+    (averaged.variables['batch_stats'], state.batch_stats),
+  ):
+    jax.tree.map(np.testing.assert_array_equal, _flat(got), _flat(want))
+  assert 'moving average' in averaged.origin and 'raw parameters' in raw.origin
+
+
+def test_each_set_of_weights_is_evaluated_under_its_own_name(strong_run, digits_dir):
+  """eval_* of the raw parameters and ema_eval_* of their average: the logged losses are
+  those of the test split classified by hand with each set."""
+  workdir, state = strong_run
+  scalars = read_scalars(str(workdir))
+  spec = datasets.get('digits')
+  builder = input_pipeline.get_builder(spec, digits_dir, image_size=DIGITS_IMAGE_SIZE)
+  batches, count = input_pipeline.create_eval_iterator(
+    builder, spec=spec, global_batch_size=DIGITS_TEST_EXAMPLES, image_size=DIGITS_IMAGE_SIZE
+  )
+  batch = next(batches)
+  assert count == 1 and batch['mask'].all()
+  model = state_lib.setup(tiny_config(digits_dir, **STRONG), 10).model
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  losses = {}
+  for prefix, variables in (
+    ('', state_lib.variables(state)),
+    (train.EMA_PREFIX, state_lib.ema_variables(state)),
+  ):
+    logits = np.asarray(apply(jax.device_get(variables), batch['image']), np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    losses[prefix] = -np.mean(log_softmax[np.arange(len(logits)), batch['label']])
+    assert scalars[f'{prefix}eval_loss'][6] == pytest.approx(losses[prefix], rel=1e-5), prefix
+  # The two sets are told apart: their losses differ by far more than the tolerance.
+  assert abs(losses[''] - losses[train.EMA_PREFIX]) > 10 * 1e-5 * losses['']
+
+
+def test_the_loss_of_a_mixed_batch_is_the_soft_target_cross_entropy():
+  rng = np.random.default_rng()
+  classes, size, smoothing = 7, 12, 0.1
+  logits = rng.normal(size=(size, classes)).astype(np.float32) * 3
+  batch = {
+    'label': rng.integers(classes, size=size).astype(np.int32),
+    'mix_label': rng.integers(classes, size=size).astype(np.int32),
+    'mix_weight': rng.uniform(size=size).astype(np.float32),
+  }
+  # By hand: the mixed one-hot target, smoothed, against the log-softmax (float64).
+  eye = np.eye(classes)
+  w = batch['mix_weight'][:, None].astype(np.float64)
+  target = w * eye[batch['label']] + (1 - w) * eye[batch['mix_label']]
+  target = (1 - smoothing) * target + smoothing / classes
+  shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  want = np.mean(-(target * log_softmax).sum(-1))
+  got = train.cross_entropy(logits, batch, classes, smoothing)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # Without mixing fields, the plain (smoothed) one-hot target.
+  plain = (1 - smoothing) * eye[batch['label']] + smoothing / classes
+  got = train.cross_entropy(logits, {'label': batch['label']}, classes, smoothing)
+  np.testing.assert_allclose(float(got), np.mean(-(plain * log_softmax).sum(-1)), rtol=1e-5)
+
+
+def test_the_train_step_trains_on_the_mixed_target_and_counts_the_label(digits_dir):
+  config = tiny_config(digits_dir, label_smoothing=0.1)
+  pieces = state_lib.setup(config, 10, steps_per_epoch=10, num_train_steps=10)
+  state = state_lib.create(pieces, jax.random.key(1), DIGITS_IMAGE_SIZE)
+  rng = np.random.default_rng()
+  size = 8
+  batch = {
+    'image': rng.normal(size=(size, DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE, 3)).astype(np.float32),
+    'label': rng.integers(10, size=size).astype(np.int32),
+    'mix_label': rng.integers(10, size=size).astype(np.int32),
+    'mix_weight': np.full(size, rng.uniform(), np.float32),
+  }
+  step = jax.jit(
+    functools.partial(
+      train.train_step, schedule=pieces.schedule, num_classes=10, label_smoothing=0.1
+    )
+  )
+  _, step_metrics = step(state, batch)
+  metrics = step_metrics.compute()
+  # The logits the step computed: the same forward pass (train mode, batch statistics).
+  logits, _ = pieces.model.apply(
+    state_lib.variables(state), batch['image'], train=True, mutable=['batch_stats']
+  )
+  logits = np.asarray(logits, np.float64)
+  eye = np.eye(10)
+  w = batch['mix_weight'][:, None]
+  target = 0.9 * (w * eye[batch['label']] + (1 - w) * eye[batch['mix_label']]) + 0.01
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  np.testing.assert_allclose(
+    float(metrics['train_loss']), np.mean(-(target * log_softmax).sum(-1)), rtol=1e-5
+  )
+  assert float(metrics['train_accuracy']) == np.mean(logits.argmax(-1) == batch['label'])
 
 
 @pytest.mark.parametrize(

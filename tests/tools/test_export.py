@@ -18,24 +18,23 @@ STEP = 7
 ACCURACY = 0.875
 
 
-@pytest.fixture(scope='module')
-def saved_run(tmp_path_factory):
+def _save_run(workdir, config, metrics):
   """A workdir as training leaves it: config.json, a checkpoint at STEP with random
-  parameters and statistics, and eval_accuracy events at STEP - 1 and STEP. Written with
-  training's own save functions; nothing is trained. Returns the workdir, the model and the
-  state."""
-  workdir = tmp_path_factory.mktemp('run')
-  config = tiny_config('')
+  parameters, statistics (and moving average, if the config keeps one), and ``metrics``
+  events at STEP (eval_accuracy 0.5 at STEP - 1, not on any card). Written with training's
+  own save functions; nothing is trained. Returns the model and the state."""
   pieces = state_lib.setup(config, 10)
   # The state's structure without computing an initialisation; values drawn below.
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state_lib.abstract(pieces, 16))
   rng = np.random.default_rng()
+  draw = lambda tree: jax.tree.map(lambda p: 0.3 * rng.normal(size=p.shape).astype(p.dtype), tree)
   state = state.replace(
     step=STEP,
-    params=jax.tree.map(lambda p: 0.3 * rng.normal(size=p.shape).astype(p.dtype), state.params),
+    params=draw(state.params),
     batch_stats=jax.tree.map(
       lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype), state.batch_stats
     ),
+    ema_params=None if state.ema_params is None else draw(state.ema_params),
   )
   checkpointing.write_config(config, workdir)
   saver = checkpointing.Checkpointer(str(workdir), keep=1)
@@ -43,9 +42,17 @@ def saved_run(tmp_path_factory):
   saver.wait()
   writer = metric_writers.create_default_writer(str(workdir))
   writer.write_scalars(STEP - 1, {'eval_accuracy': 0.5})  # another step: not on the card
-  writer.write_scalars(STEP, {'eval_accuracy': ACCURACY, 'eval_loss': 0.25})
+  writer.write_scalars(STEP, metrics)
   writer.flush()
-  return workdir, pieces.model, state
+  return pieces.model, state
+
+
+@pytest.fixture(scope='module')
+def saved_run(tmp_path_factory):
+  """A run without a moving average: the workdir, the model and the state."""
+  workdir = tmp_path_factory.mktemp('run')
+  model, state = _save_run(workdir, tiny_config(''), {'eval_accuracy': ACCURACY, 'eval_loss': 0.25})
+  return workdir, model, state
 
 
 def test_export_then_load_gives_bit_identical_logits(saved_run, tmp_path, capsys):
@@ -119,3 +126,29 @@ def test_cli(saved_run, tmp_path):
     f'error: workdir {tmp_path / "nowhere"} does not exist; pass the --workdir of a training run.'
   ]
   assert 'Traceback' not in missing.stderr
+
+
+def test_a_run_with_a_moving_average_exports_it_unless_asked_for_the_raw_parameters(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  metrics = {'eval_accuracy': 0.625, 'ema_eval_accuracy': ACCURACY, 'ema_eval_top5_accuracy': 1.0}
+  _, state = _save_run(workdir, tiny_config('', ema_decay=0.999), metrics)
+  for raw, params, card_metrics in (
+    (False, state.ema_params, {'eval_accuracy': ACCURACY, 'eval_top5_accuracy': 1.0}),
+    (True, state.params, {'eval_accuracy': 0.625}),
+  ):
+    output = tmp_path / f'raw{raw}.msgpack'
+    card = export.run(str(workdir), str(output), raw=raw)
+    contents = weights.read(output)
+    # The card's accuracy is that of the weights in the file, and it says which they are.
+    assert {k: card[k] for k in ('eval_accuracy', 'eval_top5_accuracy') if k in card} == (
+      card_metrics
+    )
+    assert card.get('weights') == (None if raw else 'ema (decay 0.999)')
+    assert contents.card == card
+    for a, b in zip(
+      jax.tree.leaves(jax.tree.map(np.asarray, params)),
+      jax.tree.leaves(contents.variables['params']),
+      strict=True,
+    ):
+      np.testing.assert_array_equal(a, b)
