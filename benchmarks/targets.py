@@ -42,6 +42,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -231,18 +232,22 @@ def _ratio(a: float, b: float) -> str:
   return f'{a / b:.1f}x' if b else '-'
 
 
-def tables(results: dict[str, dict[str, Any]]) -> str:
+def tables(saved: dict[str, Any]) -> str:
   """Markdown tables of the saved results, one per case."""
-  out = []
+  results: dict[str, dict[str, Any]] = saved['results']
+  revisions = sorted({r.get('revision', '?') for v in results.values() for r in v.values()})
+  out = [
+    f'Compiled at revision {", ".join(revisions) or "unknown"} with JAX {saved.get("jax")} '
+    f'on {saved.get("machine")}; nothing executed.',
+    '',
+  ]
   for case, title in (('module', 'GSA module vs 3x3 conv + BN'), ('train', 'Training step')):
     kinds = ('gsa', 'conv') if case == 'module' else ('gsa_resnet50', 'resnet50')
     rows, batches = [], set()
     for target, by_key in results.items():
       pair = [by_key.get(f'{case}/{k}') for k in kinds]
-      if None in pair:
-        continue
-      batches.update(r['batch_per_chip'] for r in pair)
-      for r in pair:
+      batches.update(r['batch_per_chip'] for r in pair if r)
+      for r in filter(None, pair):
         a, roof = r['analysis'], r['roofline']
         largest = r.get('fit', {}).get('largest_batch', '-')
         mfu = f'{100 * roof["mfu"]:.0f}%' if roof['mfu'] is not None else '-'
@@ -255,6 +260,8 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
           f'{1e3 * roof["step_seconds"]:.2f} ({roof["bound"]}) | '
           f'{roof["examples_per_second"]:,.0f} | {mfu} | {largest} |'
         )
+      if None in pair:
+        continue
       g, c = pair
       ga, ca = g['analysis'], c['analysis']
       rows.append(
@@ -278,6 +285,22 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
         *rows,
         '',
       ]
+  unpriced = sorted(
+    {
+      f'{target} {key}'
+      for target, by_key in results.items()
+      for key, r in by_key.items()
+      if r['analysis']['unpriced_custom_calls']
+    }
+  )
+  if unpriced:
+    out += [
+      'Custom calls (Pallas kernels) with no cost given, counted by their operands and '
+      f'results only: {", ".join(unpriced)}.',
+      '',
+    ]
+  for target, by_key in saved.get('failed', {}).items():
+    out += [f'Not compiled: {target} {key}: {why}.' for key, why in by_key.items()] + ['']
   for target, by_key in results.items():
     pod = by_key.get('pod')
     if pod:
@@ -293,6 +316,14 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
         '',
       ]
   return '\n'.join(out)
+
+
+def _revision() -> str:
+  """The git revision of the code measured ('unknown' outside a checkout)."""
+  proc = subprocess.run(
+    ['git', 'rev-parse', '--short', 'HEAD'], cwd=common.REPO, capture_output=True, text=True
+  )
+  return proc.stdout.strip() if proc.returncode == 0 else 'unknown'
 
 
 def _load() -> dict[str, Any]:
@@ -316,33 +347,41 @@ def main() -> None:
   parser.add_argument(
     '--fit-batch', type=int, default=64, help='second per-chip batch of the memory fit; 0: none'
   )
+  parser.add_argument(
+    '--networks', default='', help='only these of gsa, conv, gsa_resnet50, resnet50 (default: all)'
+  )
   parser.add_argument('--pod', default='', help='a multi-host slice for the GSA-ResNet-50 step')
   parser.add_argument('--tables', action='store_true', help='print the saved JSON and exit')
   args = parser.parse_args()
 
   saved = _load()
   if args.tables:
-    print(tables(saved['results']))
+    print(tables(saved))
     return
   cases = [c for c in args.cases.split(',') if c]
   kinds = {'module': ('gsa', 'conv'), 'train': ('gsa_resnet50', 'resnet50')}
   saved['machine'] = common.machine()
   saved['jax'] = jax.__version__
+  saved['revision'] = _revision()
   for name in [t for t in args.targets.split(',') if t]:
     target = aot.get_target(name)
     for case in cases:
       for kind in kinds[case]:
+        if args.networks and kind not in args.networks.split(','):
+          continue
         print(f'compiling {case}/{kind} for {target.name} ...', flush=True)
         result = measure(target, case, kind, args.batch, args.fit_batch or None)
+        result['revision'] = saved['revision']
         saved['results'].setdefault(target.name, {})[f'{case}/{kind}'] = result
         _save(saved)
   if args.pod:
     target = aot.get_target(args.pod)
     print(f'compiling the gsa_resnet50 step for {target.name} ...', flush=True)
     result = measure(target, 'train', 'gsa_resnet50', args.batch, None)
+    result['revision'] = saved['revision']
     saved['results'].setdefault(target.name, {})['pod'] = result
     _save(saved)
-  print(tables(saved['results']))
+  print(tables(saved))
 
 
 if __name__ == '__main__':
