@@ -12,14 +12,22 @@ A workdir is a ledger with one writer:
   trained unless the field is listed in ``config.allow_config_changes``; an accepted change
   is appended to ``config_history.jsonl`` (time, step, old and new values) and written into
   ``config.json``. Fields that do not change what is trained (intervals, eval settings,
-  ``data_dir``) may differ freely and are not recorded.
-- **Checkpoints**: one orbax ``CheckpointManager`` under ``<workdir>/checkpoints``. Orbax
+  ``data_dir``, ``init_from``) may differ freely and are not recorded.
+- **Checkpoints**: one orbax ``CheckpointManager`` under ``<workdir>/checkpoints``, each step
+  the train state (:func:`state_dict`: step, parameters, BatchNorm statistics, optimizer
+  state and, when the run keeps one, the moving average of the parameters) and a JSON
+  record (the step, the config, where the weights came from when the run started from
+  trained ones). Orbax
   writes each step to a temporary directory and renames it into place when complete, so a
   crash during a save never touches the previous checkpoint; a save that fails (disk full,
   permissions) is one :class:`SaveError` and leaves no partial directory. On restore, an
   unreadable step is set aside in ``<workdir>/checkpoints_unreadable/`` and the newest
   intact one is used; nothing is deleted. A checkpoint whose shapes do not match the model
   stops with the first mismatching parameter named.
+
+Trained weights are read back by :func:`load` (a workdir, its ``checkpoints`` directory or
+one step) and :func:`load_weights` (those, or an exported weights file), the one restore
+path of the tools and of ``config.init_from``.
 
 Every path goes through ``etils.epath``, so a workdir on ``gs://`` works like a local one.
 """

@@ -6,6 +6,13 @@ over the global batch (XLA inserts the reductions). The input position needs no 
 its own: the pipeline is a deterministic function of ``(seed, step)``, so resuming at step
 ``k`` replays exactly the batches an uninterrupted run would have seen.
 
+The loss is the softmax cross-entropy with the batch's targets (Mixup/CutMix targets when
+the pipeline mixes; :func:`soft_targets`). A moving average of the parameters, when the
+config keeps one, is updated inside the step and evaluated next to the raw parameters
+(``ema_eval_*`` next to ``eval_*``). A new run may start from trained weights
+(``config.init_from``, :func:`read_init_from`); a run that has checkpoints resumes from its
+own and never reads them.
+
 What a test, a tool or a notebook may want to vary is a parameter of
 :func:`train_and_evaluate`: the training data, the evaluators (small classes with
 ``run(variables) -> {name: value}``, big_vision style) and the checkpointer.
