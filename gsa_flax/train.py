@@ -597,19 +597,21 @@ def _start_from(
   Leaves that :func:`transfer.adapt` re-initialised keep ``state``'s initialisation.
   """
   own = traverse_util.flatten_dict(state_lib.variables(state), sep='/')
-  adapted = traverse_util.flatten_dict(start.adapted.variables, sep='/')
+  host = traverse_util.flatten_dict(start.adapted.variables, sep='/')
   for path in start.adapted.reinitialized:
-    adapted[path] = jax.device_get(own[path])
-  variables = traverse_util.unflatten_dict(
-    {path: _global(value, sharding) for path, value in adapted.items()}, sep='/'
-  )
-  params = serialization.from_state_dict(state.params, variables['params'])
-  ema = None
-  if state.ema_params is not None:
-    ema = jax.tree.map(lambda a: _global(jax.device_get(a), sharding), params)
+    host[path] = np.asarray(own[path].addressable_data(0))  # replicated: any shard is all
+
+  def on_devices(collection: str, like: Any) -> Any:
+    tree = {p: _global(v, sharding) for p, v in host.items() if p.startswith(collection + '/')}
+    return serialization.from_state_dict(
+      like, traverse_util.unflatten_dict(tree, sep='/')[collection]
+    )
+
+  params = on_devices('params', state.params)
+  ema = None if state.ema_params is None else on_devices('params', state.ema_params)
   return state.replace(
     params=params,
-    batch_stats=serialization.from_state_dict(state.batch_stats, variables['batch_stats']),
+    batch_stats=on_devices('batch_stats', state.batch_stats),
     opt_state=jax.jit(state.tx.init, out_shardings=sharding)(params),
     ema_params=ema,
   )

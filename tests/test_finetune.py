@@ -130,6 +130,7 @@ def test_a_digits_checkpoint_gives_a_100_class_run_a_new_head(source, mock_data_
     # Small enough that two steps leave the copied parameters where they were (to 1e-5).
     learning_rate=1e-5,
     init_from=str(workdir / 'checkpoints'),  # a run's checkpoints directory
+    ema_decay=0.5,  # an average started at the copied parameters stays there too
   )
   with mock_data(mock_data_dir):
     state = train.train_and_evaluate(config, str(tmp_path))
@@ -138,9 +139,11 @@ def test_a_digits_checkpoint_gives_a_100_class_run_a_new_head(source, mock_data_
   source_params = _flat(checkpointing.load(workdir).variables['params'])
   assert params['head/kernel'].shape == (source_params['head/kernel'].shape[0], 100)
   assert params['head/bias'].shape == (100,)
+  ema = _flat(state.ema_params)
   for path, value in source_params.items():
     if not path.startswith('head/'):
       np.testing.assert_allclose(params[path], value, atol=1e-5, err_msg=path)
+      np.testing.assert_allclose(ema[path], value, atol=1e-5, err_msg=path)
 
 
 def test_checkpointing_load_reads_a_run_its_checkpoints_or_one_step(source):
