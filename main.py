@@ -4,9 +4,10 @@ r"""Trains and evaluates a (GSA-)ResNet.
   python main.py --config=configs/imagenet.py --workdir=gs://bucket/gsa50 --config.batch_size=1024
 
 Every host of a multi-host run (Cloud TPU pod slice, GPU cluster) runs the same command.
-A run restarted with the same --workdir resumes from its latest checkpoint; one run at a
-time holds a workdir, and a restart must keep the config recorded in its config.json
-(or list the fields it changes in --config.allow_config_changes).
+A run restarted with the same --workdir resumes from its latest checkpoint (a run started
+from trained weights with --config.init_from then continues from its own and does not read
+them again); one run at a time holds a workdir, and a restart must keep the config recorded
+in its config.json (or list the fields it changes in --config.allow_config_changes).
 """
 
 import os
