@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from absl import flags, logging
 from ml_collections import config_flags
 
+from gsa_flax import workdir as workdir_lib
 from gsa_flax.tools import cli
 
 FLAGS = flags.FLAGS
@@ -60,11 +61,11 @@ def main(argv: Sequence[str], **train_kwargs) -> None:
   _init_distributed()
   import jax
 
-  from gsa_flax import checkpointing, config_validation
+  from gsa_flax import config_validation
 
   # Before TensorFlow, the data or any compile: a typo costs seconds.
   config_validation.validate(FLAGS.config)
-  checkpointing.check_workdir(FLAGS.workdir, evaluate_only=FLAGS.config.eval_only)
+  workdir_lib.check_workdir(FLAGS.workdir, evaluate_only=FLAGS.config.eval_only)
 
   from gsa_flax import train
   from gsa_flax.tools import attention_maps

@@ -52,6 +52,7 @@ from gsa_flax import (
   weights,
 )
 from gsa_flax import state as state_lib
+from gsa_flax import workdir as workdir_lib
 
 DATA_AXIS = 'data'
 
@@ -483,7 +484,7 @@ def train_and_evaluate(
 ) -> state_lib.TrainState:
   """Trains (resuming from ``<workdir>/checkpoints`` if any) and evaluates periodically.
 
-  The run holds the workdir's lock (:func:`checkpointing.lock`, process 0) from start to
+  The run holds the workdir's lock (:func:`workdir_lib.lock`, process 0) from start to
   end, compares ``config`` with the workdir's record (``config.json``; see
   :mod:`gsa_flax.checkpointing`) before anything is written, and ends with one summary
   line: the final metrics, the checkpoint and the TensorBoard command. SIGTERM or SIGINT
@@ -504,8 +505,8 @@ def train_and_evaluate(
   """
   # Everything a user can get wrong is checked here, before any data is read or compiled.
   config_validation.validate(config)
-  checkpointing.check_workdir(workdir, evaluate_only=config.eval_only)
-  workdir = str(checkpointing.workdir_path(workdir))
+  workdir_lib.check_workdir(workdir, evaluate_only=config.eval_only)
+  workdir = str(workdir_lib.workdir_path(workdir))
   spec = datasets.get(config.dataset)
   builder = input_pipeline.get_builder(spec, config.data_dir, image_size=config.image_size)
   config_validation.validate_against_data(config, builder)
@@ -517,13 +518,13 @@ def train_and_evaluate(
   )
   # A run's own checkpoints take precedence: init_from is read only by a run that has none.
   start = None
-  if config.init_from and not config.eval_only and not checkpointing.has_checkpoints(workdir):
+  if config.init_from and not config.eval_only and not workdir_lib.has_checkpoints(workdir):
     start = read_init_from(config, pieces.model)
   with contextlib.ExitStack() as stack:
     stop = stack.enter_context(_StopRequests())
     # One writer: a second run refuses here, having written nothing.
-    _on_process_0(lambda: stack.enter_context(checkpointing.lock(workdir)))
-    changes = _on_process_0(lambda: checkpointing.check_against_record(config, workdir))
+    _on_process_0(lambda: stack.enter_context(workdir_lib.lock(workdir)))
+    changes = _on_process_0(lambda: workdir_lib.check_against_record(config, workdir))
     mesh = make_mesh()
     context = Context(config, spec, builder, pieces.model, mesh, stop.during_evaluation)
     if config.eval_only:
@@ -570,7 +571,7 @@ def read_init_from(config: ml_collections.ConfigDict, model: nn.Module) -> Start
   where = f'config.init_from={config.init_from}'
   try:
     trained = checkpointing.load_weights(config.init_from)
-  except (transfer.TransferError, checkpointing.CheckpointError, weights.WeightsError) as error:
+  except (transfer.TransferError, workdir_lib.WorkdirError, weights.WeightsError) as error:
     raise transfer.TransferError(f'{where}: {error}') from None
   try:
     adapted = transfer.adapt(trained.variables, models.abstract_variables(model, config.image_size))
@@ -835,15 +836,15 @@ def _update_record(
   recorded schedule and under the new one (extending a finished run restarts the cosine
   from near its peak).
   """
-  if not checkpointing.has_config(workdir):
+  if not workdir_lib.has_config(workdir):
     if step > 0:
       logging.warning('%s had no config.json; recording this config.', workdir)
-    checkpointing.write_config(config, workdir)
+    workdir_lib.write_config(config, workdir)
     return
   if not changes:
     return
   if step > 0:
-    record = checkpointing.read_config(workdir)
+    record = workdir_lib.read_config(workdir)
     spec = datasets.get(config.dataset)
     recorded_steps_per_epoch = input_pipeline.steps_per_epoch(builder, spec, record.batch_size)
     recorded_length = run_length(record, recorded_steps_per_epoch)
@@ -867,10 +868,10 @@ def _update_record(
       )
   logging.warning(
     'Accepted config changes (recorded in %s): %s.',
-    checkpointing.HISTORY_FILE,
+    workdir_lib.HISTORY_FILE,
     ', '.join(f'{name} {old!r} -> {new!r}' for name, (old, new) in changes.items()),
   )
-  checkpointing.record_changes(workdir, changes, step)
+  workdir_lib.record_changes(workdir, changes, step)
 
 
 def _metrics(latest: dict[str, Any]) -> str:

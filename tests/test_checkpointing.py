@@ -15,6 +15,7 @@ from helpers import DIGITS_IMAGE_SIZE, main_command, tiny_config
 
 from gsa_flax import checkpointing, datasets, input_pipeline, train
 from gsa_flax import state as state_lib
+from gsa_flax import workdir as workdir_lib
 
 
 def _params(state):
@@ -187,7 +188,7 @@ def test_checkpoint_of_another_model_names_the_parameter(finished_run, digits_di
   copy = tmp_path / 'run'
   shutil.copytree(workdir, copy)
   wider = tiny_config(digits_dir, num_filters=16)
-  with pytest.raises(checkpointing.ConfigChangedError, match='num_filters 8 -> 16'):
+  with pytest.raises(workdir_lib.ConfigChangedError, match='num_filters 8 -> 16'):
     train.train_and_evaluate(wider, str(copy))  # config.json stops it first
   wider.allow_config_changes = 'num_filters'
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:

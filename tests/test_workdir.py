@@ -21,7 +21,8 @@ import time
 import pytest
 from helpers import REPO, environment, main_command, tiny_config
 
-from gsa_flax import checkpointing, config_validation, train
+from gsa_flax import config_validation, train
+from gsa_flax import workdir as workdir_lib
 from gsa_flax.tools import predict, visualize
 
 # ----------------------------------------------------------------------------- one writer
@@ -30,7 +31,7 @@ from gsa_flax.tools import predict, visualize
 def test_a_second_run_is_refused_naming_the_first_and_writes_nothing(digits_dir, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  with checkpointing.FileLock(workdir):  # this process is "the first run"
+  with workdir_lib.FileLock(workdir):  # this process is "the first run"
     command, env = main_command(digits_dir, workdir, devices=1)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-3000:]
@@ -45,14 +46,14 @@ def test_a_second_run_is_refused_naming_the_first_and_writes_nothing(digits_dir,
 
 def test_a_lease_is_renewed_while_held_and_removed_when_released(tmp_path):
   path = tmp_path / 'lock.json'
-  with checkpointing.Lease(path, seconds=1.0, settle=0):
+  with workdir_lib.Lease(path, seconds=1.0, settle=0):
     time.sleep(2.5)  # two and a half lease lengths: only the renewals keep it
-    with pytest.raises(checkpointing.WorkdirBusyError) as refused:
-      checkpointing.Lease(path, seconds=1.0, settle=0).acquire()
+    with pytest.raises(workdir_lib.WorkdirBusyError) as refused:
+      workdir_lib.Lease(path, seconds=1.0, settle=0).acquire()
     assert f'host {socket.gethostname()}, pid {os.getpid()}, started ' in str(refused.value)
     assert 'its lease expires at' in str(refused.value)
   assert not path.exists()
-  with checkpointing.Lease(path, seconds=1.0, settle=0):
+  with workdir_lib.Lease(path, seconds=1.0, settle=0):
     assert json.loads(path.read_text())['pid'] == os.getpid()
 
 
@@ -69,13 +70,13 @@ def test_a_lease_that_is_no_longer_renewed_expires(tmp_path):
     'expires': expires,
   }
   path.write_text(json.dumps(holder))
-  with pytest.raises(checkpointing.WorkdirBusyError) as refused:
-    checkpointing.Lease(path, seconds=60, settle=0).acquire()
+  with pytest.raises(workdir_lib.WorkdirBusyError) as refused:
+    workdir_lib.Lease(path, seconds=60, settle=0).acquire()
   assert f'(host preempted-vm, pid 4242, started {started}; its lease expires at ' in str(
     refused.value
   )
   time.sleep(max(expires - time.time(), 0) + 0.5)
-  with checkpointing.Lease(path, seconds=60, settle=0):
+  with workdir_lib.Lease(path, seconds=60, settle=0):
     taken = json.loads(path.read_text())
     assert (taken['host'], taken['pid']) == (socket.gethostname(), os.getpid())
     assert taken['expires'] > time.time() + 50
@@ -111,7 +112,7 @@ def test_a_restart_that_changes_what_is_trained_is_refused(finished, digits_dir,
   run = _copy(finished, tmp_path)
   before = _contents(run)
   changed = tiny_config(digits_dir, batch_size=32, seed=1, eval_every_steps=3)
-  with pytest.raises(checkpointing.ConfigChangedError) as refused:
+  with pytest.raises(workdir_lib.ConfigChangedError) as refused:
     train.train_and_evaluate(changed, str(run))
   message = str(refused.value)
   assert '\n' not in message
@@ -143,7 +144,7 @@ def test_free_fields_and_eval_only_leave_the_record_alone(finished, digits_dir, 
 def test_shrinking_a_finished_run_is_refused(finished, digits_dir, tmp_path):
   run = _copy(finished, tmp_path)
   before = _contents(run)
-  with pytest.raises(checkpointing.ConfigChangedError, match='num_train_steps 6 -> 4'):
+  with pytest.raises(workdir_lib.ConfigChangedError, match='num_train_steps 6 -> 4'):
     train.train_and_evaluate(tiny_config(digits_dir, num_train_steps=4), str(run))
   allowed = tiny_config(digits_dir, num_train_steps=4, allow_config_changes='num_train_steps')
   with pytest.raises(config_validation.ConfigError) as refused:
@@ -221,7 +222,7 @@ def test_a_damaged_config_json_is_one_clear_error_everywhere(finished, digits_di
     ),
   }
   for name, attempt in attempts.items():
-    with pytest.raises(checkpointing.CheckpointError) as error:
+    with pytest.raises(workdir_lib.WorkdirError) as error:
       attempt()
     message = str(error.value)
     assert message.startswith(str(path)) and words in message, (name, message)

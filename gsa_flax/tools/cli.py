@@ -15,13 +15,13 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from gsa_flax import checkpointing, config_validation, datasets, transfer, weights
+from gsa_flax import config_validation, datasets, transfer, weights, workdir
 
 # Exceptions whose message is the whole story for the user.
 USER_ERRORS: tuple[type[BaseException], ...] = (
   config_validation.ConfigError,
   datasets.DatasetNotFoundError,
-  checkpointing.CheckpointError,
+  workdir.WorkdirError,  # checkpoints included (CheckpointError)
   transfer.TransferError,
   weights.WeightsError,
   FloatingPointError,

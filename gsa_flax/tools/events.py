@@ -7,7 +7,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from gsa_flax import checkpointing
+from gsa_flax import workdir as workdir_lib
 
 
 def read_scalars(workdir: str | os.PathLike) -> dict[str, dict[int, float]]:
@@ -17,7 +17,7 @@ def read_scalars(workdir: str | os.PathLike) -> dict[str, dict[int, float]]:
   images, text and hyperparameters are skipped.
   """
   scalars: dict[str, dict[int, float]] = {}
-  for path in sorted(checkpointing.workdir_path(workdir).glob('events.out.tfevents.*')):
+  for path in sorted(workdir_lib.workdir_path(workdir).glob('events.out.tfevents.*')):
     for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
       event = tf.compat.v1.Event.FromString(record)
       for value in event.summary.value:

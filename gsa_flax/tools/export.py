@@ -63,7 +63,7 @@ def run(
     The model card written.
 
   Raises:
-    CheckpointError: the workdir has no usable config or checkpoint.
+    WorkdirError: the workdir has no usable config or checkpoint.
   """
   trained = checkpointing.load(workdir, raw=raw)
   prefix = train.EMA_PREFIX if trained.averaged else ''

@@ -100,7 +100,7 @@ def run(
       (which is used by default).
 
   Raises:
-    CheckpointError: the workdir has no usable config or checkpoint.
+    WorkdirError: the workdir has no usable config or checkpoint.
   """
   trained = checkpointing.load(workdir, raw=raw)
   spec = datasets.get(trained.config.dataset)

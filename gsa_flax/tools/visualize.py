@@ -92,7 +92,7 @@ def run(
     0, or 1 when some image file could not be read (the others are drawn).
 
   Raises:
-    CheckpointError: the workdir has no usable config or checkpoint.
+    WorkdirError: the workdir has no usable config or checkpoint.
     ValueError: no such layer, head or query.
   """
   trained = checkpointing.load(workdir, raw=raw)

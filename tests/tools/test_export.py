@@ -12,6 +12,7 @@ from helpers import REPO, environment, tiny_config
 
 from gsa_flax import checkpointing, models, weights
 from gsa_flax import state as state_lib
+from gsa_flax import workdir as workdir_lib
 from gsa_flax.tools import export
 
 STEP = 7
@@ -36,7 +37,7 @@ def _save_run(workdir, config, metrics):
     ),
     ema_params=None if state.ema_params is None else draw(state.ema_params),
   )
-  checkpointing.write_config(config, workdir)
+  workdir_lib.write_config(config, workdir)
   saver = checkpointing.Checkpointer(str(workdir), keep=1)
   saver.save(STEP, checkpointing.state_dict(state), {'step': STEP})
   saver.wait()

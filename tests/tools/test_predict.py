@@ -11,6 +11,7 @@ from helpers import DIGITS_IMAGE_SIZE, REPO, environment, tiny_config
 
 from gsa_flax import checkpointing, datasets, input_pipeline
 from gsa_flax import state as state_lib
+from gsa_flax import workdir as workdir_lib
 from gsa_flax.tools import predict
 
 DIGITS = datasets.get('digits')
@@ -39,7 +40,7 @@ def _saved_run(digits_dir, workdir):
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda p: 0.35 * rng.normal(size=p.shape).astype(p.dtype), state.params)
   state = state.replace(step=7, params=params)
-  checkpointing.write_config(config, workdir)
+  workdir_lib.write_config(config, workdir)
   saver = checkpointing.Checkpointer(workdir, keep=1)
   saver.save(7, checkpointing.state_dict(state), {'step': 7})
   saver.wait()
@@ -110,15 +111,15 @@ def test_predict_files(digits_dir, tmp_path, capsys):
 
 
 def test_load_errors(tmp_path):
-  with pytest.raises(checkpointing.CheckpointError) as error:
+  with pytest.raises(workdir_lib.WorkdirError) as error:
     predict.run(str(tmp_path / 'nowhere'), ['x.png'])
   assert str(error.value) == (
     f'workdir {tmp_path / "nowhere"} does not exist; pass the --workdir of a training run.'
   )
-  with pytest.raises(checkpointing.CheckpointError, match='config.json is missing'):
+  with pytest.raises(workdir_lib.WorkdirError, match='config.json is missing'):
     predict.run(str(tmp_path), ['x.png'])
-  checkpointing.write_config(tiny_config(''), str(tmp_path))
-  with pytest.raises(checkpointing.CheckpointError, match='no checkpoint'):
+  workdir_lib.write_config(tiny_config(''), str(tmp_path))
+  with pytest.raises(workdir_lib.WorkdirError, match='no checkpoint'):
     predict.run(str(tmp_path), ['x.png'])
   assert not (tmp_path / 'checkpoints').exists()  # a read-only tool creates nothing
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 from helpers import REPO, environment, main_command
 from PIL import Image
 
-from gsa_flax import checkpointing
+from gsa_flax import workdir as workdir_lib
 from gsa_flax.tools import plots, visualize
 from gsa_flax.tools.events import read_scalars
 
@@ -64,7 +64,7 @@ def test_draws_eval_images_and_files(trained_workdir, tmp_path, capsys):
   assert (tmp_path / 'b.png').stat().st_size > 5_000
   with pytest.raises(ValueError, match='has 2 heads'):
     visualize.run(trained_workdir, str(tmp_path / 'c.png'), paths[:1], head=2)
-  with pytest.raises(checkpointing.CheckpointError, match='does not exist'):
+  with pytest.raises(workdir_lib.WorkdirError, match='does not exist'):
     visualize.run(str(tmp_path / 'nowhere'), str(tmp_path / 'c.png'))
 
 
