@@ -10,7 +10,7 @@ The loss is the softmax cross-entropy with the batch's targets (Mixup/CutMix tar
 the pipeline mixes; :func:`soft_targets`). A moving average of the parameters, when the
 config keeps one, is updated inside the step and evaluated next to the raw parameters
 (``ema_eval_*`` next to ``eval_*``). A new run may start from trained weights
-(``config.init_from``, :func:`read_init_from`); a run that has checkpoints resumes from its
+(``config.init_from``, :mod:`gsa_flax.finetune`); a run that has checkpoints resumes from its
 own and never reads them.
 
 What a test, a tool or a notebook may want to vary is a parameter of
@@ -23,8 +23,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import os
-import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -37,8 +35,6 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
-from flax import serialization, traverse_util
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -46,10 +42,9 @@ from gsa_flax import (
   checkpointing,
   config_validation,
   datasets,
+  finetune,
   input_pipeline,
-  models,
-  transfer,
-  weights,
+  preemption,
 )
 from gsa_flax import state as state_lib
 from gsa_flax import workdir as workdir_lib
@@ -369,90 +364,6 @@ def _evaluate(
   return results
 
 
-# ----------------------------------------------------------------------------- stop requests
-
-
-class _StopRequests:
-  """SIGTERM and SIGINT (Ctrl-C, Colab's Interrupt) become a request the loop polls.
-
-  One host: the first signal sets a flag; the run finishes its step (or stops its
-  evaluation between batches), saves and returns. A second SIGINT raises
-  KeyboardInterrupt: stop at once, without saving. Several hosts: JAX's coordination
-  service catches SIGTERM on any host and picks one step at which every host sees the
-  request (:meth:`should_stop`), so all save the same step; SIGINT becomes a SIGTERM of
-  the same process, which the service then handles. An evaluation under way is not cut
-  short there: every host must run the same batches.
-  """
-
-  def __init__(self):
-    self.requested: str | None = None  # the signal's name
-    self._previous = {}
-
-  def __enter__(self):
-    if jax.process_count() > 1:
-      handlers = {signal.SIGINT: self._forward}
-    else:
-      handlers = {signal.SIGTERM: self._handler, signal.SIGINT: self._handler}
-    for signum, handler in handlers.items():
-      try:
-        self._previous[signum] = signal.signal(signum, handler)
-      except ValueError:  # not the main thread (e.g. some notebook runners)
-        pass
-    return self
-
-  def _handler(self, signum, frame):
-    name = signal.Signals(signum).name
-    if self.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.requested = name
-    again = ' (Ctrl-C again: stop now, without saving)' if signum == signal.SIGINT else ''
-    logging.warning('%s received: saving a checkpoint, then exiting%s.', name, again)
-
-  def _forward(self, signum, frame):
-    self.requested = signal.Signals(signum).name
-    logging.warning('SIGINT received: stopping every host at a common step to save it.')
-    os.kill(os.getpid(), signal.SIGTERM)
-
-  def __exit__(self, *exc):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-
-  def during_evaluation(self) -> bool:
-    """Whether an evaluation should stop between batches (one host only)."""
-    return jax.process_count() == 1 and self.requested is not None
-
-  def should_stop(self, step: int) -> bool:
-    """Whether to save at ``step`` and stop; the same answer on every host."""
-    if jax.process_count() == 1:
-      return self.requested is not None
-    # JAX's coordination service catches the SIGTERM on any host and picks one step at
-    # which every host sees True, so all of them save the same step.
-    return multihost_utils.reached_preemption_sync_point(step)
-
-
-def _on_process_0(action: Callable[[], Any]) -> Any:
-  """Runs ``action`` on process 0 only; if it raises, every process stops.
-
-  Returns:
-    What ``action`` returned on process 0; None on the others.
-  """
-  result, error = None, None
-  if jax.process_index() == 0:
-    try:
-      result = action()
-    except Exception as raised:  # noqa: BLE001  re-raised below, after telling the others
-      error = raised
-  if jax.process_count() > 1:
-    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
-    if failed and error is None:
-      raise checkpointing.CheckpointError(
-        'process 0 refused to start this run; its error line says why.'
-      )
-  if error is not None:
-    raise error
-  return result
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -519,12 +430,12 @@ def train_and_evaluate(
   # A run's own checkpoints take precedence: init_from is read only by a run that has none.
   start = None
   if config.init_from and not config.eval_only and not workdir_lib.has_checkpoints(workdir):
-    start = read_init_from(config, pieces.model)
+    start = finetune.read_init_from(config, pieces.model)
   with contextlib.ExitStack() as stack:
-    stop = stack.enter_context(_StopRequests())
+    stop = stack.enter_context(preemption.StopRequests())
     # One writer: a second run refuses here, having written nothing.
-    _on_process_0(lambda: stack.enter_context(workdir_lib.lock(workdir)))
-    changes = _on_process_0(lambda: workdir_lib.check_against_record(config, workdir))
+    preemption.on_process_0(lambda: stack.enter_context(workdir_lib.lock(workdir)))
+    changes = preemption.on_process_0(lambda: workdir_lib.check_against_record(config, workdir))
     mesh = make_mesh()
     context = Context(config, spec, builder, pieces.model, mesh, stop.during_evaluation)
     if config.eval_only:
@@ -544,86 +455,12 @@ def train_and_evaluate(
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class Start:
-  """Trained weights a new run starts from (``config.init_from``).
-
-  Attributes:
-    adapted: the source's variables fitted to the run's network (:func:`transfer.adapt`;
-      re-initialised leaves are shapes only, the run's own initialisation fills them).
-    origin: where they come from, in words.
-  """
-
-  adapted: transfer.Adapted
-  origin: str
-
-
-def read_init_from(config: ml_collections.ConfigDict, model: nn.Module) -> Start:
-  """Reads ``config.init_from`` and fits it to ``model`` at ``config.image_size``.
-
-  Only shapes of the target network are used (nothing is compiled), so a source that does
-  not fit stops the run before any compile.
-
-  Raises:
-    transfer.TransferError: the source cannot be read or does not fit, in one line
-      naming ``config.init_from``.
-  """
-  where = f'config.init_from={config.init_from}'
-  try:
-    trained = checkpointing.load_weights(config.init_from)
-  except (transfer.TransferError, workdir_lib.WorkdirError, weights.WeightsError) as error:
-    raise transfer.TransferError(f'{where}: {error}') from None
-  try:
-    adapted = transfer.adapt(trained.variables, models.abstract_variables(model, config.image_size))
-  except transfer.TransferError as error:
-    raise transfer.TransferError(
-      f"{where} does not fit this run's network ({config.model} at {config.image_size}x"
-      f'{config.image_size}): {error}'
-    ) from None
-  return Start(adapted, trained.origin)
-
-
-def _global(value: Any, sharding: NamedSharding) -> jax.Array:
-  """A host array (the same on every process) as a global array of ``sharding``."""
-  value = np.asarray(value)
-  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
-def _start_from(
-  state: state_lib.TrainState, start: Start, sharding: NamedSharding
-) -> state_lib.TrainState:
-  """A freshly initialised ``state`` with the weights of ``start``: parameters, BatchNorm
-  statistics and the moving average (equal to the parameters); the optimizer starts fresh.
-
-  Leaves that :func:`transfer.adapt` re-initialised keep ``state``'s initialisation.
-  """
-  own = traverse_util.flatten_dict(state_lib.variables(state), sep='/')
-  host = traverse_util.flatten_dict(start.adapted.variables, sep='/')
-  for path in start.adapted.reinitialized:
-    host[path] = np.asarray(own[path].addressable_data(0))  # replicated: any shard is all
-
-  def on_devices(collection: str, like: Any) -> Any:
-    tree = {p: _global(v, sharding) for p, v in host.items() if p.startswith(collection + '/')}
-    return serialization.from_state_dict(
-      like, traverse_util.unflatten_dict(tree, sep='/')[collection]
-    )
-
-  params = on_devices('params', state.params)
-  ema = None if state.ema_params is None else on_devices('params', state.ema_params)
-  return state.replace(
-    params=params,
-    batch_stats=on_devices('batch_stats', state.batch_stats),
-    opt_state=jax.jit(state.tx.init, out_shardings=sharding)(params),
-    ema_params=ema,
-  )
-
-
 def _evaluate_only(
   context: Context,
   workdir: str,
   pieces: state_lib.Setup,
   evaluators: Sequence[EvaluatorFactory],
-  stop: _StopRequests,
+  stop: preemption.StopRequests,
 ) -> state_lib.TrainState:
   """Evaluates the newest intact checkpoint (its raw parameters and, if it has one, their
   moving average); moves nothing and never writes config.json."""
@@ -657,7 +494,7 @@ def _train(
   context: Context,
   workdir: str,
   pieces: state_lib.Setup,
-  stop: _StopRequests,
+  stop: preemption.StopRequests,
   *,
   changes: dict[str, tuple[Any, Any]],
   steps_per_epoch: int,
@@ -665,7 +502,7 @@ def _train(
   train_data: Callable[[int], Iterator[Batch]] | None,
   evaluators: Sequence[EvaluatorFactory],
   checkpointer: checkpointing.Checkpointer | None,
-  start: Start | None,
+  start: finetune.Start | None,
 ) -> state_lib.TrainState:
   """The loop of :func:`train_and_evaluate` (the workdir is locked and checked)."""
   config, spec, mesh = context.config, context.spec, context.mesh
@@ -674,7 +511,7 @@ def _train(
   for path in ckpt.discard_partial():
     logging.warning('Removed %s, left by a save that did not finish.', path)
   if config.init_from and start is None and not ckpt.steps():
-    start = read_init_from(config, pieces.model)  # only unfinished saves were there
+    start = finetune.read_init_from(config, pieces.model)  # only unfinished saves were there
   init = jax.jit(
     functools.partial(state_lib.create, pieces, image_size=config.image_size),
     out_shardings=replicated,
@@ -692,7 +529,7 @@ def _train(
         config.init_from,
       )
   elif start is not None:
-    state = _start_from(state, start, replicated)
+    state = finetune.start_from(state, start, replicated)
     origin = start.origin
     logging.info(
       'config.init_from: starting from %s; the optimizer and the step start fresh.', origin
@@ -705,7 +542,7 @@ def _train(
       f'num_epochs={config.num_epochs}): a run cannot be shortened; use a new --workdir to '
       'train a shorter one.'
     )
-  _on_process_0(
+  preemption.on_process_0(
     lambda: _update_record(config, workdir, changes, step_offset, pieces, context.builder)
   )
   started_from = f' Started from {origin}.' if origin else ''

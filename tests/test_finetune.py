@@ -17,7 +17,7 @@ import pytest
 from flax import traverse_util
 from helpers import main_command, mock_data, tiny_config
 
-from gsa_flax import checkpointing, models, train, transfer
+from gsa_flax import checkpointing, finetune, models, train, transfer
 from gsa_flax.tools import export
 from gsa_flax.tools.events import read_scalars
 
@@ -102,7 +102,7 @@ def test_the_source_is_resized_and_its_head_kept(source, digits_dir):
   workdir, weights_file, _ = source
   config = tiny_config(digits_dir, init_from=str(weights_file), **FINETUNE)
   model = models.build(config, 10)
-  start = train.read_init_from(config, model)
+  start = finetune.read_init_from(config, model)
   assert start.adapted.reinitialized == ()
   assert sorted(length for _, *length in start.adapted.resized) == [[SOURCE_L, TARGET_L]] * 4
   assert start.origin.startswith(f'weights file {weights_file} (')
@@ -171,7 +171,7 @@ def test_an_unusable_source_is_one_clear_error(digits_dir, tmp_path, make, words
   init_from = make(tmp_path)
   config = tiny_config(digits_dir, init_from=str(init_from))
   with pytest.raises(transfer.TransferError) as refused:
-    train.read_init_from(config, models.build(config, 10))
+    finetune.read_init_from(config, models.build(config, 10))
   message = str(refused.value)
   assert message.startswith(f'config.init_from={init_from}: ') and '\n' not in message
   for part in words.split(' ... '):
