@@ -11,6 +11,9 @@ import os
 # Compiling for a TPU topology loads libtpu, which takes a lock unless this is set; other
 # processes (pytest-xdist workers) may load it at the same time.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
+
+import dataclasses  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -19,8 +22,9 @@ import pytest  # noqa: E402
 from reference import loop_content, loop_positional  # noqa: E402
 
 from gsa_flax import ops  # noqa: E402
-from gsa_flax.kernels import gsa, positional  # noqa: E402
+from gsa_flax.kernels import axial_tpu, costs, gsa, layout, positional  # noqa: E402
 from gsa_flax.layers import GSA  # noqa: E402
+from gsa_flax.tools import aot  # noqa: E402
 
 # Non-square maps, heads > 1, d != e: transposed axes or channels show up as errors.
 B, H, W, HEADS, D, E = 2, 5, 7, 2, 2, 3
@@ -248,41 +252,192 @@ def test_hbm_bytes_closed_form():
   # TPU: one program per image reads its queries, values and the [n*d, 128] offset rows
   # (bfloat16) and writes the output; the backward also reads the output gradient and
   # writes both input gradients and its float32 [n*d, 128] embedding-gradient partial.
+  # Blocks move in HBM's tiles of 128 lanes: 8 or 16 channels move as 128.
+  lanes = 128
   mosaic = positional.hbm_bytes(q, v, rel, axis=1, backend='mosaic')
-  assert mosaic['forward'] == b * (2 * pixels * (dk + 2 * dv) + 2 * dk * 128)
-  assert mosaic['backward'] == b * (2 * pixels * (2 * dk + 3 * dv) + 2 * dk * 128 + 4 * dk * 128)
+  assert mosaic['forward'] == b * (3 * 2 * pixels * lanes + 2 * dk * lanes)
+  assert mosaic['backward'] == b * (5 * 2 * pixels * lanes + 2 * dk * lanes + 4 * dk * lanes)
   # GPU: one program per image and group of 6 columns (all of them here), offset rows
-  # [n*d, used] in bfloat16, embedding-gradient partial [n*d, used] in float32.
+  # [n*d, used] in bfloat16, embedding-gradient partial [n*d, used] in float32, elements
+  # without padding.
   triton = positional.hbm_bytes(q, v, rel, axis=1, backend='triton')
   assert triton['forward'] == b * (2 * pixels * (dk + 2 * dv) + 2 * dk * used)
   assert triton['backward'] == b * (2 * pixels * (2 * dk + 3 * dv) + 6 * dk * used)
 
 
 def test_gsa_hbm_bytes_closed_form():
-  """The four fused passes on TPU, one program per image, blocks counted by hand."""
+  """The four fused passes on TPU, one program per image, blocks counted by hand in HBM's
+  tiles (128 lanes; fewer than 8 rows take a tile of their own height)."""
   b, h, w, n, d, e = 2, 8, 6, 2, 4, 8
-  dk, dv, pixels, channels = n * d, n * e, h * w, n * (2 * d + e)
-  qkv = jax.ShapeDtypeStruct((b, h, w, channels), jnp.bfloat16)
+  dk, pixels, lanes = n * d, h * w, 128
+  qkv = jax.ShapeDtypeStruct((b, h, w, n * (2 * d + e)), jnp.bfloat16)
   rel_col = jax.ShapeDtypeStruct((2 * h - 1, n, d), jnp.float32)
   rel_row = jax.ShapeDtypeStruct((2 * w - 1, n, d), jnp.float32)
   traffic = gsa.hbm_bytes(qkv, rel_col, rel_row, gsa.Config(n, dk, train=True, backend='mosaic'))
-  image = 2 * pixels  # bfloat16 bytes of one channel of one image
-  rows = 2 * dk * 128  # the relative rows, bfloat16, 128 offset lanes
-  # Column pass: qkv and the rows in; y, its sums and the key-softmax partials out.
-  column = image * channels + rows + image * dv + 4 * (2 * dv + 2 * dk + dk * dv)
-  # Row pass: qkv, the rows, y, the BatchNorm affine and the context in; the output out.
-  row = image * channels + rows + image * dv + 4 * (2 * dv + dk * dv) + image * dv
+  image = 2 * pixels * lanes  # one bfloat16 array of an image (32, 16 or 8 channels)
+  rows = 2 * dk * lanes  # the relative rows, bfloat16, 128 offset lanes
+  f32 = 4 * lanes  # one float32 row of per-channel values
+  # Column pass: qkv and the rows in; y, its sums [2, d_v], the key-softmax partials
+  # [1, d_k] twice and the context [d_k, d_v] out.
+  column = 2 * image + rows + f32 * (2 + 1 + 1 + dk)
+  # Row pass: qkv, the rows, y, the BatchNorm affine [2, d_v] and the context in; the out.
+  row = 3 * image + rows + f32 * (2 + dk)
   assert traffic['forward'] == b * (column + row)
-  # Row gradient: qkv, rows, output gradient, y, affine, context in; the embedding
-  # gradient (float32), the query gradient, y's gradient, its sums and the context's out.
-  row_grad = image * (channels + 2 * dv) + rows + 4 * (2 * dv + dk * dv)
-  row_grad += 2 * rows + image * (dk + dv) + 4 * (2 * dv + dk * dv)
-  # Column gradient: qkv, rows, y's gradient, the BatchNorm backward's coefficients, y,
-  # key statistics, the context's gradient and the row pass's query gradient in; the
-  # embedding gradient and the gradient of qkv out.
-  column_grad = image * (channels + 2 * dv + dk) + rows + 4 * (3 * dv + 3 * dk + dk * dv)
-  column_grad += 2 * rows + image * channels
+  # Row gradient: qkv, rows, the column step's rows (y is recomputed on chip, not read),
+  # output gradient, affine, context in; the embedding gradient [d_k, 128] (float32), the
+  # query gradient and y's gradient packed in one array, its sums and the context's
+  # gradient out.
+  row_grad = 3 * image + 2 * rows + f32 * (2 + dk + dk + 2 + dk)
+  # Column gradient: qkv, rows, the packed query and y gradients, the BatchNorm backward's
+  # coefficients [3, d_v] (y recomputed), key statistics [3, d_k] and the context's
+  # gradient in; the embedding gradient and the gradient of qkv out.
+  column_grad = 3 * image + rows + f32 * (3 + 3 + dk + dk)
   assert traffic['backward'] == b * (row_grad + column_grad)
+
+
+# ----------------------------------------------------------------------------- kernel costs
+
+
+@pytest.mark.parametrize(
+  'call',
+  [
+    layout.KernelCall(layout.AxialStep(1, 56, 28, 8, 32, 64, 111), False, 0, 32, 64),
+    layout.KernelCall(
+      layout.AxialStep(2, 7, 9, 4, 16, 8, 13, softmax=True),
+      True,
+      0,
+      16,
+      None,
+      frozenset({'vals', 'affine', 'context', 'normalize_queries', 'bn_sums', 'packed'}),
+    ),
+  ],
+)
+def test_a_kernel_call_is_read_back_from_its_name(call):
+  assert layout.KernelCall.parse(call.name) == call
+  # As a compiled program shows it: an instruction name, or inside an op name.
+  assert layout.KernelCall.parse(f'{call.name}.3') == call
+  assert layout.KernelCall.parse(f'jit(step)/transpose(jvp(GSA))/{call.name}/pallas_call') == call
+
+
+def test_a_name_that_spells_no_kernel_call_is_refused():
+  assert layout.KernelCall.parse('pallas_call.16') is None
+  assert layout.KernelCall.parse('gsa_axial1_fwd_8x6_n2_dk8_dv16_L15_q0_bogus') is None
+  call = aot.CustomCall('pallas_call.3', 'tpu_custom_call', 'jit(f)/double/pallas_call', (), ())
+  with pytest.raises(ValueError, match='names no GSA kernel call'):
+    costs.price(call)
+
+
+def _in_hbm(call: aot.CustomCall) -> aot.CustomCall:
+  """The call with every operand and result in HBM (none kept on chip)."""
+  return dataclasses.replace(
+    call,
+    operands=tuple(a._replace(memory_space=0) for a in call.operands),
+    results=tuple(a._replace(memory_space=0) for a in call.results),
+  )
+
+
+@pytest.mark.parametrize('target_name, backend', [('tpu-v5e:2x2', 'mosaic'), ('h100', 'triton')])
+def test_costs_of_a_compiled_layer_are_the_kernels_grid_traffic(target_name, backend):
+  """A GSA layer's forward + backward compiled for a TPU slice (batch split over its 4 chips)
+  or an H100: its four kernel calls are priced, at the bytes of the kernels' own closed
+  form for one chip's share of the batch."""
+  target = aot.get_target(target_name)
+  batch, h, w, heads, dk, dv = 2, 8, 6, 2, 8, 16
+  module = GSA(dv, num_heads=heads, key_features=dk, dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((1, h, w, 8), jnp.bfloat16)
+  variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
+  replicated = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=target.sharding()), variables
+  )
+  x = jax.ShapeDtypeStruct(
+    (batch * target.num_chips, h, w, 8), jnp.bfloat16, sharding=target.sharding(aot.DATA_AXIS)
+  )
+
+  def loss(variables, x):
+    out, _ = module.apply(variables, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(jnp.square(out.astype(jnp.float32)))
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(replicated, x).compile()
+  analysis = aot.analyze(compiled)
+  assert analysis.unpriced_custom_calls == ()
+  calls = aot.custom_calls(compiled.as_text())
+  kernels = [c for c in calls if layout.KernelCall.parse(c.name + c.op_name)]
+  assert len(kernels) == 4
+  qkv = jax.ShapeDtypeStruct((batch, h, w, 2 * dk + dv), jnp.bfloat16)
+  rel_col = jax.ShapeDtypeStruct((2 * h - 1, heads, dk // heads), jnp.float32)
+  rel_row = jax.ShapeDtypeStruct((2 * w - 1, heads, dk // heads), jnp.float32)
+  config = gsa.Config(heads, dk, train=True, backend=backend)
+  want = sum(gsa.hbm_bytes(qkv, rel_col, rel_row, config).values())
+  assert sum(costs.price(_in_hbm(c)).bytes_accessed for c in kernels) == want
+  # The estimate charges what the calls move in HBM: buffers kept on chip move nothing.
+  priced = sum(costs.price(c).bytes_accessed for c in kernels)
+  charged = sum(
+    r.hbm_bytes
+    for r in aot.traffic_by_instruction(compiled.as_text())
+    if r.opcode == 'custom-call' and layout.KernelCall.parse(r.name + r.op_name)
+  )
+  assert charged == priced <= want
+
+
+def _dot_flops_and_exps(jaxpr, times=1):
+  """FLOPs of the dot_generals (2 x output elements x contraction) and the exponentials of
+  a jaxpr, loops counted by their trip counts."""
+  flops = exps = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      out = eqn.outvars[0].aval.shape
+      flops += times * 2 * int(np.prod(out)) * int(np.prod([lhs[i] for i in contract]))
+    elif eqn.primitive.name == 'exp':
+      exps += times * int(np.prod(eqn.outvars[0].aval.shape))
+    repeat = times * eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else times
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, tuple | list) else (param,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          f, e = _dot_flops_and_exps(inner, repeat)
+          flops, exps = flops + f, exps + e
+  return flops, exps
+
+
+@pytest.mark.parametrize('softmax', [False, True])
+def test_tpu_compute_cost_is_what_the_kernels_multiply(softmax):
+  """The closed form of the TPU kernels' FLOPs against the dots and exponentials of the
+  four kernels' code, each loop iteration counted (grid: one program per image)."""
+  b, h, w, n, d, e = 3, 8, 6, 2, 4, 8
+  qkv = jax.ShapeDtypeStruct((b, h, w, n * (2 * d + e)), jnp.bfloat16)
+  rels = [jax.ShapeDtypeStruct((2 * s - 1, n, d), jnp.float32) for s in (h, w)]
+  config = gsa.Config(n, n * d, train=True, softmax=softmax, backend='mosaic')
+  vec = jax.ShapeDtypeStruct((n * e,), jnp.float32)
+
+  def fwd_bwd(qkv, *rest):
+    out, pullback = jax.vjp(lambda *a: gsa.gsa_attention(*a, config)[0], qkv, *rest)
+    return pullback(out)
+
+  jaxpr = jax.make_jaxpr(fwd_bwd)(qkv, *rels, vec, vec, vec, vec)
+  want_flops = want_exps = got_flops = got_exps = 0
+  for eqn in _pallas_calls(jaxpr.jaxpr):
+    call = layout.KernelCall.parse(eqn.params['name'])
+    f, x = _dot_flops_and_exps(eqn.params['jaxpr'])
+    want_flops, want_exps = want_flops + b * f, want_exps + b * x
+    width = eqn.invars[1].aval.shape[1]  # the relative rows [n*d, P]
+    f, x = axial_tpu.compute_cost(call, b, width)
+    got_flops, got_exps = got_flops + f, got_exps + x
+  assert got_flops == want_flops
+  assert got_exps == want_exps
+
+
+def _pallas_calls(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'pallas_call':
+      yield eqn
+      continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, tuple | list) else (param,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          yield from _pallas_calls(inner)
 
 
 # ------------------------------------------------------------------------------- dispatch

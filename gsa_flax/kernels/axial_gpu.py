@@ -24,6 +24,9 @@ warpgroup-level programming.)
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -198,15 +201,107 @@ def _block_specs(step: AxialStep, g: int, arrays):
   return specs
 
 
-def _call(step, kernel, inputs, outputs, interpret, name):
+# ------------------------------------------------------------------------------------ costs
+
+
+def src_window(call: layout.KernelCall, channels: int) -> tuple[int, int]:
+  """``(first, width)``: the channels of ``src`` a call's programs read
+  (:func:`_channel_window` of the queries, the keys when the call uses them, the values
+  when they are not given separately)."""
+  step = call.step
+  used = [(call.q_off, step.key_dim)]
+  if call.k_off is not None and ('key_stats' in call.extras or not call.backward):
+    used.append((call.k_off, step.key_dim))
+  if 'vals' not in call.extras:
+    used.append((call.v_off, step.value_dim))
+  return _channel_window(channels, used)
+
+
+def block_traffic(
+  call: layout.KernelCall,
+  operands: Sequence[tuple[Sequence[int], int]],
+  results: Sequence[tuple[Sequence[int], int]],
+) -> list[int]:
+  """HBM bytes each operand and result of a call moves, from the grid and the blocks.
+
+  ``grid=(batch, lines // G)``: a ``[batch, height, width, channels]`` array (rank 4)
+  moves once, ``src`` only in the channels the call reads (:func:`src_window`); a
+  per-image array (rank 3: contexts, key statistics) is read by each of the image's
+  programs; a shared array (rank 2) by every program. Results are written once.
+
+  Args:
+    call: the call.
+    operands, results: ``(shape, itemsize)`` of each, as the call sees them (one device's
+      share of the batch).
+
+  Returns:
+    Bytes per operand, then per result.
+  """
+  batch = results[0][0][0]
+  per_image = call.step.lines // group_size(call.step)
+  out = []
+  for i, (shape, itemsize) in enumerate(operands):
+    size = math.prod(shape) * itemsize
+    if len(shape) == 4 and i == 0:
+      size = size // shape[-1] * src_window(call, shape[-1])[1]
+    elif len(shape) == 3:
+      size *= per_image
+    elif len(shape) == 2:
+      size *= batch * per_image
+    out.append(size)
+  return out + [math.prod(shape) * itemsize for shape, itemsize in results]
+
+
+def compute_cost(call: layout.KernelCall, batch: int) -> tuple[int, int]:
+  """``(flops, transcendentals)`` of a call on ``batch`` images, as the kernel executes them.
+
+  Per line of ``A`` positions in tiles of ``AP`` (masked lanes included) and per head:
+  the logits as ``d`` multiply-add passes over ``[AP, AP]``, ``w @ v`` on the tensor cores
+  (``[AP, AP] x [AP, d_v]``, ``d_v`` padded to a power of two); in the backward pass
+  also the value gradient ``w^T g``, the weight gradient in relative coordinates and the
+  query and embedding gradients (passes over ``[AP, LP]``, ``LP`` the used offsets padded)
+  and, with the softmax, the relative logits and ``w @ v`` again; the fused content
+  products one channel at a time (``2 AP d_v`` per channel and product). Transcendentals
+  as :func:`gsa_flax.kernels.axial_tpu.compute_cost`.
+  """
+  step, extras = call.step, call.extras
+  ap, lp = _tile(step.length), layout.next_pow2(step.used)
+  dk, dv, n = step.key_dim, step.value_dim, step.heads
+  dvp = _tile(dv)
+  content = 'context' in extras
+  key = call.k_off is not None if not call.backward else 'key_stats' in extras
+  per_line = 2 * dk * ap * ap + 2 * n * ap * ap * dvp
+  if call.backward:
+    per_line += 2 * dv * ap * lp + 4 * dk * ap * lp
+    if step.softmax:
+      per_line += 2 * dk * ap * lp + 2 * n * ap * ap * dvp
+  products = 2 if call.backward else 1
+  per_line += 2 * products * dk * ap * dvp * (int(content) + int(key))
+  exps = n * ap * ap * int(step.softmax) + ap * _tile(dk) * int(key)
+  exps += ap * _tile(dk) * int(content and 'normalize_queries' in extras)
+  if call.backward and step.softmax:
+    exps += n * ap * lp
+  lines = batch * step.lines
+  return lines * per_line, lines * exps
+
+
+def _call(step, kernel, inputs, outputs, interpret, call: layout.KernelCall):
   """``pallas_call`` over ``grid=(batch, line groups)``; ``inputs``/``outputs``: ``(array,
   kind)``. Under a sharded ``jax.jit`` each device runs the kernel on its images
-  (:func:`layout.batch_partitioned`)."""
+  (:func:`layout.batch_partitioned`). The call is named after ``call`` and carries its
+  cost (:func:`block_traffic`, :func:`compute_cost`)."""
   g = group_size(step)
 
   def run(*arrays):
     batch = arrays[0].shape[0]
     out_shape = [jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype) for a, _ in outputs]
+    sizes = [(a.shape, jnp.dtype(a.dtype).itemsize) for a in [*arrays, *out_shape]]
+    flops, exps = compute_cost(call, batch)
+    cost = pl.CostEstimate(
+      flops=flops,
+      transcendentals=exps,
+      bytes_accessed=sum(block_traffic(call, sizes[: len(arrays)], sizes[len(arrays) :])),
+    )
     return pl.pallas_call(
       kernel,
       out_shape=out_shape,
@@ -215,7 +310,8 @@ def _call(step, kernel, inputs, outputs, interpret, name):
       out_specs=_block_specs(step, g, outputs),
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
-      name=name,
+      name=call.name,
+      cost_estimate=cost,
     )(*arrays)
 
   arrays = [a for a, _ in inputs]
@@ -312,9 +408,11 @@ def forward(
   cdt = compute_dtype or src.dtype
   out_dtype = (vals if vals is not None else src).dtype
   dkp, dvp = _tile(dk), _tile(dv)
-  used = [(q_off, dk)] + ([(k_off, dk)] if k_off is not None else [])
-  used += [(v_off, dv)] if vals is None else []
-  first, block_ch = _channel_window(src.shape[3], used)
+  call = layout.KernelCall.of(
+    step, False, q_off, k_off, v_off,
+    vals=vals, affine=affine, context=context, normalize_queries=normalize_queries, stats=stats,
+  )  # fmt: skip
+  first, block_ch = src_window(call, src.shape[3])
   q_off, k_off, v_off = (None if o is None else o - first for o in (q_off, k_off, v_off))
   inputs = [(src, ('lines', block_ch, first // block_ch)), (rel_t, 'shared')]
   names = ['src', 'rel_t']
@@ -414,7 +512,7 @@ def forward(
       pltriton.store(r['m'].at[pl.ds(0, 1), pl.ds(0, dkp)], acc['m'], mask=kl < dk)
       pltriton.store(r['s'].at[pl.ds(0, 1), pl.ds(0, dkp)], acc['s'], mask=kl < dk)
 
-  results = _call(step, kernel, inputs, outputs, interpret, f'gsa_axial{step.axis}_fwd')
+  results = _call(step, kernel, inputs, outputs, interpret, call)
   return dict(zip(out_names, results, strict=True))
 
 
@@ -452,9 +550,13 @@ def backward(
   cdt = compute_dtype or src.dtype
   vals_dtype = (vals if vals is not None else src).dtype
   dkp, dvp = _tile(dk), _tile(dv)
-  used = [(q_off, dk)] + ([(k_off, dk)] if key_stats is not None else [])
-  used += [(v_off, dv)] if vals is None else []
-  first, block_ch = _channel_window(src_ch, used)
+  call = layout.KernelCall.of(
+    step, True, q_off, k_off, v_off,
+    vals=vals, affine=affine, grad_affine=grad_affine, grad_y=grad_y, context=context,
+    normalize_queries=normalize_queries, key_stats=key_stats, dcontext=dcontext, dq_in=dq_in,
+    bn_sums=bn_sums, packed=packed,
+  )  # fmt: skip
+  first, block_ch = src_window(call, src_ch)
   # Offsets of the channels read, in the program's channel block of src.
   rq, rk, rv = (None if o is None else o - first for o in (q_off, k_off, v_off))
   inputs = [(src, ('lines', block_ch, first // block_ch)), (rel_t, 'shared'), (grad, 'lines')]
@@ -626,5 +728,5 @@ def backward(
         r['sums'].at[pl.ds(0, 2), pl.ds(0, dvp)], both, mask=(_iota((2, 1), 0) < 2) & (vl < dv)
       )
 
-  results = _call(step, kernel, inputs, outputs, interpret, f'gsa_axial{step.axis}_bwd')
+  results = _call(step, kernel, inputs, outputs, interpret, call)
   return dict(zip(out_names, results, strict=True))

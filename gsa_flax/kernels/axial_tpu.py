@@ -27,6 +27,8 @@ attention's key softmax and context, and their gradients.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -143,6 +145,33 @@ def _head_sum(x, heads):
   return total
 
 
+def _lines_forward(step: AxialStep, rel_t, q_s, v_s, out_s, cdt):
+  """The step over every line of the image: ``out_s[line] = w(q_s[line]) @ v_s[line]``.
+
+  ``q_s``, ``v_s`` and ``out_s`` are float32 :class:`_Lanes` scratch of the whole image;
+  ``rel_t`` the step's ``[n*d, P]`` relative rows.
+  """
+  width = rel_t.shape[1]
+  dv = step.value_dim
+  rbd = _block_rel(rel_t.astype(F32), step).astype(cdt)
+  valid = _valid(step, width)
+  lane_head = _group((step.length, dv), 1, step.e)
+  pad = jnp.zeros((width - step.length, dv), F32)
+
+  def line(j, carry):
+    q = q_s[_line_rows(step, j), :]
+    vpad = jnp.concatenate([v_s[_line_rows(step, j), :], pad], axis=0)
+    logits = _dot(q, rbd, ((1,), (0,)), cdt)
+    out = jnp.zeros((step.length, dv), F32)
+    for h in range(step.heads):
+      w = _weights(logits[:, h * width : (h + 1) * width], valid, step, width)
+      out = jnp.where(lane_head == h, _dot(w, vpad, ((1,), (0,)), cdt), out)
+    out_s[_line_rows(step, j), :] = out
+    return carry
+
+  jax.lax.fori_loop(0, step.lines, line, 0)
+
+
 def _stage(r, q_off, v_off, dk, dv):
   """Queries and values of the image into float32 scratch, where lines are read with
   strided loads (the values from ``vals``, after ``affine``, or from ``src``)."""
@@ -178,11 +207,78 @@ def _padded_bytes(shape, dtype) -> int:
   return n * layout.round_up(rows, 16) * layout.round_up(cols, LANES) * jnp.dtype(dtype).itemsize
 
 
-def _call(kernel, inputs, outputs, scratch, interpret, name):
+# ------------------------------------------------------------------------------------ costs
+
+
+def block_traffic(
+  operands: Sequence[tuple[Sequence[int], int]], results: Sequence[tuple[Sequence[int], int]]
+) -> list[int]:
+  """HBM bytes each operand and result of a call moves, from the grid and the blocks.
+
+  One program per image (``grid=(batch,)``): a ``[batch, ...]`` array (rank 3) moves one
+  image's block per program, i.e. once; a shared array (rank 2: relative rows, affine
+  coefficients) is copied by every program. Blocks move in HBM's tiled layout
+  (:func:`layout.tpu_tiled_bytes`).
+
+  Args:
+    operands, results: ``(shape, itemsize)`` of each, as the call sees them (one device's
+      share of the batch).
+
+  Returns:
+    Bytes per operand, then per result.
+  """
+  batch = results[0][0][0]
+  out = []
+  for shape, itemsize in [*operands, *results]:
+    block = shape if len(shape) == 2 else shape[1:]
+    out.append(batch * layout.tpu_tiled_bytes(block, itemsize))
+  return out
+
+
+def compute_cost(call: layout.KernelCall, batch: int, width: int) -> tuple[int, int]:
+  """``(flops, transcendentals)`` of a call on ``batch`` images, as the kernel executes them.
+
+  Per image of ``N`` pixels, with ``P = width`` offset lanes per head (padding included)
+  and the relative table block-diagonal over the ``n`` heads (zeros included: the MXU
+  multiplies them): the forward pass's logits ``2 N d_k n P`` and weighted values
+  ``2 N n P d_v``; the backward pass's logits, weight gradient, value gradient, query and
+  embedding gradients (``2 N n P`` times ``d_k``, ``d_v``, ``d_v``, ``d_k``, ``d_k``) and
+  its two row-reversal GEMMs ``2 x 2 N A n P`` (``A`` the line length), plus a column
+  step's forward for each column output it recomputes; each fused content product
+  ``2 N d_k d_v``. Transcendentals: one exponential per weight with the
+  positional softmax, per key channel and pixel for the key softmax, per query channel
+  and pixel when queries are normalised. Elementwise work is not counted.
+  """
+  step, extras = call.step, call.extras
+  pixels = step.height * step.width
+  dk, dv, n = step.key_dim, step.value_dim, step.heads
+  grid = n * width
+  content = 'context' in extras
+  key = call.k_off is not None if not call.backward else 'key_stats' in extras
+  if call.backward:
+    flops = 2 * pixels * grid * (3 * dk + 2 * dv) + 4 * pixels * step.length * grid
+    flops += 4 * pixels * dk * dv * (int(content) + int(key))
+  else:
+    flops = 2 * pixels * grid * (dk + dv) + 2 * pixels * dk * dv * (int(content) + int(key))
+  exps = pixels * grid * int(step.softmax) + pixels * dk * int(key)
+  exps += pixels * dk * int(content and 'normalize_queries' in extras)
+  # A recomputed column output: the column step's forward over the image once more.
+  recomputed = [call.column] if call.column is not None else []
+  recomputed += [step] if 'recompute_grad_y' in extras else []
+  for y_step in recomputed:
+    y_grid = n * offset_lanes(y_step)
+    flops += 2 * pixels * y_grid * (dk + dv)
+    exps += pixels * y_grid * int(y_step.softmax)
+  return batch * flops, batch * exps
+
+
+def _call(kernel, inputs, outputs, scratch, interpret, call: layout.KernelCall):
   """``pallas_call`` over ``grid=(batch,)``; ``inputs``/``outputs``: ``(array, block)``.
 
   Blocks with a leading ``None`` are per image; under a sharded ``jax.jit`` each device
-  runs the kernel on its images (:func:`layout.batch_partitioned`).
+  runs the kernel on its images (:func:`layout.batch_partitioned`). The call is named
+  after ``call`` and carries its cost (:func:`block_traffic`, :func:`compute_cost`),
+  which libtpu's cost analysis counts.
   """
   block_bytes = sum(_padded_bytes([s for s in blk if s], a.dtype) for a, blk in inputs + outputs)
   scratch_bytes = sum(_padded_bytes(s.shape, s.dtype) for s in scratch)
@@ -193,6 +289,17 @@ def _call(kernel, inputs, outputs, scratch, interpret, name):
 
   def run(*arrays):
     batch = arrays[0].shape[0]
+    shapes = [a.shape for a in arrays] + [(batch, *a.shape[1:]) for a, _ in outputs]
+    dtypes = [a.dtype for a in arrays] + [a.dtype for a, _ in outputs]
+    sizes = [
+      (shape, jnp.dtype(dtype).itemsize) for shape, dtype in zip(shapes, dtypes, strict=True)
+    ]
+    flops, exps = compute_cost(call, batch, inputs[1][0].shape[1])
+    cost = pl.CostEstimate(
+      flops=flops,
+      transcendentals=exps,
+      bytes_accessed=sum(block_traffic(sizes[: len(arrays)], sizes[len(arrays) :])),
+    )
     return pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype) for a, _ in outputs],
@@ -202,7 +309,8 @@ def _call(kernel, inputs, outputs, scratch, interpret, name):
       scratch_shapes=[pltpu.VMEM(s.shape, s.dtype) for s in scratch],
       compiler_params=params,
       interpret=interpret,
-      name=name,
+      name=call.name,
+      cost_estimate=cost,
     )(*arrays)
 
   arrays = [a for a, _ in inputs]
@@ -303,7 +411,6 @@ def forward(
   """
   batch, rows, src_ch = src.shape
   dk, dv = step.key_dim, step.value_dim
-  width = rel_t.shape[1]
   cdt = compute_dtype or src.dtype
   out_dtype = (vals if vals is not None else src).dtype
   inputs = [(src, (None, rows, src_ch)), (rel_t, rel_t.shape)]
@@ -332,24 +439,7 @@ def forward(
   def kernel(*refs):
     r = _bound(names + out_names + scratch_names, refs, lanes)
     _stage(r, q_off, v_off, dk, dv)
-    rbd = _block_rel(r['rel_t'][...].astype(F32), step).astype(cdt)
-    valid = _valid(step, width)
-    lane_head = _group((step.length, dv), 1, step.e)
-    pad = jnp.zeros((width - step.length, dv), F32)
-
-    def line(j, carry):
-      q = r['q_s'][_line_rows(step, j), :]
-      v = r['v_s'][_line_rows(step, j), :]
-      vpad = jnp.concatenate([v, pad], axis=0)
-      logits = _dot(q, rbd, ((1,), (0,)), cdt)
-      out = jnp.zeros((step.length, dv), F32)
-      for h in range(step.heads):
-        w = _weights(logits[:, h * width : (h + 1) * width], valid, step, width)
-        out = jnp.where(lane_head == h, _dot(w, vpad, ((1,), (0,)), cdt), out)
-      r['out_s'][_line_rows(step, j), :] = out
-      return carry
-
-    jax.lax.fori_loop(0, step.lines, line, 0)
+    _lines_forward(step, r['rel_t'][...], r['q_s'], r['v_s'], r['out_s'], cdt)
     out = r['out_s'][...]
     if context is not None:
       q_all = r['q_s'][...]
@@ -372,7 +462,11 @@ def forward(
       r['s'][...] = jnp.sum(p, axis=0, keepdims=True)
       r['ctx'][...] = _dot(p, v_all, ((0,), (0,)), cdt)
 
-  results = _call(kernel, inputs, outputs, scratch, interpret, f'gsa_axial{step.axis}_fwd')
+  call = layout.KernelCall.of(
+    step, False, q_off, k_off, v_off,
+    vals=vals, affine=affine, context=context, normalize_queries=normalize_queries, stats=stats,
+  )  # fmt: skip
+  results = _call(kernel, inputs, outputs, scratch, interpret, call)
   return dict(zip(out_names, results, strict=True))
 
 
@@ -399,6 +493,11 @@ def backward(
   dq_in: jax.Array | None = None,
   bn_sums: bool = False,
   packed: bool = False,
+  pack_grads: bool = False,
+  grad_packed: bool = False,
+  column: AxialStep | None = None,
+  column_rel_t: jax.Array | None = None,
+  recompute_grad_y: bool = False,
   compute_dtype=None,
   interpret: bool = False,
 ) -> dict[str, jax.Array]:
@@ -423,17 +522,39 @@ def backward(
       gradient and of that gradient times the values before ``affine``.
     packed: return the gradient of ``src`` (``'dsrc'``, queries, keys and values in
       their lanes) instead of ``'dq'`` and ``'dvals'``.
+    pack_grads: return ``'dqv' [batch, height*width, n*d + n*e]``, the query gradient in
+      its first ``n*d`` lanes and the values' gradient after them, instead of ``'dq'`` and
+      ``'dvals'``: one array in HBM's 128-lane tiles where two narrow ones would each be
+      padded (32 query and 64 value channels fill one tile).
+    grad_packed: ``grad`` is such a ``'dqv'`` array: the step's output gradient is its
+      lanes ``n*d:`` and its first ``n*d`` lanes are added to the query gradient (as
+      ``dq_in``).
+    column: instead of reading ``vals``, recompute them on chip as the output ``y`` of
+      this column step (rounded to the dtype of ``src``, as :func:`forward` stores it)
+      from ``src``'s queries and values (at ``v_off``) and ``column_rel_t``, its relative
+      rows; ``affine`` then applies to ``y`` and ``bn_sums`` use ``y``. (The row step of a
+      GSA module needs the column output; this way it is not kept for the backward pass.)
+    column_rel_t: see ``column``.
+    recompute_grad_y: ``grad_y`` is this step's own output, recomputed on chip from
+      ``src`` (rounded to its dtype) instead of read.
 
   Returns:
     ``'drel' [batch, n*d, P]`` float32, ``'dq'`` and ``'dvals'`` (or ``'dsrc'``), and the
     requested extras (``'sums'``, ``'dctx'``).
   """
+  if column is not None and (column_rel_t is None or vals is not None or v_off is None):
+    raise ValueError('column needs column_rel_t and v_off, and replaces vals.')
+  if recompute_grad_y and (grad_y is not None or grad_affine is None or vals is not None):
+    raise ValueError('recompute_grad_y replaces grad_y, needs grad_affine and no vals.')
   batch, rows, src_ch = src.shape
   dk, dv = step.key_dim, step.value_dim
   width = rel_t.shape[1]
   cdt = compute_dtype or src.dtype
   vals_dtype = (vals if vals is not None else src).dtype
-  inputs = [(src, (None, rows, src_ch)), (rel_t, rel_t.shape), (grad, (None, rows, dv))]
+  grad_off = dk if grad_packed else 0
+  if grad.shape[-1] != grad_off + dv:
+    raise ValueError(f'grad has {grad.shape[-1]} channels, expected {grad_off + dv}.')
+  inputs = [(src, (None, rows, src_ch)), (rel_t, rel_t.shape), (grad, (None, rows, grad_off + dv))]
   names = ['src', 'rel_t', 'grad']
   optional = [
     ('vals', vals, (None, rows, dv)),
@@ -444,6 +565,7 @@ def backward(
     ('key_stats', key_stats, (None, 3, dk)),
     ('dcontext', dcontext, (None, dk, dv)),
     ('dq_in', dq_in, (None, rows, dk)),
+    ('column_rel_t', column_rel_t, None),
   ]
   for name, array, block in optional:
     if array is not None:
@@ -458,6 +580,9 @@ def backward(
   if packed:
     outputs.append(out((rows, src_ch), src.dtype))
     out_names.append('dsrc')
+  elif pack_grads:
+    outputs.append(out((rows, dk + dv), src.dtype))
+    out_names.append('dqv')
   else:
     outputs += [out((rows, dk), src.dtype), out((rows, dv), vals_dtype)]
     out_names += ['dq', 'dvals']
@@ -468,17 +593,39 @@ def backward(
     outputs.append(out((dk, dv), F32))
     out_names.append('dctx')
   lanes = {'q_s': dk, 'v_s': dv, 'grad_s': dv, 'dq_s': dk, 'dv_s': dv}
+  if column is not None or recompute_grad_y:
+    lanes['y_s'] = dv
   scratch, scratch_names = _lane_scratch(rows, lanes)
   scratch.append(jax.ShapeDtypeStruct((dk, step.heads * width), F32))
   scratch_names.append('drel_s')
 
   def kernel(*refs):
     r = _bound(names + out_names + scratch_names, refs, lanes)
-    _stage(r, q_off, v_off, dk, dv)
-    g_all = r['grad'][...].astype(F32)
+
+    def recompute_y(y_step, y_rel_t):
+      """The column output y from the staged queries and values, as forward rounds it."""
+      _lines_forward(y_step, y_rel_t, r['q_s'], r['v_s'], r['y_s'], cdt)
+      y = r['y_s'][...].astype(src.dtype).astype(F32)
+      r['y_s'][...] = y
+      return y
+
+    if column is not None:
+      # Stage the column step's queries and values; the affine applies to its output.
+      _stage({k: ref for k, ref in r.items() if k != 'affine'}, q_off, v_off, dk, dv)
+      y = recompute_y(column, r['column_rel_t'][...])
+      if affine is not None:
+        y = y * r['affine'][0:1, :] + r['affine'][1:2, :]
+      r['v_s'][...] = y
+    else:
+      _stage(r, q_off, v_off, dk, dv)
+    g_all = r['grad'][:, grad_off : grad_off + dv].astype(F32)
     if grad_affine is not None:
       ga = r['grad_affine']
-      g_all = ga[0:1, :] * g_all + ga[1:2, :] * r['grad_y'][...].astype(F32) + ga[2:3, :]
+      if recompute_grad_y:
+        y = recompute_y(step, r['rel_t'][...])
+      else:
+        y = r['grad_y'][...].astype(F32)
+      g_all = ga[0:1, :] * g_all + ga[1:2, :] * y + ga[2:3, :]
     r['grad_s'][...] = g_all
     r['drel_s'][...] = jnp.zeros(r['drel_s'].shape, F32)
     rbd = _block_rel(r['rel_t'][...].astype(F32), step).astype(cdt)
@@ -538,8 +685,10 @@ def backward(
       dq = dq + dqc
     if dq_in is not None:
       dq = dq + r['dq_in'][...].astype(F32)
+    if grad_packed:
+      dq = dq + r['grad'][:, 0:dk].astype(F32)
     if bn_sums:
-      raw = r['vals'][...].astype(F32)
+      raw = r['y_s'][...] if column is not None else r['vals'][...].astype(F32)
       r['sums'][...] = jnp.concatenate(
         [jnp.sum(dvals, 0, keepdims=True), jnp.sum(dvals * raw, 0, keepdims=True)], 0
       )
@@ -558,9 +707,20 @@ def backward(
         r['dsrc'][...] = jnp.zeros(r['dsrc'].shape, src.dtype)
       for off, part in parts.items():
         r['dsrc'][:, off : off + part.shape[1]] = part.astype(src.dtype)
+    elif pack_grads:
+      r['dqv'][:, 0:dk] = dq.astype(src.dtype)
+      r['dqv'][:, dk : dk + dv] = dvals.astype(src.dtype)
     else:
       r['dq'][...] = dq.astype(src.dtype)
       r['dvals'][...] = dvals.astype(vals_dtype)
 
-  results = _call(kernel, inputs, outputs, scratch, interpret, f'gsa_axial{step.axis}_bwd')
+  call = layout.KernelCall.of(
+    step, True, q_off, k_off, v_off,
+    column_length=None if column is None else column.rel_length,
+    vals=vals, affine=affine, grad_affine=grad_affine, grad_y=grad_y, context=context,
+    normalize_queries=normalize_queries, key_stats=key_stats, dcontext=dcontext, dq_in=dq_in,
+    bn_sums=bn_sums, packed=packed, recompute_grad_y=recompute_grad_y, pack_grads=pack_grads,
+    grad_packed=grad_packed,
+  )  # fmt: skip
+  results = _call(kernel, inputs, outputs, scratch, interpret, call)
   return dict(zip(out_names, results, strict=True))

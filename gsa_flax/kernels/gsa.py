@@ -15,7 +15,10 @@ queries and the context, and the sums the BatchNorm backward needs), then the co
 step's gradient, which applies the BatchNorm backward to its incoming gradient on load
 and writes the gradient of ``qkv`` (queries, keys through the key softmax, values) in
 one pass. Between the passes only per-channel vectors and per-image contexts go through
-XLA, so the module's HBM traffic is a few reads of ``qkv`` and ``y``.
+XLA, so the module's HBM traffic is a few reads of ``qkv`` and ``y``. On TPU, where a
+program holds a whole image, the two backward kernels recompute ``y`` on chip from
+``qkv`` (the column step once more) instead of reading it: ``y`` is not kept from the
+forward to the backward pass, which saves its memory and two reads.
 """
 
 from __future__ import annotations
@@ -190,7 +193,10 @@ def _forward(qkv, rel_col, rel_row, bn_scale, bn_bias, bn_mean, bn_var, config):
     normalize_queries=config.normalize_queries,
     interpret=config.interpret,
   )['out']
-  residuals = (qkv, y, rel_col, rel_row, bn_scale, mean, var, affine, context, key_stats)
+  # On TPU the backward kernels recompute y on chip (a program holds a whole image, so the
+  # row step's backward can run the column step first): it is not kept.
+  kept_y = None if config.backend == 'mosaic' else y
+  residuals = (qkv, kept_y, rel_col, rel_row, bn_scale, mean, var, affine, context, key_stats)
   return (out.reshape(batch, height, width, dv), mean, var), residuals
 
 
@@ -202,13 +208,19 @@ def _backward(config, residuals, cotangents):
   kernels = _kernels(config)
   dk = col.key_dim
   src = _pixels(qkv, config)
+  col_rows = _rows(rel_col, col, config, qkv.dtype)
+  if y is None:  # TPU: y recomputed by the kernels; dq and dy in one array of 128-lane tiles
+    values = dict(v_off=2 * dk, column=col, column_rel_t=col_rows, pack_grads=True)
+    grad_y = dict(recompute_grad_y=True, grad_packed=True)
+  else:
+    values, grad_y = dict(vals=y), dict(grad_y=y)
   second = kernels.backward(
     row,
     src,
     _rows(rel_row, row, config, qkv.dtype),
     _pixels(grad.astype(qkv.dtype), config),
     q_off=0,
-    vals=y,
+    **values,
     affine=affine,
     context=context,
     normalize_queries=config.normalize_queries,
@@ -237,19 +249,22 @@ def _backward(config, residuals, cotangents):
     dcontext = _programs(second['dctx'], batch).sum(1)
     m, s = key_stats
     key_stats_in = jnp.stack([m, s, jnp.sum(dcontext * context, axis=-1)], axis=1)
+  if y is None:
+    incoming = dict(grad=second['dqv'])
+  else:
+    incoming = dict(grad=second['dvals'], dq_in=second['dq'])
   first = kernels.backward(
     col,
     src,
-    _rows(rel_col, col, config, qkv.dtype),
-    second['dvals'],
+    col_rows,
     q_off=0,
     k_off=dk,
     v_off=2 * dk,
     grad_affine=jnp.stack([a, b, c]),
-    grad_y=y,
+    **grad_y,
+    **incoming,
     key_stats=key_stats_in,
     dcontext=dcontext,
-    dq_in=second['dq'],
     packed=True,
     interpret=config.interpret,
   )

@@ -19,6 +19,7 @@ embedding gradient) that the wrappers merge with a few small XLA ops.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 
 import jax
@@ -108,6 +109,147 @@ class AxialStep:
     return (self.rel_length - 1) // 2 - self.lo
 
 
+# The optional inputs and outputs of the axial kernels (keyword arguments of ``forward`` and
+# ``backward`` in both backends), by the short name a kernel's name gives them.
+EXTRAS = {
+  'vals': 'vals',
+  'affine': 'aff',
+  'context': 'ctx',
+  'normalize_queries': 'nq',
+  'stats': 'st',
+  'grad_affine': 'gaff',
+  'grad_y': 'gy',
+  'key_stats': 'ks',
+  'dcontext': 'dctx',
+  'dq_in': 'dqin',
+  'bn_sums': 'bns',
+  'packed': 'pk',
+  'recompute_grad_y': 'ry',
+  'pack_grads': 'pg',
+  'grad_packed': 'gp',
+}
+_EXTRA_OF = {short: name for name, short in EXTRAS.items()}
+_NAME = re.compile(
+  r'gsa_axial(?P<axis>[12])_(?P<direction>fwd|bwd)_(?P<height>\d+)x(?P<width>\d+)_n(?P<heads>\d+)'
+  r'_dk(?P<dk>\d+)_dv(?P<dv>\d+)_L(?P<length>\d+)(?P<rest>(?:_[a-z]+\d*)*)'
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCall:
+  """Everything static about one call of an axial kernel, spelled out in its name.
+
+  The name (``pallas_call(name=...)``) is what a compiled program keeps of the call: the
+  TPU custom call is named after it, a GPU one carries it in its op name. A cost model
+  reads the call back from it (:meth:`parse`) and, with the call's operand and result
+  shapes, counts what the kernel's programs copy and compute
+  (:func:`gsa_flax.kernels.costs.custom_call_costs`).
+
+  Attributes:
+    step: the step's geometry.
+    backward: the gradient kernel (else the forward one).
+    q_off, k_off, v_off: first query, key and value channel in ``src`` (None: not given).
+    extras: the optional arguments given (keys of :data:`EXTRAS`).
+    column_length: a row step's backward that recomputes the column step's output (its
+      values) on chip: that step's ``L`` (it shares the rest of the geometry).
+  """
+
+  step: AxialStep
+  backward: bool
+  q_off: int
+  k_off: int | None = None
+  v_off: int | None = None
+  extras: frozenset[str] = frozenset()
+  column_length: int | None = None
+
+  def __post_init__(self):
+    unknown = set(self.extras) - set(EXTRAS)
+    if unknown:
+      raise ValueError(f'unknown kernel extras {sorted(unknown)}; valid: {", ".join(EXTRAS)}.')
+
+  @classmethod
+  def of(
+    cls,
+    step: AxialStep,
+    backward: bool,
+    q_off: int,
+    k_off: int | None = None,
+    v_off: int | None = None,
+    column_length: int | None = None,
+    **extras,
+  ) -> KernelCall:
+    """The call made with these keyword arguments: an extra counts as given unless it is
+    None or False."""
+    given = frozenset(k for k, v in extras.items() if v is not None and v is not False)
+    return cls(step, backward, q_off, k_off, v_off, given, column_length)
+
+  @property
+  def column(self) -> AxialStep | None:
+    """The column step whose output a row step's backward recomputes (``column_length``)."""
+    if self.column_length is None:
+      return None
+    return dataclasses.replace(self.step, axis=HEIGHT_AXIS, rel_length=self.column_length)
+
+  @property
+  def name(self) -> str:
+    """E.g. ``gsa_axial1_fwd_56x56_n8_dk32_dv64_L111_q0_k32_v64_st``."""
+    s = self.step
+    parts = [
+      f'gsa_axial{s.axis}_{"bwd" if self.backward else "fwd"}',
+      f'{s.height}x{s.width}',
+      f'n{s.heads}',
+      f'dk{s.key_dim}',
+      f'dv{s.value_dim}',
+      f'L{s.rel_length}',
+    ]
+    if s.softmax:
+      parts.append('sm')
+    parts.append(f'q{self.q_off}')
+    parts += [f'{c}{o}' for c, o in (('k', self.k_off), ('v', self.v_off)) if o is not None]
+    if self.column_length is not None:
+      parts.append(f'c{self.column_length}')
+    parts += sorted(EXTRAS[e] for e in self.extras)
+    return '_'.join(parts)
+
+  @classmethod
+  def parse(cls, text: str) -> KernelCall | None:
+    """The call named in ``text`` (a name, an HLO instruction name or op name), or None."""
+    match = _NAME.search(text)
+    if match is None:
+      return None
+    g = match.groupdict()
+    softmax, offsets, extras = False, {}, set()
+    for token in filter(None, g['rest'].split('_')):
+      offset = re.fullmatch(r'([qkvc])(\d+)', token)
+      if token == 'sm':
+        softmax = True
+      elif offset:
+        offsets[offset.group(1)] = int(offset.group(2))
+      elif token in _EXTRA_OF:
+        extras.add(_EXTRA_OF[token])
+      else:
+        return None
+    step = AxialStep(
+      int(g['axis']),
+      int(g['height']),
+      int(g['width']),
+      int(g['heads']),
+      int(g['dk']),
+      int(g['dv']),
+      int(g['length']),
+      softmax,
+    )
+    return cls(
+      step,
+      g['direction'] == 'bwd',
+      offsets.get('q', 0),
+      offsets.get('k'),
+      offsets.get('v'),
+      frozenset(extras),
+      offsets.get('c'),
+    )
+
+
 def relative_rows(rel: jax.Array, step: AxialStep, width: int, dtype) -> jax.Array:
   """``rel [L, heads, d]`` as ``[heads * d, width]``: cropped to the used offsets, padded."""
   used = rel[step.lo : step.lo + step.used].reshape(step.used, step.key_dim)
@@ -155,14 +297,33 @@ def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+TPU_LANES = 128  # a TPU's HBM arrays are stored in tiles of 8 rows x 128 lanes
+TPU_SUBLANES = 8
+
+
+def tpu_tiled_bytes(shape: Sequence[int], itemsize: int) -> int:
+  """HBM bytes a block of ``shape`` occupies in a TPU's tiled layout.
+
+  The last dimension is padded to 128 lanes and the one before to a multiple of 8 rows
+  (rows fewer than 8 take a smaller tile, unpadded), as XLA lays out TPU arrays: a
+  ``bf16[3136, 64]`` block moves 3136 x 128 elements.
+  """
+  *lead, rows, cols = (1,) * max(0, 2 - len(shape)) + tuple(shape)
+  if rows >= TPU_SUBLANES:
+    rows = round_up(rows, TPU_SUBLANES)
+  return int(np.prod(lead, dtype=np.int64)) * rows * round_up(cols, TPU_LANES) * itemsize
+
+
 def grid_traffic(jaxpr) -> dict[str, int]:
   """HBM bytes the Pallas kernels of a jaxpr copy in and out, per backend.
 
   A custom call's traffic is invisible to XLA's cost analysis, so it is counted from the
   kernel's grid and block specs: every program instance copies each of its input and
-  output blocks once (a block that several programs read counts once per program).
-  Nested jaxprs (``cond`` branches of :func:`jax.lax.platform_dependent`, ``custom_vjp``
-  rules, loops) are walked.
+  output blocks once (a block that several programs read counts once per program). On
+  TPU (Mosaic, and the Mosaic kernels in the interpreter) a block moves in HBM's tiled
+  layout (:func:`tpu_tiled_bytes`); on GPUs (Triton) as its elements. Nested jaxprs
+  (``cond`` branches of :func:`jax.lax.platform_dependent`, ``custom_vjp`` rules, loops)
+  are walked.
 
   Args:
     jaxpr: a (closed) jaxpr, e.g. from :func:`jax.make_jaxpr`.
@@ -180,16 +341,16 @@ def grid_traffic(jaxpr) -> dict[str, int]:
         programs = 1
         for size in gm.grid:
           programs *= int(size)
-        per_program = sum(
-          int(np.prod(bm.block_aval.shape)) * jnp.dtype(bm.block_aval.dtype).itemsize
-          for bm in gm.block_mappings
-        )
-        if eqn.params['interpret']:
-          kind = 'interpret'
-        else:
-          kind = (
-            'triton' if 'triton' in type(eqn.params['compiler_params']).__module__ else 'mosaic'
-          )
+        triton = 'triton' in type(eqn.params['compiler_params']).__module__
+        kind = 'interpret' if eqn.params['interpret'] else 'triton' if triton else 'mosaic'
+        per_program = 0
+        for bm in gm.block_mappings:
+          shape = [int(s) for s in bm.block_aval.shape]
+          itemsize = jnp.dtype(bm.block_aval.dtype).itemsize
+          if triton:
+            per_program += int(np.prod(shape, dtype=np.int64)) * itemsize
+          else:
+            per_program += tpu_tiled_bytes(shape, itemsize)
         totals[kind] += programs * per_program
       for param in eqn.params.values():
         for sub in param if isinstance(param, tuple | list) else (param,):

@@ -26,10 +26,17 @@ dynamic slice inside it, an in-place update) is still charged the whole operand,
 estimate errs high there. libtpu's own "bytes accessed" counts on-chip traffic too and is
 reported beside it.
 
-FLOPs are libtpu's count on TPU. The GPU compiler has no cost analysis: there the FLOPs
-are counted from the HLO, dots and convolutions only (2 x multiply-adds, fusion bodies and
-cuBLAS/cuDNN calls included); elementwise work is not counted. Custom calls (Pallas
-kernels) hide their insides from both: their costs can be passed in.
+A custom call (a Pallas kernel) hides its inside from both compilers: its operands and
+results say nothing of what its programs copy. The project's kernels are priced from
+their grid and block specs (every program's input and output blocks, in HBM's tiled layout
+on TPU; blocks of a buffer the compiler keeps on chip excluded, as for any instruction) by
+:func:`gsa_flax.kernels.costs.custom_call_costs`, which :func:`analyze` applies unless told
+otherwise; other custom calls can be priced by the caller, and any left unpriced is named.
+
+FLOPs are libtpu's count on TPU (a Pallas kernel's own ``CostEstimate`` included). The GPU
+compiler has no cost analysis: there the FLOPs are counted from the HLO, dots and
+convolutions only (2 x multiply-adds, fusion bodies and cuBLAS/cuDNN calls included;
+elementwise work is not counted), plus the priced kernels' FLOPs.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from gsa_flax.kernels import costs as kernel_costs
 
 DATA_AXIS = 'data'
 
@@ -428,7 +437,16 @@ CostFn = Callable[[CustomCall], Any]
 
 CustomCallCosts = Mapping[str, CustomCallCost | CostFn]
 """Costs of custom calls by key: a key matches a call whose target equals it or whose
-instruction name or op_name contains it; the first matching key applies."""
+instruction name or op_name contains it; the first matching key applies. Where a function
+of this module takes them, ``None`` means the project's Pallas kernels
+(:func:`gsa_flax.kernels.costs.custom_call_costs`) and ``{}`` none."""
+
+
+def _costs(custom_call_costs: CustomCallCosts | None) -> CustomCallCosts:
+  if custom_call_costs is None:
+    return kernel_costs.custom_call_costs()
+  return custom_call_costs
+
 
 # Library calls whose FLOPs the HLO counter reads from their attributes; their scratch
 # buffer (the last result) is not traffic.
@@ -496,6 +514,7 @@ _COLLECTIVES = frozenset(
 
 
 _HBM, _HOST = 0, 5  # memory spaces; a TPU's VMEM is 1, its scalar memory 2
+_MOSAIC = 'tpu_custom_call'  # a Pallas kernel compiled for TPU
 
 
 def _moved(shapes: Sequence[ArrayShape]) -> _Totals:
@@ -577,6 +596,7 @@ class _Counter:
     self.unknown_trip_counts = 0
     self._flops_memo: dict[str, float] = {}
     self._top_memo: dict[str, _Totals] = {}
+    self._traffic_memo: dict[str, _Totals] = {}
 
   def operand_shapes(self, instruction: _Instruction) -> list[tuple[ArrayShape, ...]]:
     return [self.shapes.get(o, ()) for o in instruction.operands]
@@ -642,24 +662,34 @@ class _Counter:
     return self._flops_memo[name]
 
   # -- HBM traffic of the computations that run at top level.
+  def custom_call(self, instruction: _Instruction) -> CustomCall:
+    return CustomCall(
+      name=instruction.name,
+      target=instruction.attr(r'custom_call_target="([^"]*)"') or '',
+      op_name=instruction.attr(r'op_name="([^"]*)"') or '',
+      operands=tuple(s for shapes in self.operand_shapes(instruction) for s in shapes),
+      results=instruction.shape,
+    )
+
   def custom_call_cost(self, instruction: _Instruction) -> tuple[float, float] | None:
-    target = instruction.attr(r'custom_call_target="([^"]*)"') or ''
-    op_name = instruction.attr(r'op_name="([^"]*)"') or ''
+    call = self.custom_call(instruction)
+    target, op_name = call.target, call.op_name
     for key, cost in self.costs.items():
       if key == target or key in instruction.name or key in op_name:
         if callable(cost):
-          call = CustomCall(
-            name=instruction.name,
-            target=target,
-            op_name=op_name,
-            operands=tuple(s for shapes in self.operand_shapes(instruction) for s in shapes),
-            results=instruction.shape,
-          )
           cost = cost(call)
-        return float(cost.bytes_accessed), float(cost.flops)
+        flops = float(cost.flops)
+        if target == _MOSAIC and '"cost_estimate"' in instruction.attrs:
+          flops = 0.0  # the kernel's own CostEstimate: libtpu's FLOPs include it already
+        return float(cost.bytes_accessed), flops
     return None
 
   def instruction_traffic(self, instruction: _Instruction) -> _Totals:
+    if instruction.name not in self._traffic_memo:
+      self._traffic_memo[instruction.name] = self._instruction_traffic(instruction)
+    return self._traffic_memo[instruction.name]
+
+  def _instruction_traffic(self, instruction: _Instruction) -> _Totals:
     op = instruction.opcode
     if op in _NO_TRAFFIC or op.endswith('-update'):
       return _Totals()
@@ -712,6 +742,27 @@ class _Counter:
       self._top_memo[name] = total
     return self._top_memo[name]
 
+  def entries(self, name: str, times: float = 1.0) -> list[tuple[_Instruction, float, _Totals]]:
+    """``(instruction, executions, its traffic per execution)`` of every top-level kernel."""
+    out = []
+    for instruction in self.computations.get(name, []):
+      if instruction.opcode not in ('while', 'conditional', 'call'):
+        out.append((instruction, times, self.instruction_traffic(instruction)))
+        continue
+      called = instruction.called()
+      if instruction.opcode == 'while':
+        n = self.trip_count(instruction)
+        for c in called:
+          out += self.entries(c, times * n)
+      elif instruction.opcode == 'conditional':
+        costliest = max(called, key=lambda c: self.top_level(c).hbm_bytes, default=None)
+        if costliest is not None:
+          out += self.entries(costliest, times)
+      else:
+        for c in called:
+          out += self.entries(c, times)
+    return out
+
 
 def hlo_costs(hlo_text: str, custom_call_costs: CustomCallCosts | None = None) -> dict[str, Any]:
   """HBM traffic and matmul/convolution FLOPs of one device's optimized HLO.
@@ -732,7 +783,7 @@ def hlo_costs(hlo_text: str, custom_call_costs: CustomCallCosts | None = None) -
     once), ``collectives`` (``{opcode: count}`` of the collectives in the program).
   """
   entry, computations = _parse_module(hlo_text)
-  counter = _Counter(computations, custom_call_costs)
+  counter = _Counter(computations, _costs(custom_call_costs))
   top = counter.top_level(entry)
   collectives: dict[str, int] = {}
   for instructions in computations.values():
@@ -749,6 +800,68 @@ def hlo_costs(hlo_text: str, custom_call_costs: CustomCallCosts | None = None) -
     'unknown_trip_counts': counter.unknown_trip_counts,
     'collectives': dict(sorted(collectives.items())),
   }
+
+
+def custom_calls(hlo_text: str) -> tuple[CustomCall, ...]:
+  """The custom calls of a compiled program that do work (kernels and library calls, not
+  annotations such as ``Sharding``), in program order, with their shapes.
+
+  Args:
+    hlo_text: ``compiled.as_text()``.
+  """
+  _, computations = _parse_module(hlo_text)
+  counter = _Counter(computations, {})
+  return tuple(
+    counter.custom_call(instruction)
+    for instructions in computations.values()
+    for instruction in instructions
+    if instruction.opcode == 'custom-call'
+    and instruction.attr(r'custom_call_target="([^"]*)"') not in _NO_OP_CUSTOM_CALLS
+  )
+
+
+class InstructionTraffic(NamedTuple):
+  """The estimated HBM traffic of one top-level instruction (see :func:`traffic_by_instruction`).
+
+  Attributes:
+    name: the HLO instruction's name.
+    opcode: its opcode (``fusion``, ``custom-call``, ``copy``, ...).
+    op_name: the JAX op path it comes from (``metadata={op_name=...}``), '' if none.
+    executions: how many times it runs per program (a while body's trip count).
+    hbm_bytes: its HBM traffic over all executions.
+  """
+
+  name: str
+  opcode: str
+  op_name: str
+  executions: float
+  hbm_bytes: float
+
+
+def traffic_by_instruction(
+  hlo_text: str, custom_call_costs: CustomCallCosts | None = None
+) -> list[InstructionTraffic]:
+  """The terms of :func:`hlo_costs`'s ``hbm_bytes``, one per top-level instruction, largest
+  first: what dominates a program's estimated HBM traffic.
+
+  Args:
+    hlo_text: ``compiled.as_text()``.
+    custom_call_costs: costs of custom calls (see :data:`CustomCallCosts`).
+  """
+  entry, computations = _parse_module(hlo_text)
+  counter = _Counter(computations, _costs(custom_call_costs))
+  rows = [
+    InstructionTraffic(
+      instruction.name,
+      instruction.opcode,
+      instruction.attr(r'op_name="([^"]*)"') or '',
+      times,
+      times * traffic.hbm_bytes,
+    )
+    for instruction, times, traffic in counter.entries(entry)
+    if traffic.hbm_bytes
+  ]
+  return sorted(rows, key=lambda r: -r.hbm_bytes)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -829,7 +942,9 @@ def analyze(
     custom_call_costs: costs of custom calls XLA cannot see into (Pallas kernels), by
       target, instruction name or op name (a kernel's ``name=``); each value a
       :class:`CustomCallCost` (or ``pl.CostEstimate``) per execution, or a function of the
-      :class:`CustomCall` (its operand and result shapes) that returns one.
+      :class:`CustomCall` (its operand and result shapes) that returns one. None: the
+      project's kernels (:func:`gsa_flax.kernels.costs.custom_call_costs`). A TPU kernel
+      that carries its own ``CostEstimate`` adds no FLOPs here: libtpu has counted them.
 
   Returns:
     The analysis.

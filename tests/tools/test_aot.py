@@ -236,6 +236,20 @@ ENTRY %main (p: pred[], x: f32[16]) -> f32[16] {
   assert aot.hlo_costs(text)['hbm_bytes'] == 2 * 64 + 3 * 64
 
 
+def test_traffic_by_instruction_adds_up_to_the_total_largest_first():
+  rows = aot.traffic_by_instruction(_MODULE)
+  assert sum(r.hbm_bytes for r in rows) == aot.hlo_costs(_MODULE)['hbm_bytes']
+  assert [r.hbm_bytes for r in rows] == sorted((r.hbm_bytes for r in rows), reverse=True)
+  by_name = {r.name: r for r in rows}
+  # The loop body's fusion runs 5 times: reads acc, writes both results, each time.
+  assert by_name['pair'].executions == 5
+  assert by_name['pair'].hbm_bytes == 5 * (4 * 16 + 4 * 16 + 16 * 16) * 4
+  assert by_name['fusion'].opcode == 'fusion' and by_name['fusion'].executions == 1
+  assert 'x' not in by_name  # a parameter moves nothing
+  # Into on-chip memory: only the read from HBM counts; back out: only the write.
+  assert by_name['staged'].hbm_bytes == by_name['back'].hbm_bytes == 8 * 16 * 4
+
+
 # ----------------------------------------------------------------------------- traffic
 
 
@@ -380,6 +394,57 @@ def test_custom_call_costs_replace_what_the_hlo_cannot_show(name):
   computed = aot.analyze(compiled, {'pallas_call': from_shapes})
   assert computed.hbm_bytes == 3 * 2 * buffer
   assert computed.flops - plain.flops == 64 * 256
+
+
+def _double_with_estimate(x):
+  out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  estimate = pl.CostEstimate(flops=678_000, transcendentals=0, bytes_accessed=2 * x.size * 4)
+  return pl.pallas_call(
+    _double_kernel, out_shape=out, name='double_kernel', cost_estimate=estimate
+  )(x)
+
+
+@pytest.mark.filterwarnings('ignore:Using ``pl.pallas_call`` for Mosaic GPU:DeprecationWarning')
+@pytest.mark.parametrize('name', TARGETS)
+def test_a_kernel_priced_twice_counts_its_flops_once(name):
+  """A TPU kernel's own CostEstimate is in libtpu's FLOPs already; the price given to
+  analyze adds them only where the compiler has no count (the GPU)."""
+  target = aot.get_target(name)
+  x = _input(target, (64, 256), jnp.float32)
+  spec = jax.sharding.PartitionSpec(aot.DATA_AXIS)
+  per_chip = jax.shard_map(
+    _double_with_estimate, mesh=target.mesh, in_specs=spec, out_specs=spec, check_vma=False
+  )
+  compiled = _compile(target, per_chip, x)
+  priced = aot.analyze(compiled, {'double_kernel': aot.CustomCallCost(1000, flops=678_000)})
+  (call,) = aot.custom_calls(compiled.as_text())
+  assert [a.dims for a in call.operands] == [(64, 256)]  # one chip's share
+  if target.platform == 'tpu':
+    assert priced.xla_flops >= 678_000  # libtpu counted the kernel's estimate
+    assert priced.flops == priced.xla_flops
+  else:
+    assert priced.flops == priced.matmul_flops + 678_000
+
+
+def test_custom_calls_lists_kernels_with_their_shapes_not_annotations():
+  text = """HloModule calls
+
+ENTRY %main (x: f32[8,128]) -> f32[8,128] {
+  %x = f32[8,128]{1,0} parameter(0)
+  %s = f32[8,128]{1,0} custom-call(%x), custom_call_target="Sharding"
+  %k = (f32[8,128]{1,0}, f32[2]{0}) custom-call(%s), custom_call_target="tpu_custom_call", \
+metadata={op_name="jit(f)/my_kernel/pallas_call"}
+  ROOT %y = f32[8,128]{1,0} get-tuple-element(%k), index=0
+}
+"""
+  (call,) = aot.custom_calls(text)
+  assert (call.name, call.target, call.op_name) == (
+    'k',
+    'tpu_custom_call',
+    'jit(f)/my_kernel/pallas_call',
+  )
+  assert [a.dims for a in call.operands] == [(8, 128)]
+  assert [a.dims for a in call.results] == [(8, 128), (2,)]
 
 
 # ----------------------------------------------------------------------------- roofline
