@@ -67,7 +67,7 @@ def main(argv: Sequence[str], **train_kwargs) -> None:
   config_validation.validate(FLAGS.config)
   workdir_lib.check_workdir(FLAGS.workdir, evaluate_only=FLAGS.config.eval_only)
 
-  from gsa_flax import train
+  from gsa_flax import evaluators, train
   from gsa_flax.tools import attention_maps
 
   logging.info(
@@ -77,12 +77,10 @@ def main(argv: Sequence[str], **train_kwargs) -> None:
     jax.local_device_count(),
     jax.device_count(),
   )
-  evaluators = [train.ClassificationEvaluator]
+  factories = [evaluators.ClassificationEvaluator]
   if FLAGS.config.attention_maps:
-    evaluators.append(attention_maps.AttentionMapEvaluator)
-  train.train_and_evaluate(
-    FLAGS.config, FLAGS.workdir, **{'evaluators': evaluators, **train_kwargs}
-  )
+    factories.append(attention_maps.AttentionMapEvaluator)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, **{'evaluators': factories, **train_kwargs})
 
 
 if __name__ == '__main__':

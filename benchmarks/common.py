@@ -206,7 +206,7 @@ class TrainStep:
   """A compiled train step with its state and a fixed batch; call it to time one step.
 
   Attributes:
-    compiled: the compiled ``train.jit_train_step``.
+    compiled: the compiled ``steps.jit_train_step``.
     state: the current train state (donated to each step and replaced by its result).
     batch: the fixed global batch, sharded on the mesh's data axis.
     compile_s: seconds to lower and compile.
@@ -230,8 +230,8 @@ class TrainStep:
 def compile_train_step(config: Any, num_classes: int, devices: list | None = None) -> TrainStep:
   """The project's train step exactly as the trainer builds it, on a random fixed batch.
 
-  ``state.setup`` + ``state.create`` (jitted, replicated) + ``train.jit_train_step`` over
-  ``train.make_mesh(devices)``: the batch sharded on the data axis, the state replicated and
+  ``state.setup`` + ``state.create`` (jitted, replicated) + ``steps.jit_train_step`` over
+  ``steps.make_mesh(devices)``: the batch sharded on the data axis, the state replicated and
   donated. The batch is ``config.batch_size`` random images (the input pipeline is out of
   the measurement); the schedule is that of a 10,000-step run.
 
@@ -246,9 +246,9 @@ def compile_train_step(config: Any, num_classes: int, devices: list | None = Non
   from jax.sharding import PartitionSpec as P
 
   from gsa_flax import state as state_lib
-  from gsa_flax import train
+  from gsa_flax import steps
 
-  mesh = train.make_mesh(devices)
+  mesh = steps.make_mesh(devices)
   pieces = state_lib.setup(config, num_classes, steps_per_epoch=1000, num_train_steps=10_000)
   state = jax.jit(
     functools.partial(state_lib.create, pieces, image_size=config.image_size),
@@ -256,14 +256,14 @@ def compile_train_step(config: Any, num_classes: int, devices: list | None = Non
   )(jax.random.key(config.seed))
   rng = np.random.default_rng(0)
   size = config.image_size
-  batch = train.to_global(
+  batch = steps.to_global(
     {
       'image': rng.standard_normal((config.batch_size, size, size, 3), np.float32),
       'label': rng.integers(0, num_classes, (config.batch_size,), np.int32),
     },
-    NamedSharding(mesh, P(train.DATA_AXIS)),
+    NamedSharding(mesh, P(steps.DATA_AXIS)),
   )
-  step = train.jit_train_step(mesh, pieces.schedule, num_classes, config.label_smoothing)
+  step = steps.jit_train_step(mesh, pieces.schedule, num_classes, config.label_smoothing)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   return TrainStep(compiled, state, batch, time.perf_counter() - t0)

@@ -5,7 +5,7 @@ One script, under 8 minutes on one H100:
 1. the accelerator's measured bfloat16 matmul rate (a large ``jnp.dot``) and memory
    bandwidth (a large elementwise pass): the ceilings;
 2. the project's train step as the trainer runs it (``state.setup`` + ``state.create`` +
-   ``train.jit_train_step`` over a one-device ``train.make_mesh``) of ResNet-50 and
+   ``steps.jit_train_step`` over a one-device ``steps.make_mesh``) of ResNet-50 and
    GSA-ResNet-50 at 224x224, ``config.dtype='bfloat16'`` (parameters stay float32), batch
    128 and 256, on a fixed random batch: compile time, per-step times, images/s and model
    FLOPs utilisation (the step's model FLOPs from XLA's cost analysis, counted with
@@ -79,13 +79,13 @@ def model_flops(config, batch) -> float:
   nothing is initialised or compiled).
   """
   from gsa_flax import state as state_lib
-  from gsa_flax import train
+  from gsa_flax import steps
 
   config = config.copy_and_resolve_references()
   config.gsa.order = 'logits'
   pieces = state_lib.setup(config, NUM_CLASSES, steps_per_epoch=1000, num_train_steps=10_000)
-  mesh = train.make_mesh(jax.devices()[:1])
-  step = train.jit_train_step(mesh, pieces.schedule, NUM_CLASSES, config.label_smoothing)
+  mesh = steps.make_mesh(jax.devices()[:1])
+  step = steps.jit_train_step(mesh, pieces.schedule, NUM_CLASSES, config.label_smoothing)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
   return common.xla_flops(step.lower(state_lib.abstract(pieces, config.image_size), abstract))
 

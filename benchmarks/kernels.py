@@ -1,207 +1,200 @@
-"""HBM traffic of the GSA module with the einsum ops and with the Pallas kernels.
+"""HBM traffic of the GSA module with the einsum ops and with the Pallas kernels, against
+the 3x3 convolution + BatchNorm it replaces.
 
-Deviceless ahead-of-time compiles, on this machine's CPU, for one TPU v5e chip (of a
-``v5e:2x2`` topology) and one H100 (the package's target description), of the GSA
-module at GSA-ResNet-50's first stage (``layers.GSA(64, num_heads=8)``, key_features 32,
-batch 32 per chip, 56x56x64, bfloat16, forward + backward: gradients of the parameters
-and the input, train-mode BatchNorm), with ``implementation='xla'`` and with the kernels
-(``implementation=None``, which takes them when compiling for these platforms), against
-the 3x3 convolution (64 -> 64, no bias) + BatchNorm the module replaces.
+Deviceless ahead-of-time compiles, on this machine's CPU, for a TPU v5e slice (``v5e:2x2``,
+the batch split over its 4 chips) and one H100 (the package's target description), of the
+GSA module at GSA-ResNet-50's first stage (``layers.GSA(64, num_heads=8)``, key_features
+32, 32 examples per chip, 56x56x64, bfloat16, forward + backward: gradients of the
+parameters and the input, loss = sum of squares in float32, train-mode BatchNorm) with
+``implementation='xla'`` (einsum ops) and with the kernels (``implementation=None``, which
+takes them when compiling for these platforms), against the 3x3 convolution (64 -> 64, no
+bias) + BatchNorm the module replaces.
 
-Per case: the HBM traffic, estimated as the sum over the top-level HLO instructions of
-operand + result bytes (parameters, constants, tuples, get-tuple-element and bitcasts
-excluded; an asynchronous ``*-start`` counts its operands and its destination, its
-``*-done`` nothing), except that a Pallas custom call counts what its programs copy in and
-out according to the kernels' grid and block specs
-(:func:`gsa_flax.kernels.layout.grid_traffic`), since XLA cannot see inside it; the
-temporaries of ``compiled.memory_analysis()``; on TPU, libtpu's ``cost_analysis()``
-'bytes accessed' (which counts a custom call by its operands and results only).
+Everything is read per chip by :func:`gsa_flax.tools.aot.analyze`, the estimator the
+accelerator sizing uses (``python -m gsa_flax.tools.summary --target=...``): HBM traffic =
+operand + result bytes of every top-level instruction in HBM (tile padding included,
+buffers the compiler keeps on chip excluded), a Pallas kernel counted from its grid and
+block specs (:func:`gsa_flax.kernels.costs.custom_call_costs`); the temporaries of XLA's
+memory plan; FLOPs (libtpu's count, the kernels' own estimates included, on TPU; dots,
+convolutions and the kernels' estimates on the H100).
 
-  python -m benchmarks.kernels                  # both platforms, markdown on stdout
-  python -m benchmarks.kernels --platform tpu   # one of them
+  python -m benchmarks.kernels                      # both platforms, markdown on stdout
+  python -m benchmarks.kernels --targets=h100       # one of them
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
-import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
 
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 
 from gsa_flax.kernels import layout  # noqa: E402
 from gsa_flax.layers import GSA  # noqa: E402
 from gsa_flax.tools import aot  # noqa: E402
 
-# ------------------------------------------------------------------------ HLO traffic estimate
-
-_BYTES = {
-  'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 's32': 4,
-  'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16,
-  'f8e4m3fn': 1, 'f8e5m2': 1,
-}  # fmt: skip
-_ARRAY = re.compile(r'\b([a-z]+[0-9a-z]*)\[([\d,]*)\]')
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%(\S+) = (.*?) ([\w\-]+)\((.*)$')
-_NOT_COUNTED = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'after-all'}
-_PALLAS_TARGETS = ('tpu_custom_call', 'mosaic_gpu', '__gpu$xla.gpu.triton')
-
-
-def _arrays(shape: str) -> list[tuple[str, int]]:
-  out = []
-  for dtype, dims in _ARRAY.findall(shape):
-    if dtype in _BYTES:
-      n = 1
-      for d in filter(None, dims.split(',')):
-        n *= int(d)
-      out.append((dtype, n * _BYTES[dtype]))
-  return out
-
-
-def hlo_traffic(hlo: str) -> tuple[int, int]:
-  """Operand + result bytes of the entry computation's instructions, Pallas calls aside.
-
-  Returns:
-    ``(bytes, pallas_calls)``: the XLA traffic and the number of Pallas custom calls
-    (left out of ``bytes``).
-  """
-  lines = hlo.splitlines()
-  start = next(i for i, line in enumerate(lines) if line.startswith('ENTRY'))
-  sizes, total, pallas = {}, 0, 0
-  for line in lines[start + 1 :]:
-    if line.startswith('}'):
-      break
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, shape, opcode, rest = match.groups()
-    arrays = _arrays(shape)
-    sizes[name] = sum(b for _, b in arrays)
-    if opcode in _NOT_COUNTED or opcode.endswith('-done'):
-      continue
-    depth, end = 1, 0
-    while depth and end < len(rest):
-      depth += {'(': 1, ')': -1}.get(rest[end], 0)
-      end += 1
-    operands = re.findall(r'%([\w.\-]+)', rest[: end - 1])
-    if opcode == 'custom-call' and any(t in rest for t in _PALLAS_TARGETS):
-      pallas += 1
-      continue
-    if opcode.endswith('-start'):
-      result = arrays[1][1] if len(arrays) > 1 else 0  # the destination of the copy
-    elif opcode == 'custom-call':
-      result = sum(b for dtype, b in arrays if dtype not in ('s8', 'u8'))  # no workspace
-    else:
-      result = sizes[name]
-    total += result + sum(sizes.get(op, 0) for op in operands)
-  return total, pallas
-
-
-# ------------------------------------------------------------------------------------ cases
+# GSA-ResNet-50's first stage.
+CHANNELS, HEADS, KEY_FEATURES, SIZE = 64, 8, 32, 56
+KINDS = {
+  'conv': '3x3 conv + BN',
+  'gsa_xla': "GSA, implementation='xla' (einsums)",
+  'gsa': 'GSA, Pallas kernels',
+}
+GB, MIB = 1e9, 2**20
 
 
 class ConvBN(nn.Module):
   """The 3x3 convolution + BatchNorm that a GSA module replaces in a ResNet block."""
 
   features: int
+  dtype: Any = jnp.bfloat16
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=False, dtype=jnp.bfloat16)(x)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=jnp.bfloat16)(x)
+    x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype)(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
 
 
-def device(platform: str):
-  """One chip of a TPU v5e 2x2 slice, or one H100."""
-  if platform == 'tpu':
-    return topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2').devices[0]
-  return topologies.get_topology_desc(
-    platform='cuda', topology_name='h100', topology='1x1x1', target_config=aot.h100_target_config()
-  ).devices[0]
-
-
-def measure(module: nn.Module, shape, dev, backend: str) -> dict:
-  """Compiles forward + backward of ``module`` for ``dev``; traffic, temporaries, cost."""
-  sharding = jax.sharding.SingleDeviceSharding(dev)
-  x = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)
-  small = jnp.zeros((1, *shape[1:]), jnp.bfloat16)
-  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), small, train=False))
-  variables = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), variables
+def layer(kind: str, *, order: str = 'auto') -> nn.Module:
+  """``'conv'``, ``'gsa_xla'`` (einsum ops) or ``'gsa'`` (the kernels where they compile)."""
+  if kind == 'conv':
+    return ConvBN(CHANNELS)
+  implementation = 'xla' if kind == 'gsa_xla' else None
+  return GSA(
+    CHANNELS,
+    num_heads=HEADS,
+    key_features=KEY_FEATURES,
+    dtype=jnp.bfloat16,
+    order=order,
+    implementation=implementation,
   )
-  params = variables['params']
-  state = {k: v for k, v in variables.items() if k != 'params'}
+
+
+def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
+def _variables(module: nn.Module) -> Any:
+  x = jax.ShapeDtypeStruct((1, SIZE, SIZE, CHANNELS), jnp.bfloat16)
+  return jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
+
+
+def compile_layer(target: aot.Target, kind: str, batch_per_chip: int) -> jax.stages.Compiled:
+  """Forward + backward (parameters and input) of one layer in training mode, compiled for
+  ``target`` with the batch split over its chips."""
+  module = layer(kind)
+  variables = _variables(module)
+  params, state = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
 
   def loss(params, state, x):
-    y, updates = module.apply({'params': params, **state}, x, train=True, mutable=list(state))
-    return jnp.sum(jnp.square(y.astype(jnp.float32))), updates
+    y, _ = module.apply({'params': params, **state}, x, train=True, mutable=list(state))
+    return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
-  step = jax.value_and_grad(loss, argnums=(0, 2), has_aux=True)
-  t0 = time.perf_counter()
-  compiled = jax.jit(step).lower(params, state, x).compile()
-  compile_s = time.perf_counter() - t0
-  xla_bytes, calls = hlo_traffic(compiled.as_text())
-  kernel_bytes = 0
-  if calls:
-    kernel_bytes = layout.grid_traffic(jax.make_jaxpr(step)(params, state, x))[backend]
-  cost = compiled.cost_analysis()
-  if isinstance(cost, list | tuple):
-    cost = cost[0] if cost else None
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))
+  x = jax.ShapeDtypeStruct(
+    (batch_per_chip * target.num_chips, SIZE, SIZE, CHANNELS),
+    jnp.bfloat16,
+    sharding=target.sharding(aot.DATA_AXIS),
+  )
+  replicated = target.sharding()
+  return step.lower(_abstract(params, replicated), _abstract(state, replicated), x).compile()
+
+
+@functools.cache
+def model_flops_per_example(kind: str) -> float:
+  """3x the dot/convolution FLOPs of one example's forward pass, the attention in its
+  minimal-FLOP order (``order='logits'``, einsum ops), compiled for this machine's CPU."""
+  module = layer('gsa_xla' if kind.startswith('gsa') else kind, order='logits')
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  x = jax.ShapeDtypeStruct((1, SIZE, SIZE, CHANNELS), jnp.bfloat16, sharding=cpu)
+  variables = _abstract(_variables(module), cpu)
+  fwd = jax.jit(lambda v, x: module.apply(v, x, train=False))
+  return 3 * aot.hlo_costs(fwd.lower(variables, x).compile().as_text())['matmul_flops']
+
+
+def kernel_traffic(compiled: jax.stages.Compiled) -> float:
+  """The part of the HBM-traffic estimate that the GSA kernels' calls move."""
+  return sum(
+    r.hbm_bytes
+    for r in aot.traffic_by_instruction(compiled.as_text())
+    if r.opcode == 'custom-call' and layout.KernelCall.parse(r.name + r.op_name)
+  )
+
+
+def measure(target: aot.Target, kind: str, batch_per_chip: int) -> dict[str, Any]:
+  """Compiles one layer for ``target``: its analysis, roofline and kernel traffic."""
+  start = time.perf_counter()
+  compiled = compile_layer(target, kind, batch_per_chip)
+  compile_s = time.perf_counter() - start
+  analysis = aot.analyze(compiled)
+  model_flops = model_flops_per_example(kind)
+  roof = aot.roofline(
+    analysis, target, batch_per_chip=batch_per_chip, model_flops_per_example=model_flops
+  )
   return {
-    'traffic': xla_bytes + kernel_bytes,
-    'kernel_traffic': kernel_bytes,
-    'pallas_calls': calls,
-    'temp': compiled.memory_analysis().temp_size_in_bytes,
-    'bytes_accessed': float(cost.get('bytes accessed', 0.0)) if cost else None,
+    'target': target.name,
+    'case': 'module',
+    'kind': kind,
+    'batch_per_chip': batch_per_chip,
+    'num_chips': target.num_chips,
+    'num_hosts': target.num_hosts,
     'compile_s': compile_s,
+    'analysis': dataclasses.asdict(analysis),
+    'hbm_needed': analysis.hbm_needed,
+    'hbm_capacity': target.chip.hbm_bytes,
+    'kernel_traffic': kernel_traffic(compiled),
+    'model_flops_per_example': model_flops,
+    'roofline': dataclasses.asdict(roof),
   }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+  """Markdown rows, one per (target, kind), with the ratio to the conv of the same target."""
+  lines = [
+    '| target | layer | HBM traffic GB | vs conv | of which kernels GB | temporaries MiB '
+    '| GFLOPs | roofline us | compile s |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
+  conv = {r['target']: r['analysis']['hbm_bytes'] for r in results if r['kind'] == 'conv'}
+  for r in results:
+    a = r['analysis']
+    ratio = f'{a["hbm_bytes"] / conv[r["target"]]:.2f}x' if r['target'] in conv else '-'
+    lines.append(
+      f'| {r["target"]} | {KINDS[r["kind"]]} | {a["hbm_bytes"] / GB:.3f} | {ratio} '
+      f'| {r["kernel_traffic"] / GB:.3f} | {a["temp_bytes"] / MIB:.1f} | {a["flops"] / 1e9:.1f} '
+      f'| {1e6 * r["roofline"]["step_seconds"]:.0f} ({r["roofline"]["bound"]}) '
+      f'| {r["compile_s"]:.1f} |'
+    )
+  return '\n'.join(lines)
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--platform', choices=['tpu', 'h100', 'all'], default='all')
-  parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--size', type=int, default=56)
-  parser.add_argument('--channels', type=int, default=64)
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--targets', default='tpu-v5e:2x2,h100', help='comma-separated')
+  parser.add_argument('--batch', type=int, default=32, help='per chip')
   args = parser.parse_args()
-  shape = (args.batch, args.size, args.size, args.channels)
-  cases = {
-    'conv 3x3 + BN': ConvBN(args.channels),
-    "GSA, implementation='xla'": GSA(
-      args.channels, num_heads=8, key_features=32, dtype=jnp.bfloat16, implementation='xla'
-    ),
-    'GSA, Pallas kernels': GSA(args.channels, num_heads=8, key_features=32, dtype=jnp.bfloat16),
-  }
-  platforms = ['tpu', 'h100'] if args.platform == 'all' else [args.platform]
   print(
-    f'GSA module vs 3x3 conv + BN, forward + backward, batch {args.batch} per chip, '
-    f'{args.size}x{args.size}x{args.channels}, bfloat16 (deviceless AOT compiles).\n'
+    f'GSA module vs 3x3 conv + BN, forward + backward, {args.batch} per chip, '
+    f'{SIZE}x{SIZE}x{CHANNELS}, bfloat16 (deviceless compiles; per chip).\n'
   )
-  print(
-    '| platform | case | HBM traffic (GB) | vs conv | of which kernels (GB) | Pallas calls '
-    '| temporaries (MiB) | XLA bytes accessed (GB) | compile (s) |'
-  )
-  print('|---|---|---:|---:|---:|---:|---:|---:|---:|')
-  for platform in platforms:
-    dev = device(platform)
-    backend = 'mosaic' if platform == 'tpu' else 'triton'
-    results = {name: measure(module, shape, dev, backend) for name, module in cases.items()}
-    conv = results['conv 3x3 + BN']['traffic']
-    label = 'TPU v5e' if platform == 'tpu' else 'H100'
-    for name, r in results.items():
-      accessed = '-' if r['bytes_accessed'] is None else f'{r["bytes_accessed"] / 1e9:.3f}'
-      print(
-        f'| {label} | {name} | {r["traffic"] / 1e9:.3f} | {r["traffic"] / conv:.2f}x '
-        f'| {r["kernel_traffic"] / 1e9:.3f} | {r["pallas_calls"]} | {r["temp"] / 2**20:.1f} '
-        f'| {accessed} | {r["compile_s"]:.1f} |'
-      )
+  results = [
+    measure(aot.get_target(name), kind, args.batch)
+    for name in args.targets.split(',')
+    if name
+    for kind in KINDS
+  ]
+  print(table(results))
 
 
 if __name__ == '__main__':

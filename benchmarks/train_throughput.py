@@ -1,7 +1,7 @@
 """Training throughput: GSA-ResNet-50 vs ResNet-50 train steps, and the input pipeline alone.
 
 Train step: the project's train step as the trainer runs it (``state.setup`` +
-``state.create`` + ``train.jit_train_step`` over a one-device ``train.make_mesh``: SGD +
+``state.create`` + ``steps.jit_train_step`` over a one-device ``steps.make_mesh``: SGD +
 momentum, weight decay, label smoothing, metrics, donated state), on a fixed random batch
 (so the data pipeline is out of the measurement), ImageNet config at ``--image-size``,
 float32. Both models are compiled in one fresh process per repetition and their steps

@@ -6,9 +6,9 @@ over the global batch (XLA inserts the reductions). The input position needs no 
 its own: the pipeline is a deterministic function of ``(seed, step)``, so resuming at step
 ``k`` replays exactly the batches an uninterrupted run would have seen.
 
-The loss is the softmax cross-entropy with the batch's targets (Mixup/CutMix targets when
-the pipeline mixes; :func:`soft_targets`). A moving average of the parameters, when the
-config keeps one, is updated inside the step and evaluated next to the raw parameters
+The step, its loss and metrics are :mod:`gsa_flax.steps`; what is measured at every
+evaluation, :mod:`gsa_flax.evaluators`. A moving average of the parameters, when the config
+keeps one, is updated inside the step and evaluated next to the raw parameters
 (``ema_eval_*`` next to ``eval_*``). A new run may start from trained weights
 (``config.init_from``, :mod:`gsa_flax.finetune`); a run that has checkpoints resumes from its
 own and never reads them.
@@ -18,23 +18,18 @@ What a test, a tool or a notebook may want to vary is a parameter of
 ``run(variables) -> {name: value}``, big_vision style) and the checkpointer.
 """
 
-# No `from __future__ import annotations`: clu's metric collections read their annotations.
-import collections
+from __future__ import annotations
+
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from clu import metric_writers, parameter_overview, periodic_actions
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,326 +40,11 @@ from gsa_flax import (
   finetune,
   input_pipeline,
   preemption,
+  steps,
 )
+from gsa_flax import evaluators as evaluators_lib
 from gsa_flax import state as state_lib
 from gsa_flax import workdir as workdir_lib
-
-DATA_AXIS = 'data'
-
-Batch = dict[str, np.ndarray]
-
-# ----------------------------------------------------------------------------- metrics
-
-
-@flax.struct.dataclass
-class FirstNonFinite(metrics.Metric):
-  """The first step (and which value) at which the loss or gradient norm was not finite."""
-
-  step: jax.Array  # int32; a large sentinel when every step was finite
-  which: jax.Array  # 0 loss, 1 grad_norm
-
-  _NONE = np.iinfo(np.int32).max
-
-  @classmethod
-  def from_model_output(cls, *, step, loss, grad_norm, **_) -> 'FirstNonFinite':
-    bad_loss = ~jnp.isfinite(loss)
-    bad = bad_loss | ~jnp.isfinite(grad_norm)
-    return cls(
-      step=jnp.where(bad, step, cls._NONE).astype(jnp.int32),
-      which=jnp.where(bad_loss, 0, 1).astype(jnp.int32),
-    )
-
-  def merge(self, other: 'FirstNonFinite') -> 'FirstNonFinite':
-    take_other = other.step < self.step
-    return type(self)(
-      step=jnp.where(take_other, other.step, self.step),
-      which=jnp.where(take_other, other.which, self.which),
-    )
-
-  def compute(self) -> tuple[int, str] | None:
-    step = int(self.step)
-    return None if step == self._NONE else (step, ('train_loss', 'grad_norm')[int(self.which)])
-
-
-@flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
-  train_loss: metrics.Average.from_output('loss')
-  train_accuracy: metrics.Accuracy
-  learning_rate: metrics.LastValue.from_output('learning_rate')
-  grad_norm: metrics.Average.from_output('grad_norm')
-  nonfinite: FirstNonFinite
-
-
-def _top5(logits, labels, **_):
-  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-  return (top5 == labels[:, None]).any(axis=-1).astype(jnp.float32)
-
-
-@flax.struct.dataclass
-class EvalMetrics(metrics.Collection):
-  eval_loss: metrics.Average.from_output('loss')
-  eval_accuracy: metrics.Accuracy
-  eval_top5_accuracy: metrics.Average.from_fun(_top5)
-
-
-# ----------------------------------------------------------------------------- steps
-
-
-def soft_targets(
-  batch: dict[str, jax.Array], num_classes: int, label_smoothing: float
-) -> jax.Array:
-  """The training targets of a batch, ``[batch, num_classes]``.
-
-  ``onehot(label)``, or for a mixed batch (Mixup/CutMix: the batch carries ``mix_label`` and
-  ``mix_weight``) ``w * onehot(label) + (1 - w) * onehot(mix_label)``; then label smoothing,
-  ``(1 - s) * target + s / num_classes``.
-  """
-  targets = jax.nn.one_hot(batch['label'], num_classes)
-  if 'mix_label' in batch:
-    weight = batch['mix_weight'][:, None].astype(targets.dtype)
-    targets = weight * targets + (1.0 - weight) * jax.nn.one_hot(batch['mix_label'], num_classes)
-  return optax.smooth_labels(targets, label_smoothing)
-
-
-def cross_entropy(
-  logits: jax.Array, batch: dict[str, jax.Array], num_classes: int, label_smoothing: float
-) -> jax.Array:
-  """The training loss: mean softmax cross-entropy of ``logits`` with :func:`soft_targets`."""
-  targets = soft_targets(batch, num_classes, label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets).mean()
-
-
-def train_step(
-  state: state_lib.TrainState,
-  batch: dict[str, jax.Array],
-  *,
-  schedule: optax.Schedule,
-  num_classes: int,
-  label_smoothing: float,
-) -> tuple[state_lib.TrainState, TrainMetrics]:
-  """One SGD step on a global batch; returns the new state and this step's metrics.
-
-  The loss is :func:`cross_entropy` (mixed targets when the batch is mixed); the accuracy
-  counts ``label``. The state's moving average, if it keeps one, is updated after the
-  parameters (:meth:`gsa_flax.state.TrainState.apply_gradients`).
-  """
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-      {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
-      train=True,
-      mutable=['batch_stats'],
-    )
-    loss = cross_entropy(logits, batch, num_classes, label_smoothing)
-    return loss, (logits, updates['batch_stats'])
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  step_metrics = TrainMetrics.single_from_model_output(
-    loss=loss,
-    logits=logits,
-    labels=batch['label'],
-    learning_rate=schedule(state.step),
-    grad_norm=optax.tree.norm(grads),
-    step=state.step + 1,
-  )
-  return new_state, step_metrics
-
-
-def eval_step(
-  model: nn.Module, variables: dict[str, Any], batch: dict[str, jax.Array]
-) -> EvalMetrics:
-  """Metrics of one (padded) eval batch; padding carries ``mask == 0`` and counts for nothing."""
-  logits = model.apply(variables, batch['image'], train=False)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-  return EvalMetrics.single_from_model_output(
-    loss=loss, logits=logits, labels=batch['label'], mask=batch['mask']
-  )
-
-
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A one-axis ``data`` mesh over ``devices`` (default: every device of every process).
-
-  Built by ``jax.make_mesh`` either way, so the batch sharding is visible while tracing:
-  the Pallas kernels then run per device on their share of the batch (``shard_map``).
-  """
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
-
-
-def jit_train_step(
-  mesh: jax.sharding.Mesh, schedule: optax.Schedule, num_classes: int, label_smoothing: float
-):
-  """The training step as it runs: batch sharded on ``data``, state replicated and donated."""
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(
-    functools.partial(
-      train_step, schedule=schedule, num_classes=num_classes, label_smoothing=label_smoothing
-    ),
-    in_shardings=(replicated, NamedSharding(mesh, P(DATA_AXIS))),
-    out_shardings=(replicated, replicated),
-    donate_argnums=0,
-  )
-
-
-# ----------------------------------------------------------------------------- data on devices
-
-
-def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Assembles each process's local batch into global arrays sharded on ``data``."""
-  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), batch)
-
-
-def prefetch(iterator: Iterator[Batch], sharding: NamedSharding, size: int = 2):
-  """Keeps ``size`` batches in flight to the devices (transfers are asynchronous)."""
-  queue = collections.deque()
-  for batch in iterator:
-    queue.append(to_global(batch, sharding))
-    if len(queue) > size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
-
-
-# ----------------------------------------------------------------------------- evaluators
-
-
-def _never() -> bool:
-  return False
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-  """What evaluators may use of the run they evaluate.
-
-  Attributes:
-    config: the run's config.
-    spec: its dataset.
-    builder: the dataset's TFDS builder.
-    model: the network.
-    mesh: the devices (batches sharded on ``data``, variables replicated).
-    stop_requested: whether the run has been asked to stop (SIGTERM, SIGINT). An evaluator
-      that loops over batches polls it between them and returns early when it is True;
-      whatever it returns then is discarded, and the run saves a checkpoint and exits.
-      Always False on multi-host runs, where every host must run the same batches.
-  """
-
-  config: ml_collections.ConfigDict
-  spec: datasets.DatasetSpec
-  builder: Any
-  model: nn.Module
-  mesh: jax.sharding.Mesh
-  stop_requested: Callable[[], bool] = _never
-
-
-class Evaluator(Protocol):
-  """Evaluates variables; returns scalars and/or ``uint8 [n, h, w, 3]`` images by name.
-
-  Built once per run with the run's :class:`Context`; ``run`` is called at every
-  evaluation. A long ``run`` polls ``context.stop_requested()`` and returns early.
-  """
-
-  def run(self, variables: dict[str, Any]) -> dict[str, Any]: ...
-
-
-EvaluatorFactory = Callable[[Context], Evaluator]
-
-
-class ClassificationEvaluator:
-  """Loss, top-1 and top-5 accuracy over every example of the eval split exactly once.
-
-  Returns ``eval_loss``, ``eval_accuracy``, ``eval_top5_accuracy`` and ``eval_examples``
-  (the count, so a short eval shows). Stops between batches when the run is asked to
-  stop (``context.stop_requested``), returning ``{}``.
-
-  Args:
-    context: the run.
-    batches: ``() -> (iterator, count)`` of padded eval batches (``image``, ``label``,
-      ``mask``) for one evaluation; default: one pass over the dataset's eval split.
-  """
-
-  def __init__(
-    self,
-    context: Context,
-    batches: Callable[[], tuple[Iterator[Batch], int]] | None = None,
-  ):
-    self.context = context
-    self.batches = batches or functools.partial(
-      input_pipeline.create_eval_iterator,
-      context.builder,
-      spec=context.spec,
-      global_batch_size=context.config.eval_batch_size or context.config.batch_size,
-      image_size=context.config.image_size,
-    )
-    replicated = NamedSharding(context.mesh, P())
-    self.data_sharding = NamedSharding(context.mesh, P(DATA_AXIS))
-    self.step = jax.jit(
-      functools.partial(eval_step, context.model),
-      in_shardings=(replicated, self.data_sharding),
-      out_shardings=replicated,
-    )
-
-  def run(self, variables: dict[str, Any]) -> dict[str, Any]:
-    iterator, num_steps = self.batches()
-    collected = None
-    for _, batch in zip(range(num_steps), prefetch(iterator, self.data_sharding), strict=False):
-      if self.context.stop_requested():
-        return {}
-      step_metrics = self.step(variables, batch)
-      collected = step_metrics if collected is None else collected.merge(step_metrics)
-    result = {k: float(v) for k, v in collected.compute().items()}
-    result['eval_examples'] = int(collected.eval_loss.count)
-    logging.info('Evaluated %d examples in %d batches.', result['eval_examples'], num_steps)
-    return result
-
-
-def _write(
-  writer: metric_writers.MetricWriter, step: int, results: dict[str, Any], latest: dict[str, Any]
-) -> None:
-  """Scalars as scalars, ``[n, h, w, c]`` arrays as images; scalars also into ``latest``."""
-  images = {k: v for k, v in results.items() if np.ndim(v) == 4}
-  scalars = {k: v for k, v in results.items() if k not in images}
-  if scalars:
-    writer.write_scalars(step, scalars)
-    latest.update(scalars)
-  if images:
-    writer.write_images(step, images)
-
-
-# Results of evaluating the moving average of the parameters carry this prefix
-# (``ema_eval_accuracy``); those of the raw parameters are unprefixed (``eval_accuracy``).
-EMA_PREFIX = 'ema_'
-
-
-def _weights_to_evaluate(
-  variables: dict[str, Any], ema_params: Any
-) -> list[tuple[str, dict[str, Any]]]:
-  """``(prefix, variables)``: the raw parameters, then their moving average if kept (with
-  the same BatchNorm statistics)."""
-  evaluated = [('', variables)]
-  if ema_params is not None:
-    evaluated.append((EMA_PREFIX, {**variables, 'params': ema_params}))
-  return evaluated
-
-
-def _evaluate(
-  runs: Sequence[Evaluator],
-  evaluated: Sequence[tuple[str, dict[str, Any]]],
-  stopped: Callable[[], bool],
-) -> dict[str, Any] | None:
-  """Every evaluator on every set of weights; None if a stop request cut it short."""
-  results = {}
-  for prefix, variables in evaluated:
-    for run in runs:
-      found = run.run(variables)
-      if stopped():
-        return None
-      results.update({prefix + name: value for name, value in found.items()})
-  return results
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 def every(config: ml_collections.ConfigDict, name: str, steps_per_epoch: int) -> int:
@@ -389,8 +69,8 @@ def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
-  train_data: Callable[[int], Iterator[Batch]] | None = None,
-  evaluators: Sequence[EvaluatorFactory] = (ClassificationEvaluator,),
+  train_data: Callable[[int], Iterator[steps.Batch]] | None = None,
+  evaluators: Sequence[evaluators_lib.EvaluatorFactory] = (evaluators_lib.ClassificationEvaluator,),
   checkpointer: checkpointing.Checkpointer | None = None,
 ) -> state_lib.TrainState:
   """Trains (resuming from ``<workdir>/checkpoints`` if any) and evaluates periodically.
@@ -407,8 +87,8 @@ def train_and_evaluate(
       ``gs://``).
     train_data: this process's training batches from a given step on, ``start_step ->
       iterator`` of ``{'image', 'label'}``; default: the dataset's train pipeline.
-    evaluators: built with the run's :class:`Context` and run at every evaluation (and
-      alone with ``config.eval_only``); their results go to TensorBoard.
+    evaluators: built with the run's :class:`gsa_flax.evaluators.Context` and run at every
+      evaluation (and alone with ``config.eval_only``); their results go to TensorBoard.
     checkpointer: default: :class:`checkpointing.Checkpointer` of ``workdir``.
 
   Returns:
@@ -436,8 +116,10 @@ def train_and_evaluate(
     # One writer: a second run refuses here, having written nothing.
     preemption.on_process_0(lambda: stack.enter_context(workdir_lib.lock(workdir)))
     changes = preemption.on_process_0(lambda: workdir_lib.check_against_record(config, workdir))
-    mesh = make_mesh()
-    context = Context(config, spec, builder, pieces.model, mesh, stop.during_evaluation)
+    mesh = steps.make_mesh()
+    context = evaluators_lib.Context(
+      config, spec, builder, pieces.model, mesh, stop.during_evaluation
+    )
     if config.eval_only:
       return _evaluate_only(context, workdir, pieces, evaluators, stop)
     return _train(
@@ -456,10 +138,10 @@ def train_and_evaluate(
 
 
 def _evaluate_only(
-  context: Context,
+  context: evaluators_lib.Context,
   workdir: str,
   pieces: state_lib.Setup,
-  evaluators: Sequence[EvaluatorFactory],
+  evaluators: Sequence[evaluators_lib.EvaluatorFactory],
   stop: preemption.StopRequests,
 ) -> state_lib.TrainState:
   """Evaluates the newest intact checkpoint (its raw parameters and, if it has one, their
@@ -471,11 +153,13 @@ def _evaluate_only(
   latest = {}
   runs = [factory(context) for factory in evaluators]
   with metric_writers.ensure_flushes(writer):
-    results = _evaluate(
-      runs, _weights_to_evaluate(trained.variables, trained.ema_params), stop.during_evaluation
+    results = evaluators_lib.evaluate(
+      runs,
+      evaluators_lib.weights_to_evaluate(trained.variables, trained.ema_params),
+      stop.during_evaluation,
     )
     if results is not None:
-      _write(writer, trained.step, results, latest)
+      evaluators_lib.write(writer, trained.step, results, latest)
   if stop.requested:
     ending = f'Evaluation of step {trained.step} stopped by {stop.requested}'
   else:
@@ -491,7 +175,7 @@ def _evaluate_only(
 
 
 def _train(
-  context: Context,
+  context: evaluators_lib.Context,
   workdir: str,
   pieces: state_lib.Setup,
   stop: preemption.StopRequests,
@@ -499,8 +183,8 @@ def _train(
   changes: dict[str, tuple[Any, Any]],
   steps_per_epoch: int,
   num_train_steps: int,
-  train_data: Callable[[int], Iterator[Batch]] | None,
-  evaluators: Sequence[EvaluatorFactory],
+  train_data: Callable[[int], Iterator[steps.Batch]] | None,
+  evaluators: Sequence[evaluators_lib.EvaluatorFactory],
   checkpointer: checkpointing.Checkpointer | None,
   start: finetune.Start | None,
 ) -> state_lib.TrainState:
@@ -559,7 +243,9 @@ def _train(
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(_flatten(config.to_dict()))
 
-  p_train_step = jit_train_step(mesh, pieces.schedule, spec.num_classes, config.label_smoothing)
+  p_train_step = steps.jit_train_step(
+    mesh, pieces.schedule, spec.num_classes, config.label_smoothing
+  )
   if train_data is None:
     train_data = functools.partial(
       input_pipeline.create_train_iterator,
@@ -570,7 +256,9 @@ def _train(
       seed=config.seed,
       augment=input_pipeline.Augment(**config.augment),
     )
-  train_iter = prefetch(train_data(start_step=step_offset), NamedSharding(mesh, P(DATA_AXIS)))
+  train_iter = steps.prefetch(
+    train_data(start_step=step_offset), NamedSharding(mesh, P(steps.DATA_AXIS))
+  )
   runs = [factory(context) for factory in evaluators]
 
   hooks = []
@@ -618,21 +306,21 @@ def _train(
         if log:
           summary = train_metrics.compute()
           summary.pop('nonfinite')
-          _write(writer, done, {k: float(v) for k, v in summary.items()}, latest)
+          evaluators_lib.write(writer, done, {k: float(v) for k, v in summary.items()}, latest)
           train_metrics = None
       if not stopped and (done % eval_every == 0 or is_last):
         logging.info('Evaluating at step %d.', done)
         with report_progress.timed('eval'):
-          results = _evaluate(
+          results = evaluators_lib.evaluate(
             runs,
-            _weights_to_evaluate(state_lib.variables(state), state.ema_params),
+            evaluators_lib.weights_to_evaluate(state_lib.variables(state), state.ema_params),
             stop.during_evaluation,
           )
         if results is None:
           logging.warning('Evaluation at step %d stopped early; nothing of it is written.', done)
           stopped = save = True
         else:
-          _write(writer, done, results, latest)
+          evaluators_lib.write(writer, done, results, latest)
       if save:
         with report_progress.timed('checkpoint'):
           tree = checkpointing.state_dict(state)
@@ -714,7 +402,7 @@ def _update_record(
 def _metrics(latest: dict[str, Any]) -> str:
   names = ('train_loss', 'train_accuracy', 'eval_loss', 'eval_accuracy', 'eval_top5_accuracy')
   shown = [k for k in names if k in latest]
-  shown += [EMA_PREFIX + k for k in names if EMA_PREFIX + k in latest]
+  shown += [evaluators_lib.EMA_PREFIX + k for k in names if evaluators_lib.EMA_PREFIX + k in latest]
   if not shown:
     return 'no metrics written'
   return 'latest ' + ', '.join(f'{k}={latest[k]:.4g}' for k in shown)
@@ -726,7 +414,7 @@ def _log_summary(text: str, workdir: str) -> None:
     logging.info('%s TensorBoard: tensorboard --logdir=%s', text, workdir)
 
 
-def _check_finite(train_metrics: TrainMetrics) -> None:
+def _check_finite(train_metrics: steps.TrainMetrics) -> None:
   found = train_metrics.nonfinite.compute()
   if found is not None:
     step, name = found

@@ -21,7 +21,7 @@ from helpers import (
   tiny_config,
 )
 
-from gsa_flax import checkpointing, datasets, input_pipeline, train
+from gsa_flax import checkpointing, datasets, evaluators, input_pipeline, train
 from gsa_flax import state as state_lib
 from gsa_flax.tools.events import read_scalars
 
@@ -116,7 +116,7 @@ def test_strong_augmentation_and_averaging_resume_exactly(
   plain = read_scalars(str(digits_run[0]))
   assert scalars['train_loss'][2] != plain['train_loss'][2]
   # Both the raw parameters and their average were evaluated on the whole test split.
-  for prefix in ('', train.EMA_PREFIX):
+  for prefix in ('', evaluators.EMA_PREFIX):
     assert scalars[f'{prefix}eval_examples'][6] == DIGITS_TEST_EXAMPLES
     for name in ('eval_loss', 'eval_accuracy', 'eval_top5_accuracy'):
       assert 6 in scalars[prefix + name], prefix + name
@@ -189,7 +189,7 @@ def test_each_set_of_weights_is_evaluated_under_its_own_name(strong_run, digits_
   losses = {}
   for prefix, variables in (
     ('', state_lib.variables(state)),
-    (train.EMA_PREFIX, state_lib.ema_variables(state)),
+    (evaluators.EMA_PREFIX, state_lib.ema_variables(state)),
   ):
     logits = np.asarray(apply(jax.device_get(variables), batch['image']), np.float64)
     shifted = logits - logits.max(-1, keepdims=True)
@@ -197,63 +197,7 @@ def test_each_set_of_weights_is_evaluated_under_its_own_name(strong_run, digits_
     losses[prefix] = -np.mean(log_softmax[np.arange(len(logits)), batch['label']])
     assert scalars[f'{prefix}eval_loss'][6] == pytest.approx(losses[prefix], rel=1e-5), prefix
   # The two sets are told apart: their losses differ by far more than the tolerance.
-  assert abs(losses[''] - losses[train.EMA_PREFIX]) > 10 * 1e-5 * losses['']
-
-
-def test_the_loss_of_a_mixed_batch_is_the_soft_target_cross_entropy():
-  rng = np.random.default_rng()
-  classes, size, smoothing = 7, 12, 0.1
-  logits = rng.normal(size=(size, classes)).astype(np.float32) * 3
-  batch = {
-    'label': rng.integers(classes, size=size).astype(np.int32),
-    'mix_label': rng.integers(classes, size=size).astype(np.int32),
-    'mix_weight': rng.uniform(size=size).astype(np.float32),
-  }
-  # By hand: the mixed one-hot target, smoothed, against the log-softmax (float64).
-  eye = np.eye(classes)
-  w = batch['mix_weight'][:, None].astype(np.float64)
-  target = w * eye[batch['label']] + (1 - w) * eye[batch['mix_label']]
-  target = (1 - smoothing) * target + smoothing / classes
-  shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-  log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-  want = np.mean(-(target * log_softmax).sum(-1))
-  got = train.cross_entropy(logits, batch, classes, smoothing)
-  np.testing.assert_allclose(float(got), want, rtol=1e-5)
-  # Without mixing fields, the plain (smoothed) one-hot target.
-  plain = (1 - smoothing) * eye[batch['label']] + smoothing / classes
-  got = train.cross_entropy(logits, {'label': batch['label']}, classes, smoothing)
-  np.testing.assert_allclose(float(got), np.mean(-(plain * log_softmax).sum(-1)), rtol=1e-5)
-
-
-def test_the_train_step_trains_on_the_mixed_target_and_counts_the_label(strong_run):
-  _, state = strong_run  # any trained state will do
-  schedule = state_lib.setup(tiny_config(''), 10, steps_per_epoch=10, num_train_steps=10).schedule
-  rng = np.random.default_rng()
-  size = 8
-  batch = {
-    'image': rng.normal(size=(size, DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE, 3)).astype(np.float32),
-    'label': rng.integers(10, size=size).astype(np.int32),
-    'mix_label': rng.integers(10, size=size).astype(np.int32),
-    'mix_weight': np.full(size, rng.uniform(), np.float32),
-  }
-  step = jax.jit(
-    functools.partial(train.train_step, schedule=schedule, num_classes=10, label_smoothing=0.1)
-  )
-  _, step_metrics = step(state, batch)
-  metrics = step_metrics.compute()
-  # The logits the step computed: the same forward pass (train mode, batch statistics).
-  forward = jax.jit(functools.partial(state.apply_fn, train=True, mutable=['batch_stats']))
-  logits, _ = forward(state_lib.variables(state), batch['image'])
-  logits = np.asarray(logits, np.float64)
-  eye = np.eye(10)
-  w = batch['mix_weight'][:, None]
-  target = 0.9 * (w * eye[batch['label']] + (1 - w) * eye[batch['mix_label']]) + 0.01
-  shifted = logits - logits.max(-1, keepdims=True)
-  log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-  np.testing.assert_allclose(
-    float(metrics['train_loss']), np.mean(-(target * log_softmax).sum(-1)), rtol=1e-5
-  )
-  assert float(metrics['train_accuracy']) == np.mean(logits.argmax(-1) == batch['label'])
+  assert abs(losses[''] - losses[evaluators.EMA_PREFIX]) > 10 * 1e-5 * losses['']
 
 
 @pytest.mark.parametrize(

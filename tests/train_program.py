@@ -21,7 +21,7 @@ import signal
 import time
 
 import main
-from gsa_flax import checkpointing, datasets, input_pipeline, train
+from gsa_flax import checkpointing, datasets, evaluators, input_pipeline
 from gsa_flax.tools import cli
 
 FLAGS = main.FLAGS
@@ -74,7 +74,7 @@ def slow_evaluator(config, pause: float):
     )
     return _slow(iterator, pause), count
 
-  return functools.partial(train.ClassificationEvaluator, batches=batches)
+  return functools.partial(evaluators.ClassificationEvaluator, batches=batches)
 
 
 def run(argv):

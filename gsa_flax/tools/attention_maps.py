@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsa_flax import input_pipeline, ops, train
+from gsa_flax import evaluators, input_pipeline, ops
 from gsa_flax.layers import GSA
 from gsa_flax.tools import plots
 
@@ -295,7 +295,7 @@ class AttentionMapEvaluator:
   process 0 only; a network without GSA layers gives nothing.
   """
 
-  def __init__(self, context: train.Context, count: int = 3):
+  def __init__(self, context: evaluators.Context, count: int = 3):
     self.context = context
     self.count = count
 

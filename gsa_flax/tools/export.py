@@ -24,7 +24,7 @@ from typing import Any
 
 from absl import flags, logging
 
-from gsa_flax import checkpointing, train, weights
+from gsa_flax import checkpointing, evaluators, weights
 from gsa_flax.tools import cli, events
 
 # The run's evaluation metrics that go on the card, as the trainer names them.
@@ -37,7 +37,7 @@ def metrics_at(workdir: str | os.PathLike, step: int, prefix: str = '') -> dict[
   Args:
     workdir: the training run.
     step: the step of the evaluation.
-    prefix: read ``prefix + name`` (``train.EMA_PREFIX``: the moving average's metrics);
+    prefix: read ``prefix + name`` (``evaluators.EMA_PREFIX``: the moving average's metrics);
       the result is keyed by the plain name.
   """
   scalars = events.read_scalars(workdir)
@@ -66,7 +66,7 @@ def run(
     WorkdirError: the workdir has no usable config or checkpoint.
   """
   trained = checkpointing.load(workdir, raw=raw)
-  prefix = train.EMA_PREFIX if trained.averaged else ''
+  prefix = evaluators.EMA_PREFIX if trained.averaged else ''
   metrics = metrics_at(workdir, trained.step, prefix)
   if not metrics:
     logging.warning(

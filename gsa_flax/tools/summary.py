@@ -21,7 +21,7 @@ config otherwise, so GSA-ResNet is compared with the convolutional ResNet it rep
 With ``--target`` (a Cloud TPU slice such as ``tpu-v5e:2x2``, ``tpu-v4:2x2x1``,
 ``tpu-v5p:2x2x1``, ``tpu-v6e:2x2``, a pod slice such as ``tpu-v5e:4x4``, or ``h100``; see
 :mod:`gsa_flax.tools.aot`) it sizes the run on that accelerator before you have it: the real
-training step, as ``train.train_and_evaluate`` builds it, is compiled here for the target
+training step, as ``gsa_flax.train.train_and_evaluate`` builds it, is compiled here for the target
 (nothing runs) and, per chip, for the network and its counterpart: the HBM it needs
 against the chip's, the largest batch per chip that fits, FLOPs, the estimated HBM
 traffic and the roofline step time with the images/s and MFU it implies
@@ -45,7 +45,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gsa_flax import config_validation, datasets, models, train
+from gsa_flax import config_validation, datasets, models, steps
 from gsa_flax import state as state_lib
 from gsa_flax.tools import aot, cli
 
@@ -108,7 +108,7 @@ def train_step_memory(
 ) -> tuple[int, int]:
   """XLA's planned memory of the real training step at ``batch`` examples on one device.
 
-  The step is the trainer's (:func:`gsa_flax.train.jit_train_step`: same shardings, state
+  The step is the trainer's (:func:`gsa_flax.steps.jit_train_step`: same shardings, state
   donated), compiled for this machine's first device.
 
   Returns:
@@ -116,8 +116,8 @@ def train_step_memory(
     (activations saved for the backward pass, gradients, workspace); total adds the state
     and the batch, less what donation lets the step reuse.
   """
-  mesh = train.make_mesh(jax.devices()[:1])
-  step = train.jit_train_step(
+  mesh = steps.make_mesh(jax.devices()[:1])
+  step = steps.jit_train_step(
     mesh, pieces.schedule, datasets.get(config.dataset).num_classes, config.label_smoothing
   )
   inputs = {
@@ -274,10 +274,10 @@ def compile_train_step(
 ) -> jax.stages.Compiled:
   """The training step of ``config`` compiled for ``target`` (nothing runs).
 
-  Built as ``train.train_and_evaluate`` builds it: :func:`gsa_flax.state.setup` and the
+  Built as ``gsa_flax.train.train_and_evaluate`` builds it: :func:`gsa_flax.state.setup` and the
   state (abstract here) replicated over the target's ``data`` mesh, the batch of
   ``batch_per_chip`` examples per chip sharded on ``data``, and
-  :func:`gsa_flax.train.jit_train_step` (state donated).
+  :func:`gsa_flax.steps.jit_train_step` (state donated).
   """
   num_classes = datasets.get(config.dataset).num_classes
   pieces = state_lib.setup(config, num_classes)
@@ -291,7 +291,7 @@ def compile_train_step(
     'image': jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=sharded),
     'label': jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharded),
   }
-  step = train.jit_train_step(target.mesh, pieces.schedule, num_classes, config.label_smoothing)
+  step = steps.jit_train_step(target.mesh, pieces.schedule, num_classes, config.label_smoothing)
   return step.lower(state, batch).compile()
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import DIGITS_IMAGE_SIZE, tiny_config
 
-from gsa_flax import datasets, input_pipeline, models, train
+from gsa_flax import datasets, evaluators, input_pipeline, models, steps
 from gsa_flax.layers import GSA
 from gsa_flax.tools import attention_maps
 
@@ -178,12 +178,12 @@ def test_select_layers_and_heads():
 def test_evaluator_renders_the_first_eval_images(digits_dir, model_name):
   spec = datasets.get('digits')
   model, variables, _ = _network(model_name)
-  context = train.Context(
+  context = evaluators.Context(
     config=tiny_config(digits_dir, model=model_name),
     spec=spec,
     builder=input_pipeline.get_builder(spec, digits_dir, image_size=DIGITS_IMAGE_SIZE),
     model=model,
-    mesh=train.make_mesh(),
+    mesh=steps.make_mesh(),
   )
   results = attention_maps.AttentionMapEvaluator(context, count=2).run(variables)
   if model_name == 'resnet_tiny':
