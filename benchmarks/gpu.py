@@ -9,7 +9,7 @@ One script, under 8 minutes on one H100:
    GSA-ResNet-50 at 224x224, ``config.dtype='bfloat16'`` (parameters stay float32), batch
    128 and 256, on a fixed random batch: compile time, per-step times, images/s and model
    FLOPs utilisation (the step's model FLOPs from XLA's cost analysis, counted with
-   ``config.gsa.order='logits'``, / step time / measured matmul rate);
+   ``config.gsa.order='logits'`` and the einsum ops, / step time / measured matmul rate);
 3. the GSA module alone (GSA-ResNet-50's first stage: 64 channels, 8 heads, 56x56) forward
    + backward in bfloat16, against its floors: FLOPs / matmul rate and bytes accessed
    (XLA's estimate) / bandwidth; once per ``GSA(implementation=...)`` variant (``'xla'``,
@@ -75,14 +75,16 @@ def model_flops(config, batch) -> float:
 
   Where ``order='auto'`` runs the values-first order it executes more FLOPs for fewer
   bytes; that is a schedule, not model work, so MFU counts the same step built with
-  ``config.gsa.order = 'logits'`` (XLA's cost analysis of the lowered step; shapes only,
-  nothing is initialised or compiled).
+  ``config.gsa.order = 'logits'`` and the einsum ops (``config.gsa.implementation =
+  'xla'``: XLA's cost analysis cannot see inside a Pallas kernel), from XLA's cost analysis
+  of the lowered step (shapes only, nothing is initialised or compiled).
   """
   from gsa_flax import state as state_lib
   from gsa_flax import steps
 
   config = config.copy_and_resolve_references()
   config.gsa.order = 'logits'
+  config.gsa.implementation = 'xla'
   pieces = state_lib.setup(config, NUM_CLASSES, steps_per_epoch=1000, num_train_steps=10_000)
   mesh = steps.make_mesh(jax.devices()[:1])
   step = steps.jit_train_step(mesh, pieces.schedule, NUM_CLASSES, config.label_smoothing)

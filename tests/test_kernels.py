@@ -24,7 +24,7 @@ from reference import loop_content, loop_positional  # noqa: E402
 from gsa_flax import ops  # noqa: E402
 from gsa_flax.kernels import axial_tpu, costs, gsa, layout, positional  # noqa: E402
 from gsa_flax.layers import GSA  # noqa: E402
-from gsa_flax.tools import aot  # noqa: E402
+from gsa_flax.tools import aot, hlo  # noqa: E402
 
 # Non-square maps, heads > 1, d != e: transposed axes or channels show up as errors.
 B, H, W, HEADS, D, E = 2, 5, 7, 2, 2, 3
@@ -322,12 +322,12 @@ def test_a_kernel_call_is_read_back_from_its_name(call):
 def test_a_name_that_spells_no_kernel_call_is_refused():
   assert layout.KernelCall.parse('pallas_call.16') is None
   assert layout.KernelCall.parse('gsa_axial1_fwd_8x6_n2_dk8_dv16_L15_q0_bogus') is None
-  call = aot.CustomCall('pallas_call.3', 'tpu_custom_call', 'jit(f)/double/pallas_call', (), ())
+  call = hlo.CustomCall('pallas_call.3', 'tpu_custom_call', 'jit(f)/double/pallas_call', (), ())
   with pytest.raises(ValueError, match='names no GSA kernel call'):
     costs.price(call)
 
 
-def _in_hbm(call: aot.CustomCall) -> aot.CustomCall:
+def _in_hbm(call: hlo.CustomCall) -> hlo.CustomCall:
   """The call with every operand and result in HBM (none kept on chip)."""
   return dataclasses.replace(
     call,
@@ -360,7 +360,7 @@ def test_costs_of_a_compiled_layer_are_the_kernels_grid_traffic(target_name, bac
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(replicated, x).compile()
   analysis = aot.analyze(compiled)
   assert analysis.unpriced_custom_calls == ()
-  calls = aot.custom_calls(compiled.as_text())
+  calls = hlo.custom_calls(compiled.as_text())
   kernels = [c for c in calls if layout.KernelCall.parse(c.name + c.op_name)]
   assert len(kernels) == 4
   qkv = jax.ShapeDtypeStruct((batch, h, w, 2 * dk + dv), jnp.bfloat16)
@@ -373,7 +373,7 @@ def test_costs_of_a_compiled_layer_are_the_kernels_grid_traffic(target_name, bac
   priced = sum(costs.price(c).bytes_accessed for c in kernels)
   charged = sum(
     r.hbm_bytes
-    for r in aot.traffic_by_instruction(compiled.as_text())
+    for r in hlo.traffic_by_instruction(compiled.as_text())
     if r.opcode == 'custom-call' and layout.KernelCall.parse(r.name + r.op_name)
   )
   assert charged == priced <= want

@@ -45,7 +45,7 @@ def price(call: Any) -> pl.CostEstimate:
 
   Args:
     call: has ``name`` and ``op_name`` (one of them naming the kernel call, as
-      :class:`gsa_flax.tools.aot.CustomCall` does), ``target`` (``'tpu_custom_call'``
+      :class:`gsa_flax.tools.hlo.CustomCall` does), ``target`` (``'tpu_custom_call'``
       for Mosaic, else a GPU call) and ``operands`` / ``results`` (arrays with ``dims``,
       an HLO ``dtype`` and a ``memory_space``).
 

@@ -47,7 +47,7 @@ from ml_collections import config_flags
 
 from gsa_flax import config_validation, datasets, models, steps
 from gsa_flax import state as state_lib
-from gsa_flax.tools import aot, cli
+from gsa_flax.tools import aot, cli, hlo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +315,7 @@ def model_flops_per_example(config: ml_collections.ConfigDict) -> float:
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), (variables, x)
   )
   compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
-  return 3 * aot.hlo_costs(compiled.as_text())['matmul_flops']
+  return 3 * hlo.hlo_costs(compiled.as_text())['matmul_flops']
 
 
 def _fit_batches(batch: int) -> tuple[int, ...]:
