@@ -261,6 +261,15 @@ def counterpart(name: str) -> str:
   return name[len('gsa_') :] if name.startswith('gsa_') else 'gsa_' + name
 
 
+def counterpart_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same run with the counterpart network (every stage of its own kind)."""
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.model = counterpart(config.model)
+  # An attention_stages override would turn stages of a ResNet into GSA: use the defaults.
+  other.gsa.attention_stages = ()
+  return other
+
+
 def create_model(name: str, **kwargs: Any) -> ResNet:
   """Builds a registered network by name.
 

@@ -113,3 +113,32 @@ def mock_data(root: str, num_examples: int = MOCK_EXAMPLES):
   return tfds.testing.mock_data(
     num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=root
   )
+
+
+def _taps(size, stride, kernel=3):
+  """Kernel taps that land inside the image, summed over the outputs of one axis (SAME).
+
+  XLA counts the multiply-adds with real inputs only, not those with the zero padding.
+  """
+  out = -(-size // stride)
+  pad = max((out - 1) * stride + kernel - size, 0) // 2
+  return sum(0 <= o * stride + t - pad < size for o in range(out) for t in range(kernel))
+
+
+def resnet_macs(stage_sizes, filters, image_size, classes):
+  """Multiply-adds of a small-stem bottleneck ResNet's convolutions and classifier."""
+  size = image_size
+  macs = _taps(size, 1) ** 2 * 3 * filters  # 3x3 stem, stride 1
+  channels = filters
+  for i, blocks in enumerate(stage_sizes):
+    width = filters * 2**i
+    for j in range(blocks):
+      stride = 2 if i > 0 and j == 0 else 1
+      out = size // stride
+      macs += size * size * channels * width  # 1x1 reduce, at the input resolution
+      macs += _taps(size, stride) ** 2 * width * width  # 3x3, strided
+      macs += out * out * width * 4 * width  # 1x1 expand
+      if channels != 4 * width or stride > 1:
+        macs += out * out * channels * 4 * width  # projection shortcut
+      channels, size = 4 * width, out
+  return macs + channels * classes
