@@ -30,6 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from gsa_flax.kernels import axial_tpu, layout
 from gsa_flax.kernels import gsa as gsa_kernels
 from gsa_flax.kernels import positional as positional_kernels
 
@@ -55,16 +56,28 @@ def _dispatch(implementation: str | None, reference: Callable, kernel: Callable,
   The choice is made by :func:`jax.lax.platform_dependent` when the program is lowered:
   an ahead-of-time compile for a TPU takes the Mosaic kernels and one for an NVIDIA GPU
   the Triton kernels. Other platforms take ``reference`` under ``None`` and the Mosaic
-  kernels in the Pallas interpreter under ``'pallas'``.
+  kernels in the Pallas interpreter under ``'pallas'``. A TPU older than the kernels
+  support (v2-v4, when the trace names the device) takes ``reference`` under ``None``;
+  ``'pallas'`` refuses it.
   """
   if implementation == 'xla':
     return reference(*args)
   default = reference
   if implementation == 'pallas':
     default = functools.partial(kernel, backend='mosaic', interpret=True)
+  tpu = functools.partial(kernel, backend='mosaic')
+  kind = layout.traced_device_kind(args[0])
+  if kind is not None and not axial_tpu.supports(kind):
+    if implementation == 'pallas':
+      raise ValueError(
+        f"implementation='pallas': the TPU kernels need TPU v{axial_tpu.MIN_GENERATION} or "
+        f'later, and this program is compiled for {kind}; use implementation=None (the '
+        "einsum ops there) or 'xla'."
+      )
+    tpu = reference
   return jax.lax.platform_dependent(
     *args,
-    tpu=functools.partial(kernel, backend='mosaic'),
+    tpu=tpu,
     cuda=functools.partial(kernel, backend='triton'),
     default=default,
   )

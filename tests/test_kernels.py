@@ -482,6 +482,30 @@ def test_default_implementation_compiles_the_kernels_for_a_tpu():
   assert 'tpu_custom_call' not in compiled_text('xla')
 
 
+def test_a_tpu_older_than_the_kernels_gets_the_einsums_and_pallas_is_refused():
+  """TPU v4 has no strided lane rotation: compiled for a v4 slice, the default takes the
+  einsum ops, 'pallas' is one clear error; a v5e slice of the same shape takes the kernels."""
+
+  def compiled(target_name, implementation):
+    target = aot.get_target(target_name)
+    step, (params, stats, x) = _gsa_step(implementation, shape=(4 * target.num_chips, 4, 6, 8))
+    replicate = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=target.sharding())
+    params, stats = jax.tree.map(replicate, (params, stats))
+    x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target.sharding(aot.DATA_AXIS))
+    return step.lower(params, stats, x).compile().as_text()
+
+  assert 'tpu_custom_call' not in compiled('tpu-v4:2x2x1', None)
+  with pytest.raises(ValueError, match="'pallas'.*TPU v5 or later.*TPU v4"):
+    compiled('tpu-v4:2x2x1', 'pallas')
+  assert compiled('tpu-v5e:2x2', None).count('custom_call_target="tpu_custom_call"') == 4
+  assert [axial_tpu.supports(k) for k in ('TPU v4', 'TPU v5 lite', 'TPU v6 lite', 'cpu')] == [
+    False,
+    True,
+    True,
+    True,
+  ]
+
+
 def test_implementation_is_validated():
   q, v, rel = jnp.zeros((1, 3, 4, 2, 2)), jnp.zeros((1, 3, 4, 2, 3)), jnp.zeros((5, 2, 2))
   with pytest.raises(ValueError, match="None.*'xla'.*'pallas'"):

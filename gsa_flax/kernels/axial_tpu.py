@@ -27,6 +27,7 @@ attention's key softmax and context, and their gradients.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import jax
@@ -38,6 +39,20 @@ from gsa_flax.kernels import layout
 from gsa_flax.kernels.layout import AxialStep
 
 LANES = 128
+
+# The strided lane rotations of the skew (``pltpu.roll`` with a stride) exist from TPU v5 on;
+# on older chips (v2-v4) the einsum ops run instead (:func:`supports`).
+MIN_GENERATION = 5
+_GENERATION = re.compile(r'TPU v(\d+)', re.IGNORECASE)
+
+
+def supports(device_kind: str) -> bool:
+  """Whether these kernels compile for a device of this kind (``jax.Device.device_kind``,
+  e.g. ``'TPU v5 lite'``); True for kinds that name no TPU generation."""
+  match = _GENERATION.search(device_kind)
+  return match is None or int(match.group(1)) >= MIN_GENERATION
+
+
 F32 = jnp.float32
 
 

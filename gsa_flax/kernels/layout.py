@@ -406,6 +406,20 @@ def batch_partitioned(
   return call
 
 
+def traced_device_kind(array: jax.Array) -> str | None:
+  """The kind of device (``'TPU v5 lite'``, ...) a traced array is compiled for, when the
+  trace says: from its sharding's mesh (an ahead-of-time compile for a TPU topology knows
+  it), else from the default backend's devices when that backend is a TPU; else None."""
+  sharding = getattr(jax.typeof(array), 'sharding', None)
+  mesh = getattr(sharding, 'mesh', None)
+  device = getattr(mesh, 'abstract_device', None) if mesh is not None else None
+  if device is not None and getattr(device, 'device_kind', None):
+    return device.device_kind
+  if jax.default_backend() == 'tpu':
+    return jax.devices()[0].device_kind
+  return None
+
+
 def _traced_batch_sharding(arrays, batched):
   """``(mesh, batch axes)`` when the batch's sharding is in the traced types, else None."""
   for array, flag in zip(arrays, batched, strict=True):
