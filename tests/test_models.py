@@ -147,7 +147,7 @@ def test_features_are_the_stage_outputs(small_stem, strides):
   # The last stage's output, pooled and classified, is the logits.
   head = variables['params'][models.HEAD]
   pooled = np.asarray(features['stage4']).mean(axis=(1, 2))
-  logits = model.apply(variables, x, train=False)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   np.testing.assert_allclose(
     pooled @ np.asarray(head['kernel']) + np.asarray(head['bias']), logits, rtol=1e-4, atol=1e-5
   )

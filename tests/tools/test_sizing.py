@@ -6,7 +6,8 @@ import re
 import pytest
 from helpers import resnet_macs, tiny_config
 
-from gsa_flax.tools import aot, sizing
+from gsa_flax import models
+from gsa_flax.tools import aot, hlo, sizing
 
 
 def test_model_flops_are_three_forward_passes_of_the_closed_form():
@@ -23,9 +24,21 @@ def _table(text):
   }
 
 
-# A TPU keeps a tiny network's small batches in on-chip memory, where the HBM plan does not
-# follow the batch: there the batch is large enough to spill.
-@pytest.mark.parametrize('target_name, batch', [('tpu-v5e:2x2', 256), ('h100', 4)])
+def test_a_tiny_train_step_compiles_for_a_tpu_slice_with_its_kernels_priced():
+  """The trainer's step for a v5e slice: the Mosaic kernels in it (four calls per GSA
+  layer), every one priced, and the memory plan within the chip."""
+  config = tiny_config('')
+  target = aot.get_target('tpu-v5e:2x2')
+  compiled = sizing.compile_train_step(config, target, 8)
+  kernels = [c for c in hlo.custom_calls(compiled.as_text()) if c.target == 'tpu_custom_call']
+  num_gsa_layers = sum(models.build(config, 10).stage_sizes)
+  assert len(kernels) == 4 * num_gsa_layers
+  analysis = aot.analyze(compiled)
+  assert analysis.unpriced_custom_calls == ()
+  assert 0 < analysis.hbm_needed <= target.chip.hbm_bytes
+
+
+@pytest.mark.parametrize('target_name, batch', [('h100', 4)])
 def test_target_report_agrees_with_the_compiled_steps(target_name, batch):
   """The tiny network and its counterpart compiled for a TPU slice and an H100 as --target
   does it; what is printed is what aot computes, and consistent with the chip's facts."""
