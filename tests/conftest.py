@@ -7,7 +7,10 @@ import shutil
 import tempfile
 
 # Before JAX is imported anywhere: 8 CPU devices, so every jitted step is really sharded.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# LLVM's optimisations cost more compile time than they save on the few steps a test runs.
+os.environ.setdefault(
+  'XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0'
+)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Compiles for TPU topologies load libtpu, which takes a lock file unless told otherwise.

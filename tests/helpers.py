@@ -70,7 +70,9 @@ def main_command(
 def environment(devices: int = 8) -> dict[str, str]:
   """The environment of a subprocess: the repository importable, ``devices`` CPU devices."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = (
+    f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0'
+  )
   return env
 
 
