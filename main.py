@@ -1,6 +1,6 @@
 r"""Trains and evaluates a (GSA-)ResNet.
 
-  python main.py --config=configs/default.py --workdir=/tmp/gsa
+  python main.py --config=configs/default.py --workdir=runs/gsa
   python main.py --config=configs/imagenet.py --workdir=gs://bucket/gsa50 --config.batch_size=1024
 
 Every host of a multi-host run (Cloud TPU pod slice, GPU cluster) runs the same command.

@@ -1,6 +1,6 @@
 r"""Exports the newest checkpoint of a training workdir as one portable-weights file.
 
-  python -m gsa_flax.tools.export --workdir=/tmp/gsa --output=/tmp/gsa.msgpack
+  python -m gsa_flax.tools.export --workdir=runs/gsa --output=runs/gsa.msgpack
 
 The file (:mod:`gsa_flax.weights`) holds the run's config, the parameters and BatchNorm
 statistics of its newest intact checkpoint (those ``checkpointing.load`` restores: the

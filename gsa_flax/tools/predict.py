@@ -1,6 +1,6 @@
 r"""Classifies image files with the latest checkpoint of a training workdir.
 
-  python -m gsa_flax.tools.predict --workdir=/tmp/gsa photo.jpg digit.png
+  python -m gsa_flax.tools.predict --workdir=runs/gsa photo.jpg digit.png
 
 The model is rebuilt from the ``config.json`` the run saved next to its checkpoints, the
 parameters and BatchNorm statistics come from the newest intact checkpoint (the moving

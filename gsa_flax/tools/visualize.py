@@ -1,6 +1,6 @@
 r"""Attention maps of a trained run as one PNG, for its first eval images or image files.
 
-  python -m gsa_flax.tools.visualize --workdir=/tmp/gsa --output=attention.png [IMAGE ...]
+  python -m gsa_flax.tools.visualize --workdir=runs/gsa --output=attention.png [IMAGE ...]
 
 Rows are GSA layers (``--layers``, default the first and the last), columns are images;
 each row shows the query pixel, its content weights over the image and its positional
