@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gsa_flax import workdir as workdir_lib
 from gsa_flax.tools import cli
+from gsa_flax.train import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -61,14 +61,14 @@ def main(argv: Sequence[str], **train_kwargs) -> None:
   _init_distributed()
   import jax
 
-  from gsa_flax import config_validation
+  from gsa_flax.train import config_validation
 
   # Before TensorFlow, the data or any compile: a typo costs seconds.
   config_validation.validate(FLAGS.config)
   workdir_lib.check_workdir(FLAGS.workdir, evaluate_only=FLAGS.config.eval_only)
 
-  from gsa_flax import evaluators, train
   from gsa_flax.tools import attention_maps
+  from gsa_flax.train import evaluators, trainer
 
   logging.info(
     'JAX process %d/%d, %d local / %d global devices.',
@@ -80,7 +80,9 @@ def main(argv: Sequence[str], **train_kwargs) -> None:
   factories = [evaluators.ClassificationEvaluator]
   if FLAGS.config.attention_maps:
     factories.append(attention_maps.AttentionMapEvaluator)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, **{'evaluators': factories, **train_kwargs})
+  trainer.train_and_evaluate(
+    FLAGS.config, FLAGS.workdir, **{'evaluators': factories, **train_kwargs}
+  )
 
 
 if __name__ == '__main__':

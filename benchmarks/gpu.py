@@ -79,8 +79,8 @@ def model_flops(config, batch) -> float:
   'xla'``: XLA's cost analysis cannot see inside a Pallas kernel), from XLA's cost analysis
   of the lowered step (shapes only, nothing is initialised or compiled).
   """
-  from gsa_flax import state as state_lib
-  from gsa_flax import steps
+  from gsa_flax.train import state as state_lib
+  from gsa_flax.train import steps
 
   config = config.copy_and_resolve_references()
   config.gsa.order = 'logits'
@@ -94,7 +94,7 @@ def model_flops(config, batch) -> float:
 
 def gsa_implementations() -> list[str | None]:
   """The ``GSA(implementation=...)`` variants to time; ``[None]`` if the layer has no such knob."""
-  from gsa_flax.layers import GSA
+  from gsa_flax.model.layers import GSA
 
   if 'implementation' in {f.name for f in dataclasses.fields(GSA)}:
     return ['xla', 'pallas']
@@ -105,7 +105,7 @@ def gsa_case(
   batch: int, size: int, channels: int, heads: int, dtype, iters: int, implementation=None
 ) -> dict:
   """The GSA module alone, forward + backward (params and input), train-mode BatchNorm."""
-  from gsa_flax.layers import GSA
+  from gsa_flax.model.layers import GSA
 
   kwargs = {} if implementation is None else {'implementation': implementation}
   module = GSA(channels, num_heads=heads, dtype=dtype, **kwargs)

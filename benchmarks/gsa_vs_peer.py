@@ -66,7 +66,7 @@ def _run_jax(args: argparse.Namespace, impl: str, size: int) -> dict:
     common.import_package_from(args.src)
   import jax
 
-  from gsa_flax.layers import GSA
+  from gsa_flax.model.layers import GSA
 
   c, h, b = args.channels, args.heads, args.batch
   order = impl.partition(':')[2]

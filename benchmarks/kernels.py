@@ -10,11 +10,11 @@ parameters and the input, loss = sum of squares in float32, train-mode BatchNorm
 takes them when compiling for these platforms), against the 3x3 convolution (64 -> 64, no
 bias) + BatchNorm the module replaces.
 
-Everything is read per chip by :func:`gsa_flax.tools.aot.analyze`, the estimator the
+Everything is read per chip by :func:`gsa_flax.tools.sizing.aot.analyze`, the estimator the
 accelerator sizing uses (``python -m gsa_flax.tools.summary --target=...``): HBM traffic =
 operand + result bytes of every top-level instruction in HBM (tile padding included,
 buffers the compiler keeps on chip excluded), a Pallas kernel counted from its grid and
-block specs (:func:`gsa_flax.kernels.costs.custom_call_costs`); the temporaries of XLA's
+block specs (:func:`gsa_flax.model.kernels.costs.custom_call_costs`); the temporaries of XLA's
 memory plan; FLOPs (libtpu's count, the kernels' own estimates included, on TPU; dots,
 convolutions and the kernels' estimates on the H100).
 
@@ -40,9 +40,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gsa_flax.kernels import layout  # noqa: E402
-from gsa_flax.layers import GSA  # noqa: E402
-from gsa_flax.tools import aot, hlo  # noqa: E402
+from gsa_flax.model.kernels import layout  # noqa: E402
+from gsa_flax.model.layers import GSA  # noqa: E402
+from gsa_flax.tools.sizing import aot, hlo  # noqa: E402
 
 # GSA-ResNet-50's first stage.
 CHANNELS, HEADS, KEY_FEATURES, SIZE = 64, 8, 32, 56

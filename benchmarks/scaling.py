@@ -31,7 +31,7 @@ def _layer(kind: str, channels: int, heads: int):
   import jax
   import jax.numpy as jnp
 
-  from gsa_flax.layers import GSA
+  from gsa_flax.model.layers import GSA
 
   class FullAttention(nn.Module):
     """softmax(Q K^T / sqrt(d)) V over all pixels, multi-head, same projection as GSA."""

@@ -1,6 +1,6 @@
 """Sizing GSA against convolution on Cloud TPU slices and an H100, without the chips.
 
-For each target (:mod:`gsa_flax.tools.aot`) this compiles, on this machine (nothing runs):
+For each target (:mod:`gsa_flax.tools.sizing.aot`) this compiles, on this machine (nothing runs):
 
 1. ``module``: the GSA module of GSA-ResNet-50's first stage (64 channels, 8 heads, d_k 32,
    56x56, bfloat16, training-mode BatchNorm), forward + backward, 32 examples per chip,
@@ -9,7 +9,7 @@ For each target (:mod:`gsa_flax.tools.aot`) this compiles, on this machine (noth
    (:mod:`benchmarks.kernels`);
 2. ``train``: the training step of ``configs/imagenet.py`` at 224x224 (bfloat16 compute,
    SGD with Nesterov momentum), 32 images per chip, exactly as ``train_and_evaluate``
-   builds it (:func:`gsa_flax.tools.sizing.target_summary`), for ResNet-50
+   builds it (:func:`gsa_flax.tools.sizing.report.target_summary`), for ResNet-50
    (``resnet50``, the counterpart), GSA-ResNet-50 with the einsum ops
    (``gsa_resnet50_xla``), with the kernels (``gsa_resnet50``) and with the kernels and
    each rematerialisation policy of ``config.remat`` (``gsa_resnet50_remat_block``,
@@ -54,8 +54,8 @@ import ml_collections  # noqa: E402
 
 from benchmarks import common, kernels  # noqa: E402
 from configs import imagenet  # noqa: E402
-from gsa_flax import models  # noqa: E402
-from gsa_flax.tools import aot, sizing  # noqa: E402
+from gsa_flax.model import networks  # noqa: E402
+from gsa_flax.tools.sizing import aot, report  # noqa: E402
 
 JSON = os.path.join(common.REPO, 'docs', 'benchmarks', 'targets.json')
 DEFAULT_TARGETS = ('tpu-v5e:2x2', 'tpu-v6e:2x2', 'tpu-v5p:2x2x1', 'h100')
@@ -82,13 +82,13 @@ def train_config(network: str) -> ml_collections.ConfigDict:
   config.gsa.implementation = implementation
   config.remat = remat
   if model != config.model:
-    config = models.counterpart_config(config)
+    config = networks.counterpart_config(config)
   return config
 
 
 def measure_train(target_name: str, network: str, batch: int, fit: bool) -> dict[str, Any]:
-  """One training step compiled for a target (:func:`sizing.target_summary`)."""
-  s = sizing.target_summary(train_config(network), target_name, batch_per_chip=batch, fit=fit)
+  """One training step compiled for a target (:func:`report.target_summary`)."""
+  s = report.target_summary(train_config(network), target_name, batch_per_chip=batch, fit=fit)
   return {
     'target': s.target,
     'case': 'train',

@@ -111,7 +111,7 @@ def _write_mock_metadata(root: str, num_examples: int) -> None:
   """Real imagenet2012 metadata with a tiny split, so mock_data(USE_FILES) can serve it."""
   import tensorflow_datasets as tfds
 
-  from gsa_flax import datasets
+  from gsa_flax.data import datasets
 
   spec = datasets.get('imagenet2012')
   name = spec.name
@@ -170,7 +170,7 @@ def input_case(args: argparse.Namespace, dataset: str) -> dict:
   import tensorflow_datasets as tfds
 
   from configs import default
-  from gsa_flax import datasets, input_pipeline
+  from gsa_flax.data import datasets, input_pipeline
 
   name = dataset.split('-')[0]
   spec = datasets.get(name)

@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # --- Model -------------------------------------------------------------------------
-  # A name from gsa_flax.models.MODELS: resnet26|38|50|101, gsa_resnet26|38|50|101,
+  # A name from gsa_flax.model.networks.MODELS: resnet26|38|50|101, gsa_resnet26|38|50|101,
   # resnet_tiny, gsa_resnet_tiny.
   config.model = 'gsa_resnet_tiny'
   config.stage_sizes = ()  # Blocks per stage, e.g. (3, 4, 6, 3); () = the model's own depth.
@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 = off.
   config.ema_decay = 0.0
 
-  # --- Augmentation (gsa_flax/augment.py); the defaults are off -------------------------
+  # --- Augmentation (gsa_flax/data/augment.py); the defaults are off -------------------------
   config.augment = ml_collections.ConfigDict()
   # RandAugment (Cubuk et al. 2020) after crop and flip: ops per image (n of rand-m9-n2);
   # 0 = off.
@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   # checkpoints directory, one checkpoint (<workdir>/checkpoints/<step>), or an exported
   # weights file (python -m gsa_flax.tools.export); local or gs://. Parameters and BatchNorm
   # statistics are copied, position tables resized to this image_size, and the classifier
-  # re-initialised if the number of classes differs (gsa_flax/transfer.py); the optimizer
+  # re-initialised if the number of classes differs (gsa_flax/model/transfer.py); the optimizer
   # and the step start fresh. Read only when the workdir has no checkpoint yet: a restarted
   # run continues from its own and never reads it again. '' = random initialisation.
   config.init_from = ''

@@ -9,7 +9,7 @@ file exported with ``python -m gsa_flax.tools.export``):
     --config.init_from=gs://bucket/gsa50 --config.data_dir=gs://bucket/tfds
 
 Each GSA layer's global position tables are resized from the 224 run's length to the
-global length at 384 (``gsa_flax/transfer.py``), so attention stays global; everything else
+global length at 384 (``gsa_flax/model/transfer.py``), so attention stays global; everything else
 is copied. RandAugment and mixing stay off: the short fine-tuning adapts the network to
 the statistics of the new resolution (Touvron et al. 2019), not to new regularisation.
 """

@@ -41,7 +41,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory) -> str:
   """A TFDS data dir holding the embedded digits set at 16x16."""
-  from gsa_flax import datasets, input_pipeline
+  from gsa_flax.data import datasets, input_pipeline
 
   data_dir = str(tmp_path_factory.mktemp('tfds_digits'))
   input_pipeline.get_builder(datasets.get('digits'), data_dir, image_size=helpers.DIGITS_IMAGE_SIZE)

@@ -13,7 +13,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from configs import default
-from gsa_flax import datasets
+from gsa_flax.data import datasets
 
 REPO = Path(__file__).resolve().parents[1]
 # A multiple of 8, so the stored digits are the source pixels replicated 2x2.

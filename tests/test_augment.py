@@ -1,4 +1,4 @@
-"""gsa_flax.augment against independent references.
+"""gsa_flax.data.augment against independent references.
 
 Colour ops: PIL's ``ImageOps``/``ImageEnhance``. Geometric ops: numpy closed forms (pixel
 shifts, ``np.rot90``) and PIL's bilinear resampler. Mixing: the closed form of Mixup and
@@ -20,7 +20,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from scipy import stats
 
 from configs import default, imagenet, imagenet_strong
-from gsa_flax import augment, augment_config
+from gsa_flax.data import augment, augment_config
 
 FILL = 128  # The documented fill of the geometric ops.
 SIZES = [(16, 16), (32, 32), (20, 36)]
@@ -583,7 +583,7 @@ def test_augment_settings_are_checked_without_tensorflow():
   """Start-up validation checks config.augment before TensorFlow is imported."""
   program = (
     'import sys\n'
-    'from gsa_flax import augment_config\n'
+    'from gsa_flax.data import augment_config\n'
     'augment_config.check_config(num_layers=2, magnitude=9.0, mixup_alpha=0.2)\n'
     "assert 'tensorflow' not in sys.modules, 'augment_config imported TensorFlow'\n"
   )

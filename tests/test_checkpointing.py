@@ -13,9 +13,10 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import DIGITS_IMAGE_SIZE, main_command, tiny_config
 
-from gsa_flax import checkpointing, datasets, input_pipeline, train
-from gsa_flax import state as state_lib
-from gsa_flax import workdir as workdir_lib
+from gsa_flax.data import datasets, input_pipeline
+from gsa_flax.train import checkpointing, trainer
+from gsa_flax.train import state as state_lib
+from gsa_flax.train import workdir as workdir_lib
 
 
 def _params(state):
@@ -30,7 +31,7 @@ def _steps(workdir) -> list[int]:
 def finished_run(digits_dir, tmp_path_factory):
   """A 6-step run with checkpoints at 3 and 6, and its final state."""
   workdir = tmp_path_factory.mktemp('finished')
-  state = train.train_and_evaluate(tiny_config(digits_dir), str(workdir))
+  state = trainer.train_and_evaluate(tiny_config(digits_dir), str(workdir))
   return workdir, _params(state)
 
 
@@ -58,7 +59,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_keeps_it(
   shutil.copytree(workdir, copy)
   _truncate_files(copy / 'checkpoints' / '6' / 'state')
 
-  state = train.train_and_evaluate(tiny_config(digits_dir), str(copy))
+  state = trainer.train_and_evaluate(tiny_config(digits_dir), str(copy))
 
   assert 'unreadable' in caplog.text
   # Nothing deleted: the bad step was moved aside, byte for byte as it was.
@@ -98,7 +99,7 @@ def test_an_unreadable_step_on_another_file_system_is_set_aside_quietly(
     _truncate_files(copy / 'checkpoints' / '6' / 'state', 'd/*')
     damaged = _tree(copy / 'checkpoints' / '6')
 
-    state = train.train_and_evaluate(tiny_config(digits_dir), str(copy))
+    state = trainer.train_and_evaluate(tiny_config(digits_dir), str(copy))
 
     # Copied to the workdir's file system, then deleted: byte for byte as it was.
     assert _tree(copy / 'checkpoints_unreadable' / '6') == damaged
@@ -138,7 +139,7 @@ def test_a_full_disk_stops_the_run_at_that_save_in_one_line(finished_run, digits
   size = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(restored))
 
   with pytest.raises(checkpointing.SaveError) as failed:
-    train.train_and_evaluate(
+    trainer.train_and_evaluate(
       tiny_config(digits_dir), str(copy), checkpointer=FullDisk(str(copy), keep=3, full_at=6)
     )
   message = str(failed.value)
@@ -189,10 +190,10 @@ def test_checkpoint_of_another_model_names_the_parameter(finished_run, digits_di
   shutil.copytree(workdir, copy)
   wider = tiny_config(digits_dir, num_filters=16)
   with pytest.raises(workdir_lib.ConfigChangedError, match='num_filters 8 -> 16'):
-    train.train_and_evaluate(wider, str(copy))  # config.json stops it first
+    trainer.train_and_evaluate(wider, str(copy))  # config.json stops it first
   wider.allow_config_changes = 'num_filters'
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:
-    train.train_and_evaluate(wider, str(copy))
+    trainer.train_and_evaluate(wider, str(copy))
   message = str(info.value)
   assert "['params']" in message and 'shape' in message
   # The first parameter (in tree order) and both of its shapes.
@@ -220,7 +221,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(digits_dir, tmp_pa
       yield batch
 
   with pytest.raises(FloatingPointError, match=r'(train_loss|grad_norm) became NaN/inf at step 5;'):
-    train.train_and_evaluate(config, str(tmp_path), train_data=poisoned)
+    trainer.train_and_evaluate(config, str(tmp_path), train_data=poisoned)
   assert _steps(tmp_path) == [3]
   # The good checkpoint restores, and is finite.
   restored = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '3' / 'state')

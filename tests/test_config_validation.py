@@ -15,7 +15,7 @@ import pytest
 from helpers import DIGITS_IMAGE_SIZE, REPO, environment
 
 from configs import default
-from gsa_flax import config_validation
+from gsa_flax.train import config_validation
 
 # case -> (extra flags, workdir relative to tmp (None: default), words the message must name)
 CASES = {

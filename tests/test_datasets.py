@@ -7,8 +7,8 @@ import pytest
 from helpers import DIGITS_IMAGE_SIZE as IMAGE_SIZE
 from sklearn.datasets import load_digits
 
-from gsa_flax import datasets, input_pipeline
-from gsa_flax.datasets import digits as digits_lib
+from gsa_flax.data import datasets, input_pipeline
+from gsa_flax.data.datasets import digits as digits_lib
 
 
 @pytest.fixture(scope='module')

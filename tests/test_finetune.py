@@ -17,9 +17,10 @@ import pytest
 from flax import traverse_util
 from helpers import main_command, mock_data, tiny_config
 
-from gsa_flax import checkpointing, finetune, models, train, transfer
+from gsa_flax.model import networks, transfer
 from gsa_flax.tools import export
 from gsa_flax.tools.events import read_scalars
+from gsa_flax.train import checkpointing, finetune, trainer
 
 # The source: about 76% test accuracy after 100 steps (chance: 10%).
 SOURCE = dict(
@@ -53,7 +54,7 @@ def _flat(tree) -> dict:
 def source(digits_dir, tmp_path_factory):
   """The source run, its exported weights file and its final test accuracy."""
   workdir = tmp_path_factory.mktemp('source')
-  train.train_and_evaluate(tiny_config(digits_dir, **SOURCE), str(workdir))
+  trainer.train_and_evaluate(tiny_config(digits_dir, **SOURCE), str(workdir))
   weights_file = tmp_path_factory.mktemp('exported') / 'source.msgpack'
   export.run(str(workdir), str(weights_file))
   accuracy = read_scalars(str(workdir))['eval_accuracy'][SOURCE['num_train_steps']]
@@ -68,9 +69,9 @@ def finetuned(source, digits_dir, tmp_path_factory):
   shutil.copy(source[1], weights_file)
   workdir = tmp_path_factory.mktemp('finetuned')
   config = tiny_config(digits_dir, init_from=str(weights_file), **FINETUNE)
-  state = train.train_and_evaluate(config, str(workdir))
+  state = trainer.train_and_evaluate(config, str(workdir))
   scratch = tmp_path_factory.mktemp('scratch')
-  train.train_and_evaluate(tiny_config(digits_dir, **FINETUNE), str(scratch))
+  trainer.train_and_evaluate(tiny_config(digits_dir, **FINETUNE), str(scratch))
   return workdir, weights_file, state, scratch
 
 
@@ -101,7 +102,7 @@ def test_the_source_is_resized_and_its_head_kept(source, digits_dir):
   :func:`transfer.resize_table`, every other variable as it was."""
   workdir, weights_file, _ = source
   config = tiny_config(digits_dir, init_from=str(weights_file), **FINETUNE)
-  model = models.build(config, 10)
+  model = networks.build(config, 10)
   start = finetune.read_init_from(config, model)
   assert start.adapted.reinitialized == ()
   assert sorted(length for _, *length in start.adapted.resized) == [[SOURCE_L, TARGET_L]] * 4
@@ -133,7 +134,7 @@ def test_a_digits_checkpoint_gives_a_100_class_run_a_new_head(source, mock_data_
     ema_decay=0.5,  # an average started at the copied parameters stays there too
   )
   with mock_data(mock_data_dir):
-    state = train.train_and_evaluate(config, str(tmp_path))
+    state = trainer.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2 and np.isfinite(read_scalars(str(tmp_path))['train_loss'][2])
   params = _flat(state.params)
   source_params = _flat(checkpointing.load(workdir).variables['params'])
@@ -171,7 +172,7 @@ def test_an_unusable_source_is_one_clear_error(digits_dir, tmp_path, make, words
   init_from = make(tmp_path)
   config = tiny_config(digits_dir, init_from=str(init_from))
   with pytest.raises(transfer.TransferError) as refused:
-    finetune.read_init_from(config, models.build(config, 10))
+    finetune.read_init_from(config, networks.build(config, 10))
   message = str(refused.value)
   assert message.startswith(f'config.init_from={init_from}: ') and '\n' not in message
   for part in words.split(' ... '):
@@ -212,7 +213,7 @@ def test_a_preempted_finetune_resumes_from_its_own_checkpoint(
   weights_file.unlink()  # the source is gone: a restart that read it would stop
   caplog.set_level(logging.INFO)
   config = tiny_config(digits_dir, init_from=str(weights_file), **FINETUNE)
-  resumed = train.train_and_evaluate(config, str(run))
+  resumed = trainer.train_and_evaluate(config, str(run))
   assert 'Resumed from checkpoint at step 20.' in caplog.text
   assert f'config.init_from={weights_file} is not read' in caplog.text
   assert f'Started from weights file {weights_file} (' in caplog.text  # the summary says so

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from helpers import DIGITS_IMAGE_SIZE as IMAGE_SIZE
 from helpers import MOCK_EXAMPLES, environment, mock_data
 
-from gsa_flax import augment, datasets, input_pipeline
+from gsa_flax.data import augment, datasets, input_pipeline
 
 DIGITS = datasets.get('digits')
 # Decode and normalise only (no crop, no flip): training examples can be identified.
@@ -315,7 +315,7 @@ def test_empty_data_dir_means_the_tfds_default(tmp_path):
   """configs use data_dir='' for "TFDS's default": it must not build into the cwd."""
   default_dir = tmp_path / 'tfds_default'
   program = (
-    'from gsa_flax import datasets, input_pipeline\n'
+    'from gsa_flax.data import datasets, input_pipeline\n'
     "b = input_pipeline.get_builder(datasets.get('digits'), '', image_size=8)\n"
     'print(b.data_dir)'
   )

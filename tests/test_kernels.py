@@ -21,10 +21,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from reference import loop_content, loop_positional  # noqa: E402
 
-from gsa_flax import ops  # noqa: E402
-from gsa_flax.kernels import axial_tpu, costs, gsa, layout, positional  # noqa: E402
-from gsa_flax.layers import GSA  # noqa: E402
-from gsa_flax.tools import aot, hlo  # noqa: E402
+from gsa_flax.model import ops  # noqa: E402
+from gsa_flax.model.kernels import axial_tpu, costs, gsa, layout, positional  # noqa: E402
+from gsa_flax.model.layers import GSA  # noqa: E402
+from gsa_flax.tools.sizing import aot, hlo  # noqa: E402
 
 # Non-square maps, heads > 1, d != e: transposed axes or channels show up as errors.
 B, H, W, HEADS, D, E = 2, 5, 7, 2, 2, 3

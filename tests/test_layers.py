@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from reference import loop_content, loop_positional
 
-from gsa_flax.layers import GSA
+from gsa_flax.model.layers import GSA
 
 B, H, W, C_IN, FEATURES, HEADS = 2, 5, 7, 6, 12, 3
 BN_EPS = 1e-5

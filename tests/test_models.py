@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default, imagenet, imagenet_resnet50
-from gsa_flax import models, weights
+from gsa_flax.model import networks, weights
 
 DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -47,20 +47,20 @@ def closed_form_count(stage_sizes, attention, *, image=224, width=64, classes=10
 
 
 def test_resnet50_has_the_standard_parameter_count():
-  assert _param_count(models.ResNet50(num_classes=1000)) == 25_557_032
+  assert _param_count(networks.ResNet50(num_classes=1000)) == 25_557_032
   assert closed_form_count(DEPTHS[50], (False,) * 4) == 25_557_032
 
 
 @pytest.mark.parametrize('depth', [26, 38, 50, 101])
 def test_parameter_counts_match_closed_form(depth):
-  gsa = models.create_model(f'gsa_resnet{depth}')
+  gsa = networks.create_model(f'gsa_resnet{depth}')
   assert _param_count(gsa) == closed_form_count(DEPTHS[depth], (True,) * 4)
-  conv = models.create_model(f'resnet{depth}')
+  conv = networks.create_model(f'resnet{depth}')
   assert _param_count(conv) == closed_form_count(DEPTHS[depth], (False,) * 4)
 
 
 def test_attention_stages_and_key_ratio_counts():
-  model = models.GSAResNet26(attention_stages=(False, False, True, True), key_ratio=0.25)
+  model = networks.GSAResNet26(attention_stages=(False, False, True, True), key_ratio=0.25)
   want = closed_form_count(DEPTHS[26], (False, False, True, True), key_ratio=0.25)
   assert _param_count(model) == want
 
@@ -68,7 +68,7 @@ def test_attention_stages_and_key_ratio_counts():
 @pytest.mark.parametrize('name', ['resnet_tiny', 'gsa_resnet_tiny'])
 def test_non_square_forward_and_train_mode(name):
   # Two stages (one strided, with shortcut projection) keep the compile short.
-  model = models.create_model(name, num_classes=7, stage_sizes=(1, 1))
+  model = networks.create_model(name, num_classes=7, stage_sizes=(1, 1))
   x = jnp.asarray(np.random.standard_normal((3, 21, 13, 3)), jnp.float32)
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
@@ -83,7 +83,7 @@ def test_non_square_forward_and_train_mode(name):
 
 
 def test_gsa_resnet_uses_gsa_in_every_block_and_no_3x3_conv():
-  model = models.GSAResNet26(num_classes=10)
+  model = networks.GSAResNet26(num_classes=10)
   shapes = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
   )
@@ -97,13 +97,13 @@ def test_gsa_resnet_uses_gsa_in_every_block_and_no_3x3_conv():
 
 
 def test_bfloat16_close_to_float32():
-  model = models.GSAResNetTiny(num_classes=10, stage_sizes=(1, 1))
+  model = networks.GSAResNetTiny(num_classes=10, stage_sizes=(1, 1))
   x = jnp.asarray(np.random.standard_normal((2, 16, 24, 3)), jnp.float32)
   variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x)
   # Non-zero final BN scales so the residual branches contribute.
   variables = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, variables)
   f32 = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-  bf16_model = models.GSAResNetTiny(num_classes=10, stage_sizes=(1, 1), dtype=jnp.bfloat16)
+  bf16_model = networks.GSAResNetTiny(num_classes=10, stage_sizes=(1, 1), dtype=jnp.bfloat16)
   bf16 = jax.jit(lambda v, x: bf16_model.apply(v, x, train=False))(variables, x)
   err = np.abs(np.asarray(bf16) - np.asarray(f32)).max() / np.abs(np.asarray(f32)).max()
   assert err < 5e-2
@@ -111,18 +111,18 @@ def test_bfloat16_close_to_float32():
 
 def test_unknown_model_lists_valid_names():
   with pytest.raises(ValueError, match='gsa_resnet50') as info:
-    models.create_model('gsa_resnet51')
+    networks.create_model('gsa_resnet51')
   assert 'resnet101' in str(info.value)
 
 
 def test_downsampling_factor():
-  assert models.downsampling(models.ResNet50()) == 32
-  assert models.downsampling(models.GSAResNetTiny()) == 8
+  assert networks.downsampling(networks.ResNet50()) == 32
+  assert networks.downsampling(networks.GSAResNetTiny()) == 8
 
 
 @pytest.mark.parametrize('config', [imagenet.get_config(), imagenet_resnet50.get_config()])
 def test_build_from_config_matches_closed_form(config):
-  model = models.build(config, num_classes=1000)
+  model = networks.build(config, num_classes=1000)
   attention = config.model.startswith('gsa_')
   assert _param_count(model) == closed_form_count(DEPTHS[50], (attention,) * 4)
   assert model.dtype == jnp.bfloat16 and model.num_heads == 8
@@ -130,14 +130,14 @@ def test_build_from_config_matches_closed_form(config):
 
 def test_counterpart_names():
   for depth in DEPTHS:
-    assert models.counterpart(f'gsa_resnet{depth}') == f'resnet{depth}'
-    assert models.counterpart(f'resnet{depth}') == f'gsa_resnet{depth}'
-  assert all(models.counterpart(name) in models.MODELS for name in models.MODELS)
+    assert networks.counterpart(f'gsa_resnet{depth}') == f'resnet{depth}'
+    assert networks.counterpart(f'resnet{depth}') == f'gsa_resnet{depth}'
+  assert all(networks.counterpart(name) in networks.MODELS for name in networks.MODELS)
 
 
 @pytest.mark.parametrize('small_stem,strides', [(False, (4, 8, 16, 32)), (True, (1, 2, 4, 8))])
 def test_features_are_the_stage_outputs(small_stem, strides):
-  model = models.GSAResNetTiny(num_classes=5, small_stem=small_stem, num_filters=8, num_heads=2)
+  model = networks.GSAResNetTiny(num_classes=5, small_stem=small_stem, num_filters=8, num_heads=2)
   x = jnp.asarray(np.random.standard_normal((2, 64, 32, 3)), jnp.float32)
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
   features = jax.jit(lambda v, x: model.apply(v, x, train=False, features=True))(variables, x)
@@ -145,7 +145,7 @@ def test_features_are_the_stage_outputs(small_stem, strides):
   for i, (name, stride) in enumerate(zip(features, strides, strict=True)):
     assert features[name].shape == (2, 64 // stride, 32 // stride, 4 * 8 * 2**i), name
   # The last stage's output, pooled and classified, is the logits.
-  head = variables['params'][models.HEAD]
+  head = variables['params'][networks.HEAD]
   pooled = np.asarray(features['stage4']).mean(axis=(1, 2))
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   np.testing.assert_allclose(
@@ -154,17 +154,17 @@ def test_features_are_the_stage_outputs(small_stem, strides):
 
 
 def test_every_parameter_belongs_to_a_part():
-  model = models.GSAResNet26(num_classes=10)
+  model = networks.GSAResNet26(num_classes=10)
   shapes = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
   )
-  parts = [models.part_of(model, name) for name in shapes['params']]
+  parts = [networks.part_of(model, name) for name in shapes['params']]
   blocks = {f'stage{i + 1}': n for i, n in enumerate(DEPTHS[26])}
   # Each block holds one GSA module; the stem has a conv and a BN; the head one Dense.
   assert {p: parts.count(p) for p in blocks} == blocks
   assert parts.count('stem') == 2 and parts.count('head') == 1
   with pytest.raises(ValueError, match='no part'):
-    models.part_of(model, 'Dense_7')
+    networks.part_of(model, 'Dense_7')
 
 
 def _tiny_config(**overrides):
@@ -186,12 +186,12 @@ def _random(shapes, rng):
 def test_load_pretrained_rebuilds_the_exported_network(tmp_path):
   rng = np.random.default_rng()
   config = _tiny_config()
-  model = models.build(config, num_classes=7)
-  variables = _random(models.abstract_variables(model, config.image_size), rng)
+  model = networks.build(config, num_classes=7)
+  variables = _random(networks.abstract_variables(model, config.image_size), rng)
   card = weights.make_card(config, variables, num_classes=7)
   path = weights.export(tmp_path / 'w.msgpack', config, variables, card)
-  pretrained = models.load_pretrained(path)
-  assert type(pretrained.model) is models.GSAResNet and pretrained.card == card
+  pretrained = networks.load_pretrained(path)
+  assert type(pretrained.model) is networks.GSAResNet and pretrained.card == card
   assert pretrained.model.num_classes == 7 and pretrained.model.dtype == jnp.bfloat16
   assert tuple(pretrained.model.stage_attention()) == (True, False)
   assert pretrained.config.to_dict() == {
@@ -209,12 +209,12 @@ def test_load_pretrained_rebuilds_the_exported_network(tmp_path):
 def test_load_pretrained_refuses_variables_its_config_does_not_describe(tmp_path):
   config = _tiny_config()
   variables = _random(
-    models.abstract_variables(models.build(config, 10), 16), np.random.default_rng()
+    networks.abstract_variables(networks.build(config, 10), 16), np.random.default_rng()
   )
   wider = _tiny_config(num_filters=16)  # the file claims another width
   path = weights.export(tmp_path / 'w.msgpack', wider, variables, {})
   with pytest.raises(weights.WeightsError) as error:
-    models.load_pretrained(path)
+    networks.load_pretrained(path)
   message = str(error.value)
   assert str(path) in message and '\n' not in message
   assert (
@@ -224,7 +224,7 @@ def test_load_pretrained_refuses_variables_its_config_does_not_describe(tmp_path
 
 def test_remat_changes_memory_not_the_network():
   """The same parameters and (to float32 rounding) the same gradients as without remat."""
-  plain = models.GSAResNetTiny(num_classes=5, stage_sizes=(1, 1), num_filters=8, num_heads=2)
+  plain = networks.GSAResNetTiny(num_classes=5, stage_sizes=(1, 1), num_filters=8, num_heads=2)
   x = jnp.asarray(np.random.standard_normal((2, 16, 12, 3)), jnp.float32)
   variables = plain.init(jax.random.key(1), x, train=False)
   # Non-zero final BN scales so every layer of the residual branches gets a gradient.
@@ -243,7 +243,7 @@ def test_remat_changes_memory_not_the_network():
     return jax.jit(jax.grad(loss))(variables['params'])
 
   want = grads(plain)
-  for remat in models.REMAT_POLICIES:
+  for remat in networks.REMAT_POLICIES:
     rematted = plain.clone(remat=remat)
     shapes = jax.eval_shape(functools.partial(rematted.init, train=False), jax.random.key(1), x)
     assert jax.tree.structure(shapes) == jax.tree.structure(variables), remat
@@ -254,5 +254,5 @@ def test_remat_changes_memory_not_the_network():
     )
   with pytest.raises(ValueError, match='remat='):
     jax.eval_shape(
-      lambda: models.GSAResNetTiny(remat='everything').init(jax.random.key(0), x, train=False)
+      lambda: networks.GSAResNetTiny(remat='everything').init(jax.random.key(0), x, train=False)
     )

@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 from reference import loop_content as _loop_content
 from reference import loop_positional as _loop_positional
 
-from gsa_flax import ops
+from gsa_flax.model import ops
 
 # Non-square maps and heads > 1 catch transposed einsums.
 B, H, W, HEADS, DK, DV = 2, 5, 7, 3, 4, 6

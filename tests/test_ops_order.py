@@ -7,8 +7,8 @@ import pytest
 from jax.test_util import check_grads
 from reference import loop_positional
 
-from gsa_flax import ops
-from gsa_flax.layers import GSA
+from gsa_flax.model import ops
+from gsa_flax.model.layers import GSA
 
 # Non-square, heads > 1; d * e small against the axes so 'auto' takes the values-first order.
 B, H, W, HEADS, DK, DV = 2, 7, 10, 3, 2, 2

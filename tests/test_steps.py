@@ -6,8 +6,8 @@ import jax
 import numpy as np
 from helpers import DIGITS_IMAGE_SIZE, tiny_config
 
-from gsa_flax import state as state_lib
-from gsa_flax import steps
+from gsa_flax.train import state as state_lib
+from gsa_flax.train import steps
 
 
 def test_the_loss_of_a_mixed_batch_is_the_soft_target_cross_entropy():

@@ -21,9 +21,10 @@ from helpers import (
   tiny_config,
 )
 
-from gsa_flax import checkpointing, datasets, evaluators, input_pipeline, train
-from gsa_flax import state as state_lib
+from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools.events import read_scalars
+from gsa_flax.train import checkpointing, evaluators, trainer
+from gsa_flax.train import state as state_lib
 
 FOUR_STEPS = dict(num_train_steps=4, eval_every_steps=4, checkpoint_every_steps=4)
 
@@ -47,7 +48,7 @@ def _params(state):
 def digits_run(digits_dir, tmp_path_factory):
   """The tiny digits run (8 devices, in this process): its workdir and final parameters."""
   workdir = tmp_path_factory.mktemp('digits')
-  state = train.train_and_evaluate(tiny_config(digits_dir), str(workdir))
+  state = trainer.train_and_evaluate(tiny_config(digits_dir), str(workdir))
   assert int(state.step) == 6
   return workdir, _params(state)
 
@@ -67,14 +68,14 @@ def test_digits_train_evaluate_and_resume(digits_run, digits_dir, tmp_path):
   # over) and ends exactly where the uninterrupted run ended.
   shutil.copytree(workdir, tmp_path / 'b')
   shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '6')
-  resumed = train.train_and_evaluate(tiny_config(digits_dir), str(tmp_path / 'b'))
+  resumed = trainer.train_and_evaluate(tiny_config(digits_dir), str(tmp_path / 'b'))
   assert count_writes(str(tmp_path / 'b'), 'train_loss')[2] == 1  # step 2 was not rerun
   assert count_writes(str(tmp_path / 'b'), 'train_loss')[4] == 2  # steps 4-6 were rerun
   jax.tree.map(np.testing.assert_array_equal, _params(resumed), final_params)
 
   # eval_only evaluates the latest checkpoint and changes nothing.
   config = tiny_config(digits_dir, eval_only=True)
-  evaluated = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  evaluated = trainer.train_and_evaluate(config, str(tmp_path / 'b'))
   jax.tree.map(np.testing.assert_array_equal, _params(evaluated), final_params)
 
 
@@ -102,7 +103,7 @@ def _flat(tree) -> dict:
 def strong_run(digits_dir, tmp_path_factory):
   """The tiny digits run with augmentation and averaging: its workdir and final state."""
   workdir = tmp_path_factory.mktemp('strong')
-  state = train.train_and_evaluate(tiny_config(digits_dir, **STRONG), str(workdir))
+  state = trainer.train_and_evaluate(tiny_config(digits_dir, **STRONG), str(workdir))
   return workdir, state
 
 
@@ -125,7 +126,7 @@ def test_strong_augmentation_and_averaging_resume_exactly(
   shutil.copytree(workdir, tmp_path / 'b')
   for step in (4, 5, 6):
     shutil.rmtree(tmp_path / 'b' / 'checkpoints' / str(step))
-  resumed = train.train_and_evaluate(tiny_config(digits_dir, **STRONG), str(tmp_path / 'b'))
+  resumed = trainer.train_and_evaluate(tiny_config(digits_dir, **STRONG), str(tmp_path / 'b'))
   assert count_writes(str(tmp_path / 'b'), 'train_loss')[2] == 1  # not rerun
   for name in ('params', 'batch_stats', 'ema_params'):
     got, want = _flat(getattr(resumed, name)), _flat(getattr(state, name))
@@ -215,7 +216,7 @@ def test_mocked_datasets(mock_data_dir, tmp_path, dataset, image_size, small_ste
     eval_every_steps=2,
   )
   with mock_data(mock_data_dir):
-    state = train.train_and_evaluate(config, str(tmp_path))
+    state = trainer.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
   scalars = read_scalars(str(tmp_path))
   assert scalars['eval_examples'][2] == MOCK_EXAMPLES
@@ -288,7 +289,7 @@ def test_two_processes_match_one(digits_dir, tmp_path):
       parts = [next(shard) for shard in shards]
       yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  train.train_and_evaluate(config, str(tmp_path / 'reference'), train_data=two_process_batches)
+  trainer.train_and_evaluate(config, str(tmp_path / 'reference'), train_data=two_process_batches)
 
   for i, proc in enumerate(procs):
     out, err = proc.communicate(timeout=400)

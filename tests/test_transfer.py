@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from gsa_flax import models, transfer, weights
-from gsa_flax.layers import GSA
+from gsa_flax.model import networks, transfer, weights
+from gsa_flax.model.layers import GSA
 
 HEADS = 2
 
 
-def _tiny(**overrides) -> models.ResNet:
+def _tiny(**overrides) -> networks.ResNet:
   """Three GSA layers seeing 16, 16 and 8 pixels at 16x16 (small stem; the strided block
   pools after its GSA module)."""
   kwargs = dict(num_classes=10, stage_sizes=(1, 2), num_filters=8, num_heads=HEADS)
-  return models.GSAResNetTiny(**{**kwargs, **overrides})
+  return networks.GSAResNetTiny(**{**kwargs, **overrides})
 
 
 # The feature-map side each GSA layer sees, as a fraction of the image side: block 0
@@ -40,7 +40,7 @@ def _random_variables(model, image_size: int, rng) -> dict:
   Kernels and tables are scaled by 1/sqrt(fan-in), as an initialiser would, so that
   activations stay finite through the network whatever the draw.
   """
-  shapes = models.abstract_variables(model, image_size)
+  shapes = networks.abstract_variables(model, image_size)
 
   def param(s):
     fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
@@ -237,7 +237,7 @@ def test_adapt_to_more_classes_reinitialises_the_head_only():
   assert any(path.startswith('batch_stats/') for path in flat)
   # Against an abstract target (a check before anything is initialised), the head stays
   # abstract and the rest is copied all the same.
-  shapes = models.abstract_variables(_tiny(num_classes=100), 16)
+  shapes = networks.abstract_variables(_tiny(num_classes=100), 16)
   dry = _flat(transfer.adapt(source, shapes).variables)
   assert isinstance(dry['params/head/bias'], jax.ShapeDtypeStruct)
   np.testing.assert_array_equal(
@@ -260,7 +260,7 @@ def test_adapt_to_more_classes_reinitialises_the_head_only():
     ),
     # Another architecture: convolutions where the source has GSA modules.
     (
-      models.ResNetTiny(num_classes=10, stage_sizes=(1, 2), num_filters=8),
+      networks.ResNetTiny(num_classes=10, stage_sizes=(1, 2), num_filters=8),
       ['params/BottleneckBlock_0/Conv_2/kernel', 'not in the source', 'architecture'],
     ),
     # Another depth: a block the target lacks.
@@ -270,7 +270,7 @@ def test_adapt_to_more_classes_reinitialises_the_head_only():
 def test_a_mismatch_is_one_clear_error(target, words):
   source = _random_variables(_tiny(), 16, np.random.default_rng())
   with pytest.raises(transfer.TransferError) as error:
-    transfer.adapt(source, models.abstract_variables(target, 16))
+    transfer.adapt(source, networks.abstract_variables(target, 16))
   message = str(error.value)
   assert isinstance(error.value, ValueError) and '\n' not in message
   for word in words:

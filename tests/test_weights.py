@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from gsa_flax import weights
+from gsa_flax.model import weights
 
 CONFIG = {
   'model': 'gsa_resnet_tiny',

@@ -21,9 +21,9 @@ import time
 import pytest
 from helpers import REPO, environment, main_command, tiny_config
 
-from gsa_flax import config_validation, train
-from gsa_flax import workdir as workdir_lib
 from gsa_flax.tools import predict, visualize
+from gsa_flax.train import config_validation, trainer
+from gsa_flax.train import workdir as workdir_lib
 
 # ----------------------------------------------------------------------------- one writer
 
@@ -89,7 +89,7 @@ def test_a_lease_that_is_no_longer_renewed_expires(tmp_path):
 def finished(digits_dir, tmp_path_factory):
   """The tiny digits run, finished at step 6 (checkpoints 3 and 6)."""
   workdir = tmp_path_factory.mktemp('finished')
-  train.train_and_evaluate(tiny_config(digits_dir), str(workdir))
+  trainer.train_and_evaluate(tiny_config(digits_dir), str(workdir))
   return workdir
 
 
@@ -113,7 +113,7 @@ def test_a_restart_that_changes_what_is_trained_is_refused(finished, digits_dir,
   before = _contents(run)
   changed = tiny_config(digits_dir, batch_size=32, seed=1, eval_every_steps=3)
   with pytest.raises(workdir_lib.ConfigChangedError) as refused:
-    train.train_and_evaluate(changed, str(run))
+    trainer.train_and_evaluate(changed, str(run))
   message = str(refused.value)
   assert '\n' not in message
   assert f'differs from {run / "config.json"}' in message
@@ -128,12 +128,12 @@ def test_free_fields_and_eval_only_leave_the_record_alone(finished, digits_dir, 
   run = _copy(finished, tmp_path)
   before = _contents(run)
   free = dict(eval_every_steps=2, log_every_steps=1, keep_checkpoints=5, eval_batch_size=40)
-  state = train.train_and_evaluate(tiny_config(digits_dir, **free), str(run))
+  state = trainer.train_and_evaluate(tiny_config(digits_dir, **free), str(run))
   assert int(state.step) == 6
   assert 'Nothing to train: the run was complete at step 6' in caplog.text
   assert _contents(run) == before  # nothing trained, nothing written
 
-  train.train_and_evaluate(tiny_config(digits_dir, eval_only=True), str(run))
+  trainer.train_and_evaluate(tiny_config(digits_dir, eval_only=True), str(run))
   assert 'Evaluated the checkpoint of step 6: latest eval_loss=' in caplog.text
   after = _contents(run)
   assert {name: after[name] for name in before} == before
@@ -145,10 +145,10 @@ def test_shrinking_a_finished_run_is_refused(finished, digits_dir, tmp_path):
   run = _copy(finished, tmp_path)
   before = _contents(run)
   with pytest.raises(workdir_lib.ConfigChangedError, match='num_train_steps 6 -> 4'):
-    train.train_and_evaluate(tiny_config(digits_dir, num_train_steps=4), str(run))
+    trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=4), str(run))
   allowed = tiny_config(digits_dir, num_train_steps=4, allow_config_changes='num_train_steps')
   with pytest.raises(config_validation.ConfigError) as refused:
-    train.train_and_evaluate(allowed, str(run))
+    trainer.train_and_evaluate(allowed, str(run))
   assert 'this run has trained 6 steps' in str(refused.value)
   assert 'more than the 4 the config asks for' in str(refused.value)
   assert _contents(run) == before
@@ -160,7 +160,7 @@ def test_extending_a_finished_run_says_what_the_learning_rate_does_and_is_record
   run = _copy(finished, tmp_path)
   record = json.loads((run / 'config.json').read_text())
   longer = tiny_config(digits_dir, num_train_steps=8, allow_config_changes='num_train_steps')
-  state = train.train_and_evaluate(longer, str(run))
+  state = trainer.train_and_evaluate(longer, str(run))
   assert int(state.step) == 8
 
   # The tiny config has no warmup: lr(s) = peak * (1 + cos(pi * s / length)) / 2 with
@@ -216,8 +216,8 @@ def test_a_damaged_config_json_is_one_clear_error_everywhere(finished, digits_di
   attempts = {
     'predict': lambda: predict.run(str(run), ['digit.png']),
     'visualize': lambda: visualize.run(str(run), str(tmp_path / 'maps.png')),
-    'resume': lambda: train.train_and_evaluate(tiny_config(digits_dir), str(run)),
-    'eval_only': lambda: train.train_and_evaluate(
+    'resume': lambda: trainer.train_and_evaluate(tiny_config(digits_dir), str(run)),
+    'eval_only': lambda: trainer.train_and_evaluate(
       tiny_config(digits_dir, eval_only=True), str(run)
     ),
   }

@@ -21,8 +21,9 @@ import signal
 import time
 
 import main
-from gsa_flax import checkpointing, datasets, evaluators, input_pipeline
+from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools import cli
+from gsa_flax.train import checkpointing, evaluators
 
 FLAGS = main.FLAGS
 

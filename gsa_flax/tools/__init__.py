@@ -1,5 +1,6 @@
-"""Tools built on the library: attention maps, prediction, model sizing, accelerator targets.
+"""Tools built on the library: predict, visualize, export, summary, attention maps, and
+:mod:`gsa_flax.tools.sizing` (accelerator sizing from deviceless compiles).
 
-A leaf package: it imports the core library (``ops``, ``layers``, ``models``, ``state``,
-``checkpointing``, ``input_pipeline``), and nothing in the core imports it.
+The top wing: it imports :mod:`gsa_flax.train`, :mod:`gsa_flax.model` and
+:mod:`gsa_flax.data`; nothing below imports it.
 """

@@ -6,11 +6,11 @@ parameters (the position embeddings), so the model code is untouched. For a quer
 ``p = (x, y)`` of a GSA layer, per head:
 
 - **Content weights** ``a_pj = q_p . softmax_N(K)_j`` over every pixel ``j``
-  (:func:`gsa_flax.ops.content_weights`): content attention's output at ``p`` is
+  (:func:`gsa_flax.model.ops.content_weights`): content attention's output at ``p`` is
   ``sum_j a_pj v_j``. Queries are not normalized, so weights can be negative and need not
   sum to one.
 - **Positional weights** along p's column, ``q_p . R_col[x' - x + c]``, and along its row,
-  ``q_p . R_row[y' - y + c]`` (:func:`gsa_flax.ops.positional_weights`); the row step's
+  ``q_p . R_row[y' - y + c]`` (:func:`gsa_flax.model.ops.positional_weights`); the row step's
   values are the BatchNormed outputs of the column step. Zero outside the neighbourhood.
 
 ``tests/tools/test_attention_maps.py`` rebuilds each GSA module's output from these
@@ -29,9 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsa_flax import evaluators, input_pipeline, ops
-from gsa_flax.layers import GSA
+from gsa_flax.data import input_pipeline
+from gsa_flax.model import ops
+from gsa_flax.model.layers import GSA
 from gsa_flax.tools import plots
+from gsa_flax.train import evaluators
 
 Array = jax.Array
 

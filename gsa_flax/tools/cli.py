@@ -15,7 +15,9 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from gsa_flax import config_validation, datasets, transfer, weights, workdir
+from gsa_flax.data import datasets
+from gsa_flax.model import transfer, weights
+from gsa_flax.train import config_validation, workdir
 
 # Exceptions whose message is the whole story for the user.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -44,7 +46,7 @@ class _QuietLibraries(logging_std.Filter):
 
   Orbax logs each failure of a background save or of a restore with its traceback, from
   several threads (hundreds of lines); the project reports each of them itself in one
-  line (:class:`gsa_flax.checkpointing.SaveError`, the warning about an unreadable step).
+  line (:class:`gsa_flax.train.checkpointing.SaveError`, the warning about an unreadable step).
   Orbax's warnings are kept.
   """
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from gsa_flax import workdir as workdir_lib
+from gsa_flax.train import workdir as workdir_lib
 
 
 def read_scalars(workdir: str | os.PathLike) -> dict[str, dict[int, float]]:

@@ -2,14 +2,14 @@ r"""Exports the newest checkpoint of a training workdir as one portable-weights 
 
   python -m gsa_flax.tools.export --workdir=runs/gsa --output=runs/gsa.msgpack
 
-The file (:mod:`gsa_flax.weights`) holds the run's config, the parameters and BatchNorm
+The file (:mod:`gsa_flax.model.weights`) holds the run's config, the parameters and BatchNorm
 statistics of its newest intact checkpoint (those ``checkpointing.load`` restores: the
 moving average of the parameters when the run kept one, else the raw parameters; ``--raw``
 exports the raw ones) and a model card: model, dataset, resolution, number of classes and
 parameters, the step, the run's evaluation of the exported weights at that step as its
 TensorBoard events recorded it (``ema_eval_accuracy`` for an average, written on the card as
 ``eval_accuracy``), and ``weights: ema (decay D)`` for an average.
-``gsa_flax.models.load_pretrained`` rebuilds the network from the file alone;
+``gsa_flax.model.networks.load_pretrained`` rebuilds the network from the file alone;
 ``config.init_from`` starts another run from it. The card is printed as one line.
 
 Exit status: 0 when the file was written, 2 when the workdir has no usable config or
@@ -24,8 +24,9 @@ from typing import Any
 
 from absl import flags, logging
 
-from gsa_flax import checkpointing, evaluators, weights
+from gsa_flax.model import weights
 from gsa_flax.tools import cli, events
+from gsa_flax.train import checkpointing, evaluators
 
 # The run's evaluation metrics that go on the card, as the trainer names them.
 CARD_METRICS = ('eval_accuracy', 'eval_top5_accuracy')

@@ -8,8 +8,8 @@ import numpy as np
 import tensorflow as tf
 from etils import epath
 
-from gsa_flax import input_pipeline
-from gsa_flax.datasets import DatasetSpec
+from gsa_flax.data import input_pipeline
+from gsa_flax.data.datasets import DatasetSpec
 
 
 class ImageError(Exception):

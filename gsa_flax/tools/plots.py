@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from gsa_flax.datasets import DatasetSpec
+from gsa_flax.data.datasets import DatasetSpec
 from gsa_flax.tools import events
 
 

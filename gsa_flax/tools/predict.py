@@ -24,8 +24,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags, logging
 
-from gsa_flax import checkpointing, datasets, input_pipeline
+from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools import cli, images
+from gsa_flax.train import checkpointing
 
 TOP_K = 5
 # Images per compiled apply: bounds memory for long file lists (one compile per batch size).

@@ -20,12 +20,13 @@ config otherwise, so GSA-ResNet is compared with the convolutional ResNet it rep
 
 With ``--target`` (a Cloud TPU slice such as ``tpu-v5e:2x2``, ``tpu-v4:2x2x1``,
 ``tpu-v5p:2x2x1``, ``tpu-v6e:2x2``, a pod slice such as ``tpu-v5e:4x4``, or ``h100``; see
-:mod:`gsa_flax.tools.aot`) it sizes the run on that accelerator before you have it: the real
-training step, as ``gsa_flax.train.train_and_evaluate`` builds it, is compiled here for the target
+:mod:`gsa_flax.tools.sizing.aot`) it sizes the run on that accelerator before you have it:
+the real training step, as ``gsa_flax.train.trainer.train_and_evaluate`` builds it, is
+compiled here for the target
 (nothing runs) and, per chip, for the network and its counterpart: the HBM it needs
 against the chip's, the largest batch per chip that fits, FLOPs, the estimated HBM
 traffic and the roofline step time with the images/s and MFU it implies
-(:mod:`gsa_flax.tools.sizing`).
+(:mod:`gsa_flax.tools.sizing.report`).
 
 Nothing is downloaded and no dataset is read: the number of classes comes from the
 dataset's spec.
@@ -44,9 +45,12 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gsa_flax import config_validation, datasets, models, steps
-from gsa_flax import state as state_lib
-from gsa_flax.tools import aot, cli, sizing, tables
+from gsa_flax.data import datasets
+from gsa_flax.model import networks
+from gsa_flax.tools import cli, tables
+from gsa_flax.tools.sizing import aot, report
+from gsa_flax.train import config_validation, steps
+from gsa_flax.train import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +80,7 @@ def _count(tree: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def stage_parameter_counts(model: models.ResNet, params: dict[str, Any]) -> dict[str, int]:
+def stage_parameter_counts(model: networks.ResNet, params: dict[str, Any]) -> dict[str, int]:
   """Trainable parameters of the stem, each stage and the head of a (GSA-)ResNet.
 
   Args:
@@ -88,7 +92,7 @@ def stage_parameter_counts(model: models.ResNet, params: dict[str, Any]) -> dict
   """
   counts = {'stem': 0, **{f'stage{i + 1}': 0 for i in range(len(model.stage_sizes))}, 'head': 0}
   for name, subtree in params.items():
-    counts[models.part_of(model, name)] += _count(subtree)
+    counts[networks.part_of(model, name)] += _count(subtree)
   return counts
 
 
@@ -107,7 +111,7 @@ def train_step_memory(
 ) -> tuple[int, int]:
   """XLA's planned memory of the real training step at ``batch`` examples on one device.
 
-  The step is the trainer's (:func:`gsa_flax.steps.jit_train_step`: same shardings, state
+  The step is the trainer's (:func:`gsa_flax.train.steps.jit_train_step`: same shardings, state
   donated), compiled for this machine's first device.
 
   Returns:
@@ -197,16 +201,16 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
       cli.fail(str(e))
     sizes = {'per_device_batch': FLAGS.per_device_batch, 'num_devices': FLAGS.num_devices}
-    summaries = sizing.target_summaries(
+    summaries = report.target_summaries(
       config, FLAGS.target, compare=FLAGS.compare, fit=FLAGS.memory, **sizes
     )
-    print(sizing.format_target_report(config, summaries, **sizes))
+    print(report.format_target_report(config, summaries, **sizes))
     return
   devices = FLAGS.num_devices or jax.device_count()
   batch = FLAGS.per_device_batch or max(config.batch_size // devices, 1)
   configs = [config]
-  if FLAGS.compare and models.counterpart(config.model) in models.MODELS:
-    configs.append(models.counterpart_config(config))
+  if FLAGS.compare and networks.counterpart(config.model) in networks.MODELS:
+    configs.append(networks.counterpart_config(config))
   summaries = [summarize(c, memory_batch=batch if FLAGS.memory else 0) for c in configs]
   classes = datasets.get(config.dataset).num_classes
   print(

@@ -21,8 +21,9 @@ import flax.linen as nn
 import numpy as np
 from absl import flags
 
-from gsa_flax import checkpointing, datasets, input_pipeline
+from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools import attention_maps, cli, images, plots
+from gsa_flax.train import checkpointing
 
 
 def save_attention_map(

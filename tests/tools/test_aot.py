@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
-from gsa_flax.tools import aot, hlo  # noqa: E402
+from gsa_flax.tools.sizing import aot, hlo  # noqa: E402
 
 TARGETS = ('tpu-v5e:2x2', 'h100')
 

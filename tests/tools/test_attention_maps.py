@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from helpers import DIGITS_IMAGE_SIZE, tiny_config
 
-from gsa_flax import datasets, evaluators, input_pipeline, models, steps
-from gsa_flax.layers import GSA
+from gsa_flax.data import datasets, input_pipeline
+from gsa_flax.model import networks
+from gsa_flax.model.layers import GSA
 from gsa_flax.tools import attention_maps
+from gsa_flax.train import evaluators, steps
 
 
 def _random_variables(module, x, seed):
@@ -110,7 +112,7 @@ def test_positional_weights_are_zero_outside_the_neighbourhood():
 @functools.cache
 def _network(model_name='gsa_resnet_tiny'):
   """The network of the tiny digits run with random variables, and a batch."""
-  model = models.build(tiny_config('', model=model_name), num_classes=10)
+  model = networks.build(tiny_config('', model=model_name), num_classes=10)
   x = jax.random.normal(jax.random.key(0), (2, DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE, 3))
   return model, _random_variables(model, x, seed=3), x
 

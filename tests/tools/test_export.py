@@ -10,10 +10,11 @@ import pytest
 from clu import metric_writers
 from helpers import REPO, environment, tiny_config
 
-from gsa_flax import checkpointing, models, weights
-from gsa_flax import state as state_lib
-from gsa_flax import workdir as workdir_lib
+from gsa_flax.model import networks, weights
 from gsa_flax.tools import export
+from gsa_flax.train import checkpointing
+from gsa_flax.train import state as state_lib
+from gsa_flax.train import workdir as workdir_lib
 
 STEP = 7
 ACCURACY = 0.875
@@ -84,7 +85,7 @@ def test_export_then_load_gives_bit_identical_logits(saved_run, tmp_path, capsys
       assert a.dtype == b.dtype
       np.testing.assert_array_equal(a, b)
 
-  pretrained = models.load_pretrained(output)
+  pretrained = networks.load_pretrained(output)
   images = np.random.default_rng().normal(size=(4, 16, 16, 3)).astype(np.float32)
   want = model.apply(state_lib.variables(state), images, train=False)
   got = pretrained.model.apply(pretrained.variables, images, train=False)

@@ -3,7 +3,7 @@ conditionals, on-chip buffers) and its terms, against byte counts worked out by 
 
 import pytest
 
-from gsa_flax.tools import hlo
+from gsa_flax.tools.sizing import hlo
 
 # ----------------------------------------------------------------------------- shapes
 

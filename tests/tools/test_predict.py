@@ -9,10 +9,11 @@ import pytest
 import tensorflow_datasets as tfds
 from helpers import DIGITS_IMAGE_SIZE, REPO, environment, tiny_config
 
-from gsa_flax import checkpointing, datasets, input_pipeline
-from gsa_flax import state as state_lib
-from gsa_flax import workdir as workdir_lib
+from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools import predict
+from gsa_flax.train import checkpointing
+from gsa_flax.train import state as state_lib
+from gsa_flax.train import workdir as workdir_lib
 
 DIGITS = datasets.get('digits')
 

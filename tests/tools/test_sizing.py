@@ -6,14 +6,14 @@ import re
 import pytest
 from helpers import resnet_macs, tiny_config
 
-from gsa_flax import models
-from gsa_flax.tools import aot, hlo, sizing
+from gsa_flax.model import networks
+from gsa_flax.tools.sizing import aot, hlo, report
 
 
 def test_model_flops_are_three_forward_passes_of_the_closed_form():
   config = tiny_config('', model='resnet26', stage_sizes=(), num_filters=16, image_size=32)
   # Only the convolutions and the classifier multiply; taps on the padding do not count.
-  assert sizing.model_flops_per_example(config) == 3 * 2 * resnet_macs((1, 2, 4, 1), 16, 32, 10)
+  assert report.model_flops_per_example(config) == 3 * 2 * resnet_macs((1, 2, 4, 1), 16, 32, 10)
 
 
 def _table(text):
@@ -29,9 +29,9 @@ def test_a_tiny_train_step_compiles_for_a_tpu_slice_with_its_kernels_priced():
   layer), every one priced, and the memory plan within the chip."""
   config = tiny_config('')
   target = aot.get_target('tpu-v5e:2x2')
-  compiled = sizing.compile_train_step(config, target, 8)
+  compiled = report.compile_train_step(config, target, 8)
   kernels = [c for c in hlo.custom_calls(compiled.as_text()) if c.target == 'tpu_custom_call']
-  num_gsa_layers = sum(models.build(config, 10).stage_sizes)
+  num_gsa_layers = sum(networks.build(config, 10).stage_sizes)
   assert len(kernels) == 4 * num_gsa_layers
   analysis = aot.analyze(compiled)
   assert analysis.unpriced_custom_calls == ()
@@ -43,8 +43,8 @@ def test_target_report_agrees_with_the_compiled_steps(target_name, batch):
   """The tiny network and its counterpart compiled for a TPU slice and an H100 as --target
   does it; what is printed is what aot computes, and consistent with the chip's facts."""
   config = tiny_config('')
-  summaries = sizing.target_summaries(config, target_name, per_device_batch=batch)
-  text = sizing.format_target_report(config, summaries, per_device_batch=batch)
+  summaries = report.target_summaries(config, target_name, per_device_batch=batch)
+  text = report.format_target_report(config, summaries, per_device_batch=batch)
   target = aot.get_target(target_name)
   chip = target.chip
   assert [s.model for s in summaries] == ['gsa_resnet_tiny', 'resnet_tiny']
@@ -85,6 +85,6 @@ def test_target_report_agrees_with_the_compiled_steps(target_name, batch):
 def test_per_chip_batch_defaults_to_the_targets_chips():
   config = tiny_config('', batch_size=64)
   target = aot.get_target('tpu-v5e:4x4')  # 16 chips on 4 hosts
-  assert sizing.per_chip_batch(config, target) == 4
-  assert sizing.per_chip_batch(config, target, num_devices=8) == 8
-  assert sizing.per_chip_batch(config, target, per_device_batch=3, num_devices=8) == 3
+  assert report.per_chip_batch(config, target) == 4
+  assert report.per_chip_batch(config, target, num_devices=8) == 8
+  assert report.per_chip_batch(config, target, per_device_batch=3, num_devices=8) == 3

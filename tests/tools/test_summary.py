@@ -11,9 +11,10 @@ import pytest
 from helpers import REPO, environment, resnet_macs, tiny_config
 
 from configs import default, imagenet, imagenet_resnet50
-from gsa_flax import datasets, models
-from gsa_flax import state as state_lib
+from gsa_flax.data import datasets
+from gsa_flax.model import networks
 from gsa_flax.tools import summary
+from gsa_flax.train import state as state_lib
 
 # torchvision's resnet50: conv1 + bn1, layer1..layer4, fc (1000 classes).
 RESNET50_PARTS = {
@@ -27,7 +28,7 @@ RESNET50_PARTS = {
 
 
 def _eval_shape_total(config):
-  model = models.build(config, datasets.get(config.dataset).num_classes)
+  model = networks.build(config, datasets.get(config.dataset).num_classes)
   x = jnp.zeros((1, config.image_size, config.image_size, 3))
   params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
   return sum(math.prod(p.shape) for p in jax.tree.leaves(params['params']))
@@ -55,8 +56,8 @@ def test_parts_sum_to_total(config):
   ] + ['head']
   assert sum(result.params.values()) == result.total_params == _eval_shape_total(config)
   # The counterpart differs only where the stage is attention in one and convolution in the other.
-  other = summary.summarize(models.counterpart_config(config), flops=False)
-  assert other.model == models.counterpart(config.model)
+  other = summary.summarize(networks.counterpart_config(config), flops=False)
+  assert other.model == networks.counterpart(config.model)
   assert other.params['stem'] == result.params['stem']
   assert other.params['head'] == result.params['head']
 

@@ -11,9 +11,9 @@ import tensorflow as tf
 from helpers import REPO, environment, main_command
 from PIL import Image
 
-from gsa_flax import workdir as workdir_lib
 from gsa_flax.tools import plots, visualize
 from gsa_flax.tools.events import read_scalars
+from gsa_flax.train import workdir as workdir_lib
 
 
 @pytest.fixture(scope='module')

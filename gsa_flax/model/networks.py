@@ -1,0 +1,435 @@
+"""ResNet (the convolutional baseline) and GSA-ResNet, in one family, and the one place a
+config becomes a network (:func:`build`).
+
+GSA-ResNet is ResNet (v1.5 bottleneck blocks, stride on the 3x3) with every 3x3
+convolution of the residual blocks replaced by a :class:`~gsa_flax.model.layers.GSA` module of
+the same widths; where that convolution had stride 2, a 2x2 average pool (stride 2)
+follows the GSA module. The convolutional stem is kept (``docs/method.md``, "GSA-ResNet").
+``attention_stages`` chooses, per stage, attention or convolution, so "where in the network
+global attention pays" is a config change.
+
+Parameters are named for what they are: the stem ``conv_init``/``bn_init``, the blocks
+``BottleneckBlock_<i>`` in order, the classifier ``head`` (see :func:`part_of`).
+:func:`load_pretrained` rebuilds a network from a portable-weights file
+(:mod:`gsa_flax.model.weights`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import traverse_util
+
+from gsa_flax.model import weights
+from gsa_flax.model.layers import GSA
+
+ModuleDef = Any
+
+# Rematerialisation of the residual blocks (``ResNet.remat``): which of a block's
+# intermediates the backward pass keeps; the others are recomputed from the block's input.
+REMAT_POLICIES: dict[str, Callable[..., bool]] = {
+  'block': jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+  'dots': jax.checkpoint_policies.dots_saveable,  # keep conv/matmul outputs, recompute the rest
+}
+
+# Names of the top-level parameters outside the residual stages.
+STEM = ('conv_init', 'bn_init')
+HEAD = 'head'
+
+
+class BottleneckBlock(nn.Module):
+  """ResNet v1.5 bottleneck block; the 3x3 spatial layer is a conv or a GSA module."""
+
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  gsa: Callable[..., nn.Module] | None = None  # None: 3x3 convolution
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    residual = x
+    y = self.conv(self.filters, (1, 1))(x)
+    y = nn.relu(self.norm()(y))
+    if self.gsa is None:
+      y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
+    else:
+      y = self.gsa(self.filters)(y, train=train)
+      if self.strides > 1:
+        s = (self.strides, self.strides)
+        # SAME + count_include_pad=False keeps odd sizes aligned with the strided shortcut.
+        y = nn.avg_pool(y, s, s, padding='SAME', count_include_pad=False)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    # Zero-init the last BN scale so each block starts as the identity (Goyal et al. 2017).
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(
+        self.filters * 4, (1, 1), (self.strides, self.strides), name='conv_proj'
+      )(residual)
+      residual = self.norm(name='norm_proj')(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """ResNet with bottleneck blocks; stages listed in ``attention_stages`` use GSA.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. ``(3, 4, 6, 3)`` for depth 50.
+    num_classes: classifier outputs.
+    num_filters: width of the first stage (doubles every stage).
+    attention_stages: per stage, True to replace its 3x3 convs by GSA modules; empty means
+      the class's default (ResNet: none, GSAResNet: every stage).
+    small_stem: a 3x3 stride-1 conv stem without max pooling (small images such as
+      CIFAR); False is the ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool).
+    num_heads, key_ratio, rel_length, content, positional, position_embedding,
+    normalize_queries, positional_softmax, order, implementation: the GSA knobs (see
+      :class:`GSA`); ``key_ratio`` sets ``key_features = int(features * key_ratio)``.
+    remat: ``''`` (off) or a key of :data:`REMAT_POLICIES`: rematerialise each residual
+      block in the backward pass (less activation memory, more compute).
+    bn_momentum: BatchNorm momentum everywhere.
+    dtype: computation dtype; parameters are always ``param_dtype``.
+  """
+
+  stage_sizes: Sequence[int]
+  num_classes: int = 1000
+  num_filters: int = 64
+  attention_stages: Sequence[bool] = ()
+  small_stem: bool = False
+  num_heads: int = 8
+  key_ratio: float = 0.5
+  rel_length: int | None = None
+  content: bool = True
+  positional: str = 'axial'
+  position_embedding: str = 'relative'
+  normalize_queries: bool = False
+  positional_softmax: bool = False
+  order: str = 'auto'
+  implementation: str | None = None
+  remat: str = ''
+  bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  # Whether stages use GSA when attention_stages is empty (GSAResNet: all of them).
+  attention_by_default: ClassVar[bool] = False
+
+  def stage_attention(self) -> tuple[bool, ...]:
+    """One bool per stage: True where the 3x3 convolutions are GSA modules."""
+    attention = tuple(self.attention_stages) or (self.attention_by_default,) * len(self.stage_sizes)
+    if len(attention) != len(self.stage_sizes):
+      raise ValueError(
+        f'attention_stages has {len(attention)} entries but the network has '
+        f'{len(self.stage_sizes)} stages; give one bool per stage.'
+      )
+    return attention
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, *, train: bool, features: bool = False
+  ) -> jax.Array | dict[str, jax.Array]:
+    """Maps images ``[batch, height, width, channels]`` to logits ``[batch, num_classes]``.
+
+    Args:
+      x: images ``[batch, height, width, channels]``.
+      train: batch statistics (and their update) in the BatchNorms, else running averages.
+      features: return the output of every stage instead of the logits, for dense
+        prediction heads: ``{'stage1': ..., 'stageN': ...}``, each ``[batch, height / s,
+        width / s, 4 * num_filters * 2**(i)]`` with strides ``s`` of 4, 8, 16, 32 behind the
+        ImageNet stem (1, 2, 4, 8 behind the small stem). The classifier is not applied.
+
+    Returns:
+      Logits ``[batch, num_classes]`` in float32, or the stage outputs (compute dtype).
+    """
+    attention = self.stage_attention()
+    conv = functools.partial(
+      nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    if self.small_stem:
+      x = conv(self.num_filters, (3, 3), name='conv_init')(x)
+      x = nn.relu(norm(name='bn_init')(x))
+    else:
+      x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='conv_init')(x)
+      x = nn.relu(norm(name='bn_init')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    if self.remat and self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={self.remat!r}; valid: "" (off), {", ".join(REMAT_POLICIES)}.')
+    block = BottleneckBlock
+    if self.remat:
+      # `train` (argument 2, counting the module) is static: it selects BatchNorm's mode.
+      block = nn.remat(BottleneckBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
+    outputs = {}
+    index = 0
+    for i, block_count in enumerate(self.stage_sizes):
+      gsa = None
+      if attention[i]:
+        gsa = functools.partial(
+          _GSAFor,
+          num_heads=self.num_heads,
+          key_ratio=self.key_ratio,
+          rel_length=self.rel_length,
+          content=self.content,
+          positional=self.positional,
+          position_embedding=self.position_embedding,
+          normalize_queries=self.normalize_queries,
+          positional_softmax=self.positional_softmax,
+          order=self.order,
+          implementation=self.implementation,
+          bn_momentum=self.bn_momentum,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+        )
+      for j in range(block_count):
+        x = block(
+          self.num_filters * 2**i,
+          conv=conv,
+          norm=norm,
+          strides=2 if i > 0 and j == 0 else 1,
+          gsa=gsa,
+          name=f'{BottleneckBlock.__name__}_{index}',  # the same names with or without remat
+        )(x, train)
+        index += 1
+      outputs[f'stage{i + 1}'] = x
+    if features:
+      return outputs
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name=HEAD)(x)
+    return x.astype(jnp.float32)
+
+
+def _GSAFor(features: int, *, key_ratio: float, **kwargs) -> GSA:  # noqa: N802
+  """A GSA module of ``features`` value channels and ``key_ratio * features`` key channels."""
+  return GSA(features, key_features=int(features * key_ratio), **kwargs)
+
+
+class GSAResNet(ResNet):
+  """ResNet whose residual-block 3x3 convolutions are all GSA modules (Shen et al. 2020)."""
+
+  attention_by_default: ClassVar[bool] = True
+
+
+ResNet26 = functools.partial(ResNet, stage_sizes=(1, 2, 4, 1))
+ResNet38 = functools.partial(ResNet, stage_sizes=(2, 3, 5, 2))
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3))
+GSAResNet26 = functools.partial(GSAResNet, stage_sizes=(1, 2, 4, 1))
+GSAResNet38 = functools.partial(GSAResNet, stage_sizes=(2, 3, 5, 2))
+GSAResNet50 = functools.partial(GSAResNet, stage_sizes=(3, 4, 6, 3))
+GSAResNet101 = functools.partial(GSAResNet, stage_sizes=(3, 4, 23, 3))
+
+# Small networks for tests, CPU runs and the embedded digits set: one block per stage,
+# a quarter of the width, the small stem.
+ResNetTiny = functools.partial(
+  ResNet, stage_sizes=(1, 1, 1, 1), num_filters=16, small_stem=True, num_heads=4
+)
+GSAResNetTiny = functools.partial(
+  GSAResNet, stage_sizes=(1, 1, 1, 1), num_filters=16, small_stem=True, num_heads=4
+)
+
+MODELS: dict[str, Callable[..., ResNet]] = {
+  'resnet26': ResNet26,
+  'resnet38': ResNet38,
+  'resnet50': ResNet50,
+  'resnet101': ResNet101,
+  'gsa_resnet26': GSAResNet26,
+  'gsa_resnet38': GSAResNet38,
+  'gsa_resnet50': GSAResNet50,
+  'gsa_resnet101': GSAResNet101,
+  'resnet_tiny': ResNetTiny,
+  'gsa_resnet_tiny': GSAResNetTiny,
+}
+
+
+def counterpart(name: str) -> str:
+  """The convolutional ResNet of a GSA-ResNet and vice versa (``gsa_resnet50`` <-> ``resnet50``)."""
+  return name[len('gsa_') :] if name.startswith('gsa_') else 'gsa_' + name
+
+
+def counterpart_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same run with the counterpart network (every stage of its own kind)."""
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.model = counterpart(config.model)
+  # An attention_stages override would turn stages of a ResNet into GSA: use the defaults.
+  other.gsa.attention_stages = ()
+  return other
+
+
+def create_model(name: str, **kwargs: Any) -> ResNet:
+  """Builds a registered network by name.
+
+  Args:
+    name: one of :data:`MODELS` (``resnet50``, ``gsa_resnet50``, ...).
+    **kwargs: module attributes to set or override (``num_classes``, ``dtype``, GSA knobs).
+
+  Returns:
+    The (unbound) linen module.
+  """
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; valid: {", ".join(MODELS)}.')
+  return MODELS[name](**kwargs)
+
+
+def downsampling(model: ResNet) -> int:
+  """Total spatial stride of ``model`` (stem and stages), for input-size checks."""
+  stem = 1 if model.small_stem else 4
+  return stem * 2 ** (len(model.stage_sizes) - 1)
+
+
+def init_variables(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
+  """``{'params': ..., 'batch_stats': ...}`` of ``model`` initialised at ``image_size``.
+
+  Global position tables get the length of each GSA layer's feature map at this
+  resolution (``docs/method.md``, "Positional attention").
+
+  Args:
+    model: the network.
+    rng: the initialisation key.
+    image_size: height and width of the (square, RGB) images it is initialised for.
+  """
+  return model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+
+
+def abstract_variables(model: ResNet, image_size: int) -> dict[str, Any]:
+  """The shapes and dtypes of :func:`init_variables` (``jax.ShapeDtypeStruct`` leaves).
+
+  Nothing is computed: cheap even for a GSA-ResNet-101 at 384x384.
+  """
+  return jax.eval_shape(lambda rng: init_variables(model, rng, image_size), jax.random.key(0))
+
+
+def build(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
+  """The network of an experiment config, every knob of ``config`` applied.
+
+  The one translation from config fields to module attributes (``configs/default.py``
+  documents the fields).
+
+  Args:
+    config: the experiment config (``model``, ``stage_sizes``, ``num_filters``,
+      ``small_stem``, ``dtype`` and the ``gsa`` knobs are read).
+    num_classes: classifier outputs (the dataset's).
+
+  Returns:
+    The (unbound) linen module.
+  """
+  gsa = config.gsa
+  kwargs = dict(
+    num_classes=num_classes,
+    num_filters=config.num_filters,
+    small_stem=config.small_stem,
+    dtype=jnp.dtype(config.dtype),
+    num_heads=gsa.num_heads,
+    key_ratio=gsa.key_ratio,
+    rel_length=gsa.rel_length or None,
+    content=gsa.content,
+    positional=gsa.positional,
+    position_embedding=gsa.position_embedding,
+    normalize_queries=gsa.normalize_queries,
+    positional_softmax=gsa.positional_softmax,
+    order=gsa.order,
+    implementation=gsa.implementation or None,
+    remat=config.remat,
+  )
+  if config.stage_sizes:
+    kwargs['stage_sizes'] = tuple(config.stage_sizes)
+  if gsa.attention_stages:
+    kwargs['attention_stages'] = tuple(gsa.attention_stages)
+  return create_model(config.model, **kwargs)
+
+
+def part_of(model: ResNet, name: str) -> str:
+  """Which part of ``model`` a top-level parameter belongs to.
+
+  Args:
+    model: the network.
+    name: a key of its ``params`` (``conv_init``, ``BottleneckBlock_3``, ``head``, ...).
+
+  Returns:
+    ``'stem'``, ``'stage1'`` ... ``'stageN'`` or ``'head'``.
+  """
+  if name in STEM:
+    return 'stem'
+  if name == HEAD:
+    return 'head'
+  prefix = BottleneckBlock.__name__ + '_'
+  if name.startswith(prefix) and name[len(prefix) :].isdigit():
+    block = int(name[len(prefix) :])
+    first = 0
+    for i, count in enumerate(model.stage_sizes):
+      if block < first + count:
+        return f'stage{i + 1}'
+      first += count
+  raise ValueError(f'parameter {name!r} belongs to no part of {type(model).__name__}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A network from a portable-weights file, ready to apply.
+
+  Attributes:
+    model: the network, built from the file's config by :func:`build`.
+    variables: ``{'params': ..., 'batch_stats': ...}`` (NumPy arrays, as exported).
+    config: the config of the run that trained it.
+    card: the model card (model, dataset, resolution, parameters, accuracy, ...).
+  """
+
+  model: ResNet
+  variables: dict[str, Any]
+  config: ml_collections.ConfigDict
+  card: dict[str, Any]
+
+
+def load_pretrained(path: str | os.PathLike) -> Pretrained:
+  """Rebuilds the network of a portable-weights file (local or ``gs://``).
+
+  ``pretrained.model.apply(pretrained.variables, images, train=False)`` gives the logits the
+  exported network gave, bit for bit on the same machine. For another compute dtype,
+  ``pretrained.model.clone(dtype=jnp.float32)``; for another resolution or number of
+  classes, :func:`gsa_flax.model.transfer.adapt` the variables to the new network.
+
+  Args:
+    path: a file written by :func:`gsa_flax.model.weights.export` (``python -m
+      gsa_flax.tools.export``).
+
+  Raises:
+    gsa_flax.model.weights.WeightsError: the file cannot be read, or its variables do not fit
+      the network its config describes (one line, naming the first mismatching entry).
+  """
+  contents = weights.read(path)
+  config = ml_collections.ConfigDict(contents.config)
+  params = contents.variables['params']
+  if HEAD not in params or 'bias' not in params[HEAD]:
+    raise weights.WeightsError(f'{path} holds no classifier ({HEAD}/bias): not a ResNet family.')
+  try:
+    model = build(config, num_classes=int(params[HEAD]['bias'].shape[0]))
+    want = traverse_util.flatten_dict(abstract_variables(model, config.image_size), sep='/')
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    raise weights.WeightsError(
+      f'{path}: its config does not describe a network of this gsa-flax ({error}).'
+    ) from None
+  got = traverse_util.flatten_dict(contents.variables, sep='/')
+  # Parameters before statistics: the first mismatch named is the telling one.
+  for name in sorted(want.keys() | got.keys(), key=lambda p: (not p.startswith('params/'), p)):
+    if name not in got or name not in want or tuple(want[name].shape) != got[name].shape:
+      shapes = [tuple(t[name].shape) if name in t else 'absent' for t in (got, want)]
+      raise weights.WeightsError(
+        f'{path} does not fit the network its config describes ({config.model} at '
+        f'{config.image_size}x{config.image_size}): {name} is {shapes[0]} in the file, '
+        f'{shapes[1]} in the network.'
+      )
+  return Pretrained(model, contents.variables, config, contents.card)
