@@ -245,11 +245,11 @@ def compile_train_step(config: Any, num_classes: int, devices: list | None = Non
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
+  from gsa_flax.train import experiment, steps
   from gsa_flax.train import state as state_lib
-  from gsa_flax.train import steps
 
   mesh = steps.make_mesh(devices)
-  pieces = state_lib.setup(config, num_classes, steps_per_epoch=1000, num_train_steps=10_000)
+  pieces = experiment.setup(config, num_classes, steps_per_epoch=1000, num_train_steps=10_000)
   state = jax.jit(
     functools.partial(state_lib.create, pieces, image_size=config.image_size),
     out_shardings=NamedSharding(mesh, P()),

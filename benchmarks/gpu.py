@@ -79,13 +79,13 @@ def model_flops(config, batch) -> float:
   'xla'``: XLA's cost analysis cannot see inside a Pallas kernel), from XLA's cost analysis
   of the lowered step (shapes only, nothing is initialised or compiled).
   """
+  from gsa_flax.train import experiment, steps
   from gsa_flax.train import state as state_lib
-  from gsa_flax.train import steps
 
   config = config.copy_and_resolve_references()
   config.gsa.order = 'logits'
   config.gsa.implementation = 'xla'
-  pieces = state_lib.setup(config, NUM_CLASSES, steps_per_epoch=1000, num_train_steps=10_000)
+  pieces = experiment.setup(config, NUM_CLASSES, steps_per_epoch=1000, num_train_steps=10_000)
   mesh = steps.make_mesh(jax.devices()[:1])
   step = steps.jit_train_step(mesh, pieces.schedule, NUM_CLASSES, config.label_smoothing)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)

@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from gsa_flax.model.kernels import layout  # noqa: E402
 from gsa_flax.model.layers import GSA  # noqa: E402
-from gsa_flax.tools.sizing import aot, hlo  # noqa: E402
+from gsa_flax.tools.sizing import aot, traffic  # noqa: E402
 
 # GSA-ResNet-50's first stage.
 CHANNELS, HEADS, KEY_FEATURES, SIZE = 64, 8, 32, 56
@@ -120,14 +120,14 @@ def model_flops_per_example(kind: str) -> float:
   x = jax.ShapeDtypeStruct((1, SIZE, SIZE, CHANNELS), jnp.bfloat16, sharding=cpu)
   variables = _abstract(_variables(module), cpu)
   fwd = jax.jit(lambda v, x: module.apply(v, x, train=False))
-  return 3 * hlo.hlo_costs(fwd.lower(variables, x).compile().as_text())['matmul_flops']
+  return 3 * traffic.hlo_costs(fwd.lower(variables, x).compile().as_text())['matmul_flops']
 
 
 def kernel_traffic(compiled: jax.stages.Compiled) -> float:
   """The part of the HBM-traffic estimate that the GSA kernels' calls move."""
   return sum(
     r.hbm_bytes
-    for r in hlo.traffic_by_instruction(compiled.as_text())
+    for r in traffic.traffic_by_instruction(compiled.as_text())
     if r.opcode == 'custom-call' and layout.KernelCall.parse(r.name + r.op_name)
   )
 

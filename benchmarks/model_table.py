@@ -5,7 +5,7 @@ FLOPs come from XLA's own cost analysis of the compiled forward pass (eval mode,
 FLOPs and multiply-adds (= FLOPs / 2), which is the unit papers usually quote as "FLOPs".
 
 The positional attention is counted in its logits-first contraction order
-(``networks.create_model(..., order='logits')``), the one with the fewest FLOPs
+(``networks.create_model(..., gsa=GSAOptions(order='logits'))``), the one with the fewest FLOPs
 (``n * (d + e)`` multiply-adds per pixel, head and axis step) and the one a paper counts.
 Where the values-first order is faster (``order='auto'`` picks it for GSA-ResNet's first
 stage on CPU; BENCHMARKS.md, "Speed work: contraction order") it executes more FLOPs for
@@ -26,16 +26,21 @@ import jax.numpy as jnp
 
 from benchmarks.common import xla_flops
 from gsa_flax.model import networks
+from gsa_flax.model.layers import GSAOptions
 
 DEPTHS = (26, 38, 50, 101)
 
 
-def count_and_flops(name: str, size: int, **kwargs) -> tuple[int, float, int]:
+def count_and_flops(
+  name: str, size: int, key_ratio: float = 0.5, **knobs
+) -> tuple[int, float, int]:
   """Parameters, XLA forward FLOPs (batch 1, eval) and parameters of the spatial layers.
 
   The spatial layers are the residual blocks' 3x3 convolutions (ResNet) or GSA modules.
   """
-  model = networks.create_model(name, order='logits', **kwargs)  # minimal FLOPs (see above)
+  # The minimal-FLOP order (see above); knobs: GSAOptions fields.
+  gsa = GSAOptions(order='logits', **knobs)
+  model = networks.create_model(name, key_ratio=key_ratio, gsa=gsa)
   x = jnp.zeros((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   leaves = jax.tree_util.tree_leaves_with_path(variables['params'])

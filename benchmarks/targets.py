@@ -54,8 +54,8 @@ import ml_collections  # noqa: E402
 
 from benchmarks import common, kernels  # noqa: E402
 from configs import imagenet  # noqa: E402
-from gsa_flax.model import networks  # noqa: E402
 from gsa_flax.tools.sizing import aot, report  # noqa: E402
+from gsa_flax.train import experiment
 
 JSON = os.path.join(common.REPO, 'docs', 'benchmarks', 'targets.json')
 DEFAULT_TARGETS = ('tpu-v5e:2x2', 'tpu-v6e:2x2', 'tpu-v5p:2x2x1', 'h100')
@@ -82,7 +82,7 @@ def train_config(network: str) -> ml_collections.ConfigDict:
   config.gsa.implementation = implementation
   config.remat = remat
   if model != config.model:
-    config = networks.counterpart_config(config)
+    config = experiment.counterpart(config)
   return config
 
 

@@ -9,4 +9,6 @@ Four wings, importing one way (``tools`` -> ``train`` -> ``model | data``):
 - :mod:`gsa_flax.train`: config checks, the train state, the step, evaluators, the workdir,
   checkpoints, preemption and the loop (:func:`gsa_flax.train.trainer.train_and_evaluate`).
 - :mod:`gsa_flax.tools`: predict, visualize, export, summary and accelerator sizing.
+
+Below them, :mod:`gsa_flax.errors` holds the one error type of a user's mistake.
 """

@@ -14,7 +14,7 @@ import pytest
 from helpers import DIGITS_IMAGE_SIZE, main_command, tiny_config
 
 from gsa_flax.data import datasets, input_pipeline
-from gsa_flax.train import checkpointing, trainer
+from gsa_flax.train import checkpoints, experiment, trainer
 from gsa_flax.train import state as state_lib
 from gsa_flax.train import workdir as workdir_lib
 
@@ -109,7 +109,7 @@ def test_an_unreadable_step_on_another_file_system_is_set_aside_quietly(
     shutil.rmtree(elsewhere, ignore_errors=True)
 
 
-class FullDisk(checkpointing.Checkpointer):
+class FullDisk(checkpoints.Checkpointer):
   """A disk that fills up in the middle of the save of step ``full_at``.
 
   Orbax's temporary directory of the step is half written when the write fails with
@@ -138,7 +138,7 @@ def test_a_full_disk_stops_the_run_at_that_save_in_one_line(finished_run, digits
   restored = ocp.StandardCheckpointer().restore(copy / 'checkpoints' / '3' / 'state')
   size = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(restored))
 
-  with pytest.raises(checkpointing.SaveError) as failed:
+  with pytest.raises(checkpoints.SaveError) as failed:
     trainer.train_and_evaluate(
       tiny_config(digits_dir), str(copy), checkpointer=FullDisk(str(copy), keep=3, full_at=6)
     )
@@ -192,7 +192,7 @@ def test_checkpoint_of_another_model_names_the_parameter(finished_run, digits_di
   with pytest.raises(workdir_lib.ConfigChangedError, match='num_filters 8 -> 16'):
     trainer.train_and_evaluate(wider, str(copy))  # config.json stops it first
   wider.allow_config_changes = 'num_filters'
-  with pytest.raises(checkpointing.CheckpointMismatchError) as info:
+  with pytest.raises(checkpoints.CheckpointMismatchError) as info:
     trainer.train_and_evaluate(wider, str(copy))
   message = str(info.value)
   assert "['params']" in message and 'shape' in message
@@ -237,22 +237,22 @@ def test_a_moving_average_turned_on_in_a_restart_starts_at_the_restored_paramete
   state without one ignores a checkpoint's."""
   workdir, final_params = finished_run
   averaging = state_lib.abstract(
-    state_lib.setup(tiny_config(digits_dir, ema_decay=0.9), 10), DIGITS_IMAGE_SIZE
+    experiment.setup(tiny_config(digits_dir, ema_decay=0.9), 10), DIGITS_IMAGE_SIZE
   )
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-    checkpointing.state_dict(averaging),
+    state_lib.state_dict(averaging),
   )
-  reader = checkpointing.Checkpointer(str(workdir), keep=1, read_only=True)
+  reader = checkpoints.Checkpointer(str(workdir), keep=1, read_only=True)
   restored, _, step = reader.restore_latest(target)
-  assert step == 6 and checkpointing.EMA not in restored  # the run kept no average
+  assert step == 6 and state_lib.EMA not in restored  # the run kept no average
   zeros = lambda state: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
-  resumed = checkpointing.restore_into(zeros(averaging), restored)
+  resumed = state_lib.restore_into(zeros(averaging), restored)
   for tree in (resumed.params, resumed.ema_params):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, tree), final_params)
   assert int(resumed.step) == 6 and resumed.ema_decay == 0.9
 
-  plain = state_lib.abstract(state_lib.setup(tiny_config(digits_dir), 10), DIGITS_IMAGE_SIZE)
+  plain = state_lib.abstract(experiment.setup(tiny_config(digits_dir), 10), DIGITS_IMAGE_SIZE)
   with_average = dict(restored, ema_params=restored['params'])
-  assert checkpointing.restore_into(zeros(plain), with_average).ema_params is None
+  assert state_lib.restore_into(zeros(plain), with_average).ema_params is None

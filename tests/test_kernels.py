@@ -24,7 +24,7 @@ from reference import loop_content, loop_positional  # noqa: E402
 from gsa_flax.model import ops  # noqa: E402
 from gsa_flax.model.kernels import axial_tpu, costs, gsa, layout, positional  # noqa: E402
 from gsa_flax.model.layers import GSA  # noqa: E402
-from gsa_flax.tools.sizing import aot, hlo  # noqa: E402
+from gsa_flax.tools.sizing import aot, hlo, traffic  # noqa: E402
 
 # Non-square maps, heads > 1, d != e: transposed axes or channels show up as errors.
 B, H, W, HEADS, D, E = 2, 5, 7, 2, 2, 3
@@ -360,7 +360,7 @@ def test_costs_of_a_compiled_layer_are_the_kernels_grid_traffic(target_name, bac
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(replicated, x).compile()
   analysis = aot.analyze(compiled)
   assert analysis.unpriced_custom_calls == ()
-  calls = hlo.custom_calls(compiled.as_text())
+  calls = traffic.custom_calls(compiled.as_text())
   kernels = [c for c in calls if layout.KernelCall.parse(c.name + c.op_name)]
   assert len(kernels) == 4
   qkv = jax.ShapeDtypeStruct((batch, h, w, 2 * dk + dv), jnp.bfloat16)
@@ -373,7 +373,7 @@ def test_costs_of_a_compiled_layer_are_the_kernels_grid_traffic(target_name, bac
   priced = sum(costs.price(c).bytes_accessed for c in kernels)
   charged = sum(
     r.hbm_bytes
-    for r in hlo.traffic_by_instruction(compiled.as_text())
+    for r in traffic.traffic_by_instruction(compiled.as_text())
     if r.opcode == 'custom-call' and layout.KernelCall.parse(r.name + r.op_name)
   )
   assert charged == priced <= want

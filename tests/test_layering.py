@@ -45,7 +45,7 @@ def test_the_package_keeps_its_layers(tree):
     ('model/kernels/gsa.py', 'from gsa_flax.model import layers'),  # a kernel imports a layer
     ('train/workdir.py', 'from gsa_flax.tools import cli'),  # training imports a tool
     # A function-local import that would break a circle is still an import.
-    ('train/checkpointing.py', 'def _late():\n  from gsa_flax.tools import export\n'),
+    ('train/checkpoints.py', 'def _late():\n  from gsa_flax.tools import export\n'),
   ],
 )
 def test_an_import_against_the_layers_fails(tree, module, statement):
@@ -55,3 +55,20 @@ def test_an_import_against_the_layers_fails(tree, module, statement):
   assert result.returncode != 0
   dotted = 'gsa_flax.' + module[: -len('.py')].replace('/', '.')
   assert 'BROKEN' in result.stdout and dotted in result.stdout
+
+
+@pytest.mark.parametrize('module', ['gsa_flax.train.workdir', 'gsa_flax.tools.cli'])
+def test_the_ledger_and_the_command_line_import_no_model(module):
+  """The workdir lock and main.py's first imports load neither the kernels nor the model
+  (nor TensorFlow): a mistake on the command line is reported in seconds."""
+  program = (
+    f'import sys, {module}\n'
+    "loaded = sorted(m for m in sys.modules if m.startswith(('gsa_flax.model', 'tensorflow'))"
+    " or m == 'jax.experimental.pallas')\n"
+    'print(loaded)\n'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', program], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == '[]'

@@ -10,6 +10,7 @@ import pytest
 
 from configs import default, imagenet, imagenet_resnet50
 from gsa_flax.model import networks, weights
+from gsa_flax.model.layers import GSAOptions
 
 DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -122,10 +123,10 @@ def test_downsampling_factor():
 
 @pytest.mark.parametrize('config', [imagenet.get_config(), imagenet_resnet50.get_config()])
 def test_build_from_config_matches_closed_form(config):
-  model = networks.build(config, num_classes=1000)
+  model = networks.build(networks.architecture_of(config), num_classes=1000)
   attention = config.model.startswith('gsa_')
   assert _param_count(model) == closed_form_count(DEPTHS[50], (attention,) * 4)
-  assert model.dtype == jnp.bfloat16 and model.num_heads == 8
+  assert model.dtype == jnp.bfloat16 and model.gsa.num_heads == 8
 
 
 def test_counterpart_names():
@@ -137,7 +138,9 @@ def test_counterpart_names():
 
 @pytest.mark.parametrize('small_stem,strides', [(False, (4, 8, 16, 32)), (True, (1, 2, 4, 8))])
 def test_features_are_the_stage_outputs(small_stem, strides):
-  model = networks.GSAResNetTiny(num_classes=5, small_stem=small_stem, num_filters=8, num_heads=2)
+  model = networks.GSAResNetTiny(
+    num_classes=5, small_stem=small_stem, num_filters=8, gsa=GSAOptions(num_heads=2)
+  )
   x = jnp.asarray(np.random.standard_normal((2, 64, 32, 3)), jnp.float32)
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
   features = jax.jit(lambda v, x: model.apply(v, x, train=False, features=True))(variables, x)
@@ -186,7 +189,7 @@ def _random(shapes, rng):
 def test_load_pretrained_rebuilds_the_exported_network(tmp_path):
   rng = np.random.default_rng()
   config = _tiny_config()
-  model = networks.build(config, num_classes=7)
+  model = networks.build(networks.architecture_of(config), num_classes=7)
   variables = _random(networks.abstract_variables(model, config.image_size), rng)
   card = weights.make_card(config, variables, num_classes=7)
   path = weights.export(tmp_path / 'w.msgpack', config, variables, card)
@@ -209,7 +212,8 @@ def test_load_pretrained_rebuilds_the_exported_network(tmp_path):
 def test_load_pretrained_refuses_variables_its_config_does_not_describe(tmp_path):
   config = _tiny_config()
   variables = _random(
-    networks.abstract_variables(networks.build(config, 10), 16), np.random.default_rng()
+    networks.abstract_variables(networks.build(networks.architecture_of(config), 10), 16),
+    np.random.default_rng(),
   )
   wider = _tiny_config(num_filters=16)  # the file claims another width
   path = weights.export(tmp_path / 'w.msgpack', wider, variables, {})
@@ -224,7 +228,9 @@ def test_load_pretrained_refuses_variables_its_config_does_not_describe(tmp_path
 
 def test_remat_changes_memory_not_the_network():
   """The same parameters and (to float32 rounding) the same gradients as without remat."""
-  plain = networks.GSAResNetTiny(num_classes=5, stage_sizes=(1, 1), num_filters=8, num_heads=2)
+  plain = networks.GSAResNetTiny(
+    num_classes=5, stage_sizes=(1, 1), num_filters=8, gsa=GSAOptions(num_heads=2)
+  )
   x = jnp.asarray(np.random.standard_normal((2, 16, 12, 3)), jnp.float32)
   variables = plain.init(jax.random.key(1), x, train=False)
   # Non-zero final BN scales so every layer of the residual branches gets a gradient.

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 from helpers import DIGITS_IMAGE_SIZE, tiny_config
 
+from gsa_flax.train import experiment, steps
 from gsa_flax.train import state as state_lib
-from gsa_flax.train import steps
 
 
 def test_the_loss_of_a_mixed_batch_is_the_soft_target_cross_entropy():
@@ -38,7 +38,7 @@ def test_the_loss_of_a_mixed_batch_is_the_soft_target_cross_entropy():
 def test_the_train_step_trains_on_the_mixed_target_and_counts_the_label():
   # The step's loss and metrics do not depend on the network: the smallest one will do.
   config = tiny_config('', model='resnet_tiny', stage_sizes=(1,), num_filters=8)
-  pieces = state_lib.setup(config, 10, steps_per_epoch=10, num_train_steps=10)
+  pieces = experiment.setup(config, 10, steps_per_epoch=10, num_train_steps=10)
   state = state_lib.create(pieces, jax.random.key(0), image_size=DIGITS_IMAGE_SIZE)
   schedule = pieces.schedule
   rng = np.random.default_rng()

@@ -23,7 +23,7 @@ from helpers import (
 
 from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools.events import read_scalars
-from gsa_flax.train import checkpointing, evaluators, trainer
+from gsa_flax.train import evaluators, experiment, restore, trainer
 from gsa_flax.train import state as state_lib
 
 FOUR_STEPS = dict(num_train_steps=4, eval_every_steps=4, checkpoint_every_steps=4)
@@ -144,13 +144,13 @@ def test_the_average_follows_its_recursion_from_the_initial_parameters(strong_ru
   workdir, _ = strong_run
   decay = STRONG['ema_decay']
   config = tiny_config(digits_dir, **STRONG)
-  pieces = state_lib.setup(config, 10)
+  pieces = experiment.setup(config, 10)
   # The run's initialisation (compiled like the trainer's: eager is much slower).
   create = jax.jit(functools.partial(state_lib.create, pieces, image_size=DIGITS_IMAGE_SIZE))
   initial = _flat(create(jax.random.key(config.seed)).params)
   previous = initial
   for step in range(1, 7):
-    loaded = checkpointing.load(workdir / 'checkpoints' / str(step), raw=True)
+    loaded = restore.load(workdir / 'checkpoints' / str(step), raw=True)
     assert loaded.step == step and not loaded.averaged
     params, ema = _flat(loaded.variables['params']), _flat(loaded.ema_params)
     for path, value in params.items():
@@ -162,7 +162,7 @@ def test_the_average_follows_its_recursion_from_the_initial_parameters(strong_ru
 
 def test_load_gives_the_average_unless_asked_for_the_raw_parameters(strong_run):
   workdir, state = strong_run
-  averaged, raw = checkpointing.load(workdir), checkpointing.load(workdir, raw=True)
+  averaged, raw = restore.load(workdir), restore.load(workdir, raw=True)
   assert averaged.averaged and not raw.averaged and averaged.step == raw.step == 6
   for got, want in (
     (averaged.variables['params'], state.ema_params),
@@ -185,7 +185,7 @@ def test_each_set_of_weights_is_evaluated_under_its_own_name(strong_run, digits_
   )
   batch = next(batches)
   assert count == 1 and batch['mask'].all()
-  model = state_lib.setup(tiny_config(digits_dir, **STRONG), 10).model
+  model = experiment.setup(tiny_config(digits_dir, **STRONG), 10).model
   apply = jax.jit(functools.partial(model.apply, train=False))
   losses = {}
   for prefix, variables in (

@@ -7,6 +7,7 @@ copied, resized or re-initialised value is told apart from any other.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -16,7 +17,7 @@ import pytest
 from flax import traverse_util
 
 from gsa_flax.model import networks, transfer, weights
-from gsa_flax.model.layers import GSA
+from gsa_flax.model.layers import GSA, GSAOptions
 
 HEADS = 2
 
@@ -24,7 +25,7 @@ HEADS = 2
 def _tiny(**overrides) -> networks.ResNet:
   """Three GSA layers seeing 16, 16 and 8 pixels at 16x16 (small stem; the strided block
   pools after its GSA module)."""
-  kwargs = dict(num_classes=10, stage_sizes=(1, 2), num_filters=8, num_heads=HEADS)
+  kwargs = dict(num_classes=10, stage_sizes=(1, 2), num_filters=8, gsa=GSAOptions(num_heads=HEADS))
   return networks.GSAResNetTiny(**{**kwargs, **overrides})
 
 
@@ -147,7 +148,9 @@ def test_resize_position_tables_to_each_layers_new_global_length():
     if path not in after:
       assert leaf is _flat(variables)[path], path
   # A configured rel_length is the length every table gets.
-  fixed = transfer.resize_position_tables(variables, model.clone(rel_length=9), 32)
+  fixed = transfer.resize_position_tables(
+    variables, model.clone(gsa=dataclasses.replace(model.gsa, rel_length=9)), 32
+  )
   assert {t.shape[0] for t in _tables(fixed).values()} == {9}
 
 
@@ -255,7 +258,7 @@ def test_adapt_to_more_classes_reinitialises_the_head_only():
     ),
     # Another number of heads: the table's length may change, its heads may not.
     (
-      _tiny(num_heads=4),
+      _tiny(gsa=GSAOptions(num_heads=4)),
       ['params/BottleneckBlock_0/GSA_0/rel_col', f'(31, {HEADS}, 2)', '(31, 4, 1)'],
     ),
     # Another architecture: convolutions where the source has GSA modules.

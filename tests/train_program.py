@@ -23,12 +23,12 @@ import time
 import main
 from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools import cli
-from gsa_flax.train import checkpointing, evaluators
+from gsa_flax.train import checkpoints, evaluators
 
 FLAGS = main.FLAGS
 
 
-class KillingCheckpointer(checkpointing.Checkpointer):
+class KillingCheckpointer(checkpoints.Checkpointer):
   """Starts the save of step ``kill_at``, then SIGKILLs its own process."""
 
   def __init__(self, workdir: str, keep: int, kill_at: int):

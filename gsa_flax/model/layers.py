@@ -9,6 +9,7 @@ chooses between the einsum ops and the fused Pallas kernels, as
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -252,3 +253,34 @@ class _BatchNormVariables(nn.Module):
     if not self.is_initializing():
       self.mean.value = self.momentum * self.mean.value + (1 - self.momentum) * mean
       self.var.value = self.momentum * self.var.value + (1 - self.momentum) * var
+
+
+# The knobs of a GSA module besides its widths and dtypes: what a network hands every GSA
+# layer it builds (``ResNet.gsa``) and a config's ``gsa`` fields set. Made from GSA's own
+# fields, so each knob is declared (and documented) once, on :class:`GSA`.
+GSA_KNOBS = (
+  'num_heads',
+  'rel_length',
+  'content',
+  'positional',
+  'position_embedding',
+  'normalize_queries',
+  'positional_softmax',
+  'order',
+  'implementation',
+)
+GSAOptions = dataclasses.make_dataclass(
+  'GSAOptions',
+  [
+    (field.name, field.type, dataclasses.field(default=field.default))
+    for field in dataclasses.fields(GSA)
+    if field.name in GSA_KNOBS
+  ],
+  frozen=True,
+)
+GSAOptions.__module__ = __name__  # for pickling and repr (make_dataclass's module= is 3.12+)
+GSAOptions.__doc__ = (
+  'The knobs of :class:`GSA` other than its widths and dtypes, as one frozen, hashable value '
+  '(same names, defaults and meaning as its attributes): ``GSA(features, **dataclasses.asdict('
+  'options))``.'
+)

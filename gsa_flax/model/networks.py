@@ -1,5 +1,5 @@
 """ResNet (the convolutional baseline) and GSA-ResNet, in one family, and the one place a
-config becomes a network (:func:`build`).
+config becomes a network (:func:`architecture_of`, :func:`build`).
 
 GSA-ResNet is ResNet (v1.5 bottleneck blocks, stride on the 3x3) with every 3x3
 convolution of the residual blocks replaced by a :class:`~gsa_flax.model.layers.GSA` module of
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -29,7 +29,7 @@ import ml_collections
 from flax import traverse_util
 
 from gsa_flax.model import weights
-from gsa_flax.model.layers import GSA
+from gsa_flax.model.layers import GSA, GSA_KNOBS, GSAOptions
 
 ModuleDef = Any
 
@@ -104,16 +104,8 @@ class ResNet(nn.Module):
   num_filters: int = 64
   attention_stages: Sequence[bool] = ()
   small_stem: bool = False
-  num_heads: int = 8
+  gsa: GSAOptions = GSAOptions()
   key_ratio: float = 0.5
-  rel_length: int | None = None
-  content: bool = True
-  positional: str = 'axial'
-  position_embedding: str = 'relative'
-  normalize_queries: bool = False
-  positional_softmax: bool = False
-  order: str = 'auto'
-  implementation: str | None = None
   remat: str = ''
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
@@ -181,19 +173,11 @@ class ResNet(nn.Module):
       if attention[i]:
         gsa = functools.partial(
           _GSAFor,
-          num_heads=self.num_heads,
           key_ratio=self.key_ratio,
-          rel_length=self.rel_length,
-          content=self.content,
-          positional=self.positional,
-          position_embedding=self.position_embedding,
-          normalize_queries=self.normalize_queries,
-          positional_softmax=self.positional_softmax,
-          order=self.order,
-          implementation=self.implementation,
           bn_momentum=self.bn_momentum,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
+          **dataclasses.asdict(self.gsa),
         )
       for j in range(block_count):
         x = block(
@@ -236,10 +220,14 @@ GSAResNet101 = functools.partial(GSAResNet, stage_sizes=(3, 4, 23, 3))
 # Small networks for tests, CPU runs and the embedded digits set: one block per stage,
 # a quarter of the width, the small stem.
 ResNetTiny = functools.partial(
-  ResNet, stage_sizes=(1, 1, 1, 1), num_filters=16, small_stem=True, num_heads=4
+  ResNet, stage_sizes=(1, 1, 1, 1), num_filters=16, small_stem=True, gsa=GSAOptions(num_heads=4)
 )
 GSAResNetTiny = functools.partial(
-  GSAResNet, stage_sizes=(1, 1, 1, 1), num_filters=16, small_stem=True, num_heads=4
+  GSAResNet,
+  stage_sizes=(1, 1, 1, 1),
+  num_filters=16,
+  small_stem=True,
+  gsa=GSAOptions(num_heads=4),
 )
 
 MODELS: dict[str, Callable[..., ResNet]] = {
@@ -259,15 +247,6 @@ MODELS: dict[str, Callable[..., ResNet]] = {
 def counterpart(name: str) -> str:
   """The convolutional ResNet of a GSA-ResNet and vice versa (``gsa_resnet50`` <-> ``resnet50``)."""
   return name[len('gsa_') :] if name.startswith('gsa_') else 'gsa_' + name
-
-
-def counterpart_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The same run with the counterpart network (every stage of its own kind)."""
-  other = ml_collections.ConfigDict(config.to_dict())
-  other.model = counterpart(config.model)
-  # An attention_stages override would turn stages of a ResNet into GSA: use the defaults.
-  other.gsa.attention_stages = ()
-  return other
 
 
 def create_model(name: str, **kwargs: Any) -> ResNet:
@@ -313,43 +292,81 @@ def abstract_variables(model: ResNet, image_size: int) -> dict[str, Any]:
   return jax.eval_shape(lambda rng: init_variables(model, rng, image_size), jax.random.key(0))
 
 
-def build(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
-  """The network of an experiment config, every knob of ``config`` applied.
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """A network as an experiment names it: everything :func:`build` needs but the classes.
 
-  The one translation from config fields to module attributes (``configs/default.py``
-  documents the fields).
+  The trainer makes one from the config's model fields (``configs/default.py`` documents
+  them); nothing else of the experiment reaches the model.
 
-  Args:
-    config: the experiment config (``model``, ``stage_sizes``, ``num_filters``,
-      ``small_stem``, ``dtype`` and the ``gsa`` knobs are read).
-    num_classes: classifier outputs (the dataset's).
+  Attributes:
+    name: one of :data:`MODELS`.
+    stage_sizes: blocks per stage; ``()`` keeps the named network's depth.
+    num_filters: width of the first stage.
+    small_stem: the 3x3 stem without max pool (small images) instead of ImageNet's.
+    dtype: the compute dtype's name (parameters stay float32).
+    remat: :data:`REMAT_POLICIES` key, or ``''`` for none.
+    key_ratio: ``d_k = key_ratio * d_out`` in every GSA layer.
+    attention_stages: one bool per stage (GSA or convolution); ``()``: the network's own.
+    gsa: the knobs of every GSA layer.
+  """
+
+  name: str
+  stage_sizes: tuple[int, ...] = ()
+  num_filters: int = 64
+  small_stem: bool = False
+  dtype: str = 'float32'
+  remat: str = ''
+  key_ratio: float = 0.5
+  attention_stages: tuple[bool, ...] = ()
+  gsa: GSAOptions = GSAOptions()
+
+
+def architecture_of(config: Mapping[str, Any]) -> Architecture:
+  """The network an experiment config (or the record in a weights file) describes.
+
+  The one translation from config fields to the model: it reads the model fields of
+  ``configs/default.py`` (``model``, ``stage_sizes``, ``num_filters``, ``small_stem``,
+  ``dtype``, ``remat`` and ``gsa.*``) and nothing else.
+  """
+  gsa = dict(config['gsa'])
+  knobs = {name: gsa[name] for name in GSA_KNOBS if name in gsa}
+  # The config spells "none" as 0 and '' (ml_collections fields keep one type).
+  knobs['rel_length'] = knobs.get('rel_length') or None
+  knobs['implementation'] = knobs.get('implementation') or None
+  return Architecture(
+    name=config['model'],
+    stage_sizes=tuple(config['stage_sizes']),
+    num_filters=config['num_filters'],
+    small_stem=config['small_stem'],
+    dtype=config['dtype'],
+    remat=config['remat'],
+    key_ratio=gsa['key_ratio'],
+    attention_stages=tuple(gsa['attention_stages']),
+    gsa=GSAOptions(**knobs),
+  )
+
+
+def build(architecture: Architecture, num_classes: int) -> ResNet:
+  """The network an :class:`Architecture` names, with ``num_classes`` outputs.
 
   Returns:
     The (unbound) linen module.
   """
-  gsa = config.gsa
   kwargs = dict(
     num_classes=num_classes,
-    num_filters=config.num_filters,
-    small_stem=config.small_stem,
-    dtype=jnp.dtype(config.dtype),
-    num_heads=gsa.num_heads,
-    key_ratio=gsa.key_ratio,
-    rel_length=gsa.rel_length or None,
-    content=gsa.content,
-    positional=gsa.positional,
-    position_embedding=gsa.position_embedding,
-    normalize_queries=gsa.normalize_queries,
-    positional_softmax=gsa.positional_softmax,
-    order=gsa.order,
-    implementation=gsa.implementation or None,
-    remat=config.remat,
+    num_filters=architecture.num_filters,
+    small_stem=architecture.small_stem,
+    dtype=jnp.dtype(architecture.dtype),
+    key_ratio=architecture.key_ratio,
+    remat=architecture.remat,
+    gsa=architecture.gsa,
   )
-  if config.stage_sizes:
-    kwargs['stage_sizes'] = tuple(config.stage_sizes)
-  if gsa.attention_stages:
-    kwargs['attention_stages'] = tuple(gsa.attention_stages)
-  return create_model(config.model, **kwargs)
+  if architecture.stage_sizes:
+    kwargs['stage_sizes'] = tuple(architecture.stage_sizes)
+  if architecture.attention_stages:
+    kwargs['attention_stages'] = tuple(architecture.attention_stages)
+  return create_model(architecture.name, **kwargs)
 
 
 def part_of(model: ResNet, name: str) -> str:
@@ -416,7 +433,7 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
   if HEAD not in params or 'bias' not in params[HEAD]:
     raise weights.WeightsError(f'{path} holds no classifier ({HEAD}/bias): not a ResNet family.')
   try:
-    model = build(config, num_classes=int(params[HEAD]['bias'].shape[0]))
+    model = build(architecture_of(config), num_classes=int(params[HEAD]['bias'].shape[0]))
     want = traverse_util.flatten_dict(abstract_variables(model, config.image_size), sep='/')
   except (AttributeError, KeyError, TypeError, ValueError) as error:
     raise weights.WeightsError(

@@ -30,6 +30,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
+from gsa_flax import errors
 from gsa_flax.model import networks, weights
 
 # Position tables, [length, heads, channels per head] (gsa_flax.model.layers.GSA). Relative:
@@ -38,7 +39,7 @@ RELATIVE_TABLES = ('rel_col', 'rel_row')
 ABSOLUTE_TABLES = ('abs_col', 'abs_row')
 
 
-class TransferError(ValueError):
+class TransferError(errors.UserError):
   """Variables cannot be transferred to the target network; the message says which and why."""
 
 
@@ -248,7 +249,7 @@ class Source:
     path: the path as given.
     kind: ``'weights'``: a portable-weights file (read it with
       :func:`gsa_flax.model.networks.load_pretrained`); ``'run'``: a directory, a training run's
-      (restore it with ``gsa_flax.train.checkpointing.load``).
+      (restore it with ``gsa_flax.train.checkpoints.load``).
   """
 
   path: str

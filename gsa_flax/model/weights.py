@@ -31,6 +31,8 @@ import numpy as np
 from etils import epath
 from flax import serialization, traverse_util
 
+from gsa_flax import errors
+
 FORMAT = 'gsa-flax-weights'
 VERSION = 1
 # The keys of the file's top-level map, in the order they are written.
@@ -40,7 +42,7 @@ COLLECTIONS = ('params', 'batch_stats')
 _HEADER_BYTES = 64
 
 
-class WeightsError(ValueError):
+class WeightsError(errors.UserError):
   """A file is not a readable portable-weights file; the message names it and says why."""
 
 

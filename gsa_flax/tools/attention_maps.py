@@ -302,12 +302,12 @@ class AttentionMapEvaluator:
     self.count = count
 
   def run(self, variables: Mapping[str, Any]) -> dict[str, Any]:
-    config, spec = self.context.config, self.context.spec
-    shape = (config.image_size, config.image_size, 3)
+    spec, image_size = self.context.spec, self.context.image_size
+    shape = (image_size, image_size, 3)
     if jax.process_index() > 0 or not find_gsa_layers(self.context.model, shape):
       return {}
     images, _ = input_pipeline.eval_images(
-      self.context.builder, spec=spec, image_size=config.image_size, count=self.count
+      self.context.builder, spec=spec, image_size=image_size, count=self.count
     )
     captures = capture(self.context.model, _local(dict(variables)), images)
     chosen = select(captures, (0, -1))

@@ -15,19 +15,12 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from gsa_flax.data import datasets
-from gsa_flax.model import transfer, weights
-from gsa_flax.train import config_validation, workdir
+from gsa_flax import errors
 
-# Exceptions whose message is the whole story for the user.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-  config_validation.ConfigError,
-  datasets.DatasetNotFoundError,
-  workdir.WorkdirError,  # checkpoints included (CheckpointError)
-  transfer.TransferError,
-  weights.WeightsError,
-  FloatingPointError,
-)
+# Exceptions whose message is the whole story for the user: every wing's mistakes of the
+# user (config, dataset, workdir, checkpoint, weights, transfer), and a diverged run.
+# Importing this module imports none of the wings, so main.py starts fast.
+USER_ERRORS: tuple[type[BaseException], ...] = (errors.UserError, FloatingPointError)
 
 
 def error(message: str) -> None:
@@ -46,7 +39,7 @@ class _QuietLibraries(logging_std.Filter):
 
   Orbax logs each failure of a background save or of a restore with its traceback, from
   several threads (hundreds of lines); the project reports each of them itself in one
-  line (:class:`gsa_flax.train.checkpointing.SaveError`, the warning about an unreadable step).
+  line (:class:`gsa_flax.train.checkpoints.SaveError`, the warning about an unreadable step).
   Orbax's warnings are kept.
   """
 

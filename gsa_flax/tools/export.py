@@ -3,7 +3,7 @@ r"""Exports the newest checkpoint of a training workdir as one portable-weights 
   python -m gsa_flax.tools.export --workdir=runs/gsa --output=runs/gsa.msgpack
 
 The file (:mod:`gsa_flax.model.weights`) holds the run's config, the parameters and BatchNorm
-statistics of its newest intact checkpoint (those ``checkpointing.load`` restores: the
+statistics of its newest intact checkpoint (those ``restore.load`` restores: the
 moving average of the parameters when the run kept one, else the raw parameters; ``--raw``
 exports the raw ones) and a model card: model, dataset, resolution, number of classes and
 parameters, the step, the run's evaluation of the exported weights at that step as its
@@ -26,7 +26,7 @@ from absl import flags, logging
 
 from gsa_flax.model import weights
 from gsa_flax.tools import cli, events
-from gsa_flax.train import checkpointing, evaluators
+from gsa_flax.train import evaluators, restore
 
 # The run's evaluation metrics that go on the card, as the trainer names them.
 CARD_METRICS = ('eval_accuracy', 'eval_top5_accuracy')
@@ -66,7 +66,7 @@ def run(
   Raises:
     WorkdirError: the workdir has no usable config or checkpoint.
   """
-  trained = checkpointing.load(workdir, raw=raw)
+  trained = restore.load(workdir, raw=raw)
   prefix = evaluators.EMA_PREFIX if trained.averaged else ''
   metrics = metrics_at(workdir, trained.step, prefix)
   if not metrics:

@@ -26,29 +26,33 @@ from absl import flags, logging
 
 from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools import cli, images
-from gsa_flax.train import checkpointing
+from gsa_flax.train import restore
 
 TOP_K = 5
 # Images per compiled apply: bounds memory for long file lists (one compile per batch size).
 _BATCH = 32
 
 
-def class_names(config, data_dir: str | None = None) -> list[str]:
-  """Label names of the run's dataset, from its TFDS metadata.
+def class_names(dataset: str, data_dir: str | None, image_size: int) -> list[str]:
+  """Label names of a dataset, from its TFDS metadata.
 
-  The prepared dataset's (in ``data_dir``, else the run's ``data_dir``); if it is not
-  prepared there, TFDS's built-in metadata, with a warning (ImageNet: WordNet ids; CIFAR-100
-  writes its names at preparation, so without it they are indices).
+  The prepared dataset's (in ``data_dir``); if it is not prepared there, TFDS's built-in
+  metadata, with a warning (ImageNet: WordNet ids; CIFAR-100 writes its names at
+  preparation, so without it they are indices).
+
+  Args:
+    dataset: the dataset's name (``config.dataset``).
+    data_dir: the TFDS data directory; None: TFDS's default.
+    image_size: the resolution (datasets built locally are stored per resolution).
   """
-  spec = datasets.get(config.dataset)
-  data_dir = data_dir or config.get('data_dir') or None
+  spec = datasets.get(dataset)
   try:
-    builder = input_pipeline.get_builder(spec, data_dir, image_size=config.image_size)
+    builder = input_pipeline.get_builder(spec, data_dir, image_size=image_size)
   except input_pipeline.DatasetNotFoundError:
     logging.warning(
       "%s is not prepared in data_dir=%r: class names from TFDS's built-in metadata (pass "
       "--data_dir to use the prepared dataset's).",
-      config.dataset,
+      dataset,
       data_dir,
     )
     builder = tfds.builder(spec.name, data_dir=data_dir)
@@ -60,7 +64,7 @@ def _probabilities_fn(model: nn.Module):
   return jax.jit(lambda variables, x: jax.nn.softmax(model.apply(variables, x, train=False)))
 
 
-def probabilities(trained: checkpointing.Trained, batch: np.ndarray) -> np.ndarray:
+def probabilities(trained: restore.Trained, batch: np.ndarray) -> np.ndarray:
   """Class probabilities ``[n, num_classes]`` of preprocessed images ``[n, h, w, 3]``."""
   fn = _probabilities_fn(trained.model)
   out = []
@@ -103,9 +107,12 @@ def run(
   Raises:
     WorkdirError: the workdir has no usable config or checkpoint.
   """
-  trained = checkpointing.load(workdir, raw=raw)
+  trained = restore.load(workdir, raw=raw)
   spec = datasets.get(trained.config.dataset)
-  names = class_names(trained.config, data_dir)
+  config = trained.config
+  names = class_names(
+    config.dataset, data_dir or config.get('data_dir') or None, image_size=config.image_size
+  )
   kept, batch = [], []
   for path in paths:
     try:

@@ -49,7 +49,7 @@ from gsa_flax.data import datasets
 from gsa_flax.model import networks
 from gsa_flax.tools import cli, tables
 from gsa_flax.tools.sizing import aot, report
-from gsa_flax.train import config_validation, steps
+from gsa_flax.train import config_validation, experiment, steps
 from gsa_flax.train import state as state_lib
 
 
@@ -143,7 +143,7 @@ def summarize(
     flops: compile the forward pass for XLA's FLOP count.
     memory_batch: per-device batch for the train-step memory; 0 skips it.
   """
-  pieces = state_lib.setup(config, datasets.get(config.dataset).num_classes)
+  pieces = experiment.setup(config, datasets.get(config.dataset).num_classes)
   state = state_lib.abstract(pieces, config.image_size)
   params = stage_parameter_counts(pieces.model, state.params)
   variables = state_lib.variables(state)
@@ -210,7 +210,7 @@ def main(argv: Sequence[str]) -> None:
   batch = FLAGS.per_device_batch or max(config.batch_size // devices, 1)
   configs = [config]
   if FLAGS.compare and networks.counterpart(config.model) in networks.MODELS:
-    configs.append(networks.counterpart_config(config))
+    configs.append(experiment.counterpart(config))
   summaries = [summarize(c, memory_batch=batch if FLAGS.memory else 0) for c in configs]
   classes = datasets.get(config.dataset).num_classes
   print(

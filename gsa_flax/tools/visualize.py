@@ -23,7 +23,7 @@ from absl import flags
 
 from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools import attention_maps, cli, images, plots
-from gsa_flax.train import checkpointing
+from gsa_flax.train import restore
 
 
 def save_attention_map(
@@ -96,7 +96,7 @@ def run(
     WorkdirError: the workdir has no usable config or checkpoint.
     ValueError: no such layer, head or query.
   """
-  trained = checkpointing.load(workdir, raw=raw)
+  trained = restore.load(workdir, raw=raw)
   config = trained.config
   spec = datasets.get(config.dataset)
   failed = 0

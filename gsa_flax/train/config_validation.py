@@ -20,15 +20,17 @@ from typing import Any
 import jax
 import ml_collections
 
+from gsa_flax import errors
 from gsa_flax.data import augment_config, datasets
 from gsa_flax.model import layers, networks
+from gsa_flax.train import workdir
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 # jax.random.key keeps the low 32 bits of a larger seed: 2**32 and 0 would be the same run.
 SEED_LIMIT = 2**32
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError):
   """A config field has a value the run cannot use."""
 
 
@@ -269,7 +271,7 @@ def _validate_trained(config: ml_collections.ConfigDict) -> None:
   except ValueError as error:
     raise ConfigError(str(error)) from None
   gsa = config.gsa
-  model = networks.build(config, datasets.get(config.dataset).num_classes)
+  model = networks.build(networks.architecture_of(config), datasets.get(config.dataset).num_classes)
   stages = len(model.stage_sizes)
   _require(
     not gsa.attention_stages or len(gsa.attention_stages) == stages,
@@ -352,3 +354,10 @@ def validate_schedule(
     f'steps per epoch), not shorter than the run ({num_train_steps} steps); use warmup_epochs '
     f'<= {math.floor(longest * 1000) / 1000:g} or a longer run.',
   )
+
+
+# Fields that do not change what is trained: a restart may change them freely.
+FREE_FIELDS = frozenset(name for name, field in FIELDS.items() if not field.trained)
+
+# What the workdir's ledger needs to know of these fields.
+RECORD_RULES = workdir.RecordRules(FREE_FIELDS, validate_record, allowed_changes)

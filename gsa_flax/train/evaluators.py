@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
@@ -37,22 +36,24 @@ class Context:
   """What evaluators may use of the run they evaluate.
 
   Attributes:
-    config: the run's config.
-    spec: its dataset.
+    spec: the run's dataset.
     builder: the dataset's TFDS builder.
     model: the network.
     mesh: the devices (batches sharded on ``data``, variables replicated).
+    image_size: the evaluation resolution.
+    eval_batch_size: the global evaluation batch.
     stop_requested: whether the run has been asked to stop (SIGTERM, SIGINT). An evaluator
       that loops over batches polls it between them and returns early when it is True;
       whatever it returns then is discarded, and the run saves a checkpoint and exits.
       Always False on multi-host runs, where every host must run the same batches.
   """
 
-  config: ml_collections.ConfigDict
   spec: datasets.DatasetSpec
   builder: Any
   model: nn.Module
   mesh: jax.sharding.Mesh
+  image_size: int
+  eval_batch_size: int
   stop_requested: Callable[[], bool] = _never
 
 
@@ -92,8 +93,8 @@ class ClassificationEvaluator:
       input_pipeline.create_eval_iterator,
       context.builder,
       spec=context.spec,
-      global_batch_size=context.config.eval_batch_size or context.config.batch_size,
-      image_size=context.config.image_size,
+      global_batch_size=context.eval_batch_size,
+      image_size=context.image_size,
     )
     replicated = NamedSharding(context.mesh, P())
     self.data_sharding = NamedSharding(context.mesh, P(DATA_AXIS))

@@ -1,7 +1,7 @@
 """Starting a run from trained weights (``config.init_from``).
 
 The source (a training workdir, its checkpoints or one of them, or an exported weights
-file) is read with :func:`gsa_flax.train.checkpointing.load_weights` and fitted to the run's
+file) is read with :func:`gsa_flax.train.restore.load_weights` and fitted to the run's
 network with :func:`gsa_flax.model.transfer.adapt` (position tables resized to the new
 resolution, a classifier of another number of classes re-initialised), using only the
 network's shapes: a source that does not fit stops the run before any compile. The
@@ -16,13 +16,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from flax import serialization, traverse_util
 from jax.sharding import NamedSharding
 
 from gsa_flax.model import networks, transfer, weights
-from gsa_flax.train import checkpointing
+from gsa_flax.train import restore
 from gsa_flax.train import state as state_lib
 from gsa_flax.train import workdir as workdir_lib
 
@@ -41,29 +40,34 @@ class Start:
   origin: str
 
 
-def read_init_from(config: ml_collections.ConfigDict, model: nn.Module) -> Start:
-  """Reads ``config.init_from`` and fits it to ``model`` at ``config.image_size``.
+def read_init_from(source: str, model: nn.Module, image_size: int, *, name: str = '') -> Start:
+  """Reads the trained weights at ``source`` and fits them to ``model`` at ``image_size``.
 
   Only shapes of the target network are used (nothing is compiled), so a source that does
   not fit stops the run before any compile.
+
+  Args:
+    source: ``config.init_from``: a training workdir, its checkpoints, one checkpoint or a
+      weights file (:func:`gsa_flax.train.restore.load_weights`).
+    model: the run's network.
+    image_size: the run's resolution (position tables are resized to it).
+    name: the network's name, for messages.
 
   Raises:
     transfer.TransferError: the source cannot be read or does not fit, in one line
       naming ``config.init_from``.
   """
-  where = f'config.init_from={config.init_from}'
+  where = f'config.init_from={source}'
   try:
-    trained = checkpointing.load_weights(config.init_from)
+    trained = restore.load_weights(source)
   except (transfer.TransferError, workdir_lib.WorkdirError, weights.WeightsError) as error:
     raise transfer.TransferError(f'{where}: {error}') from None
   try:
-    adapted = transfer.adapt(
-      trained.variables, networks.abstract_variables(model, config.image_size)
-    )
+    adapted = transfer.adapt(trained.variables, networks.abstract_variables(model, image_size))
   except transfer.TransferError as error:
     raise transfer.TransferError(
-      f"{where} does not fit this run's network ({config.model} at {config.image_size}x"
-      f'{config.image_size}): {error}'
+      f"{where} does not fit this run's network ({name or type(model).__name__} at "
+      f'{image_size}x{image_size}): {error}'
     ) from None
   return Start(adapted, trained.origin)
 

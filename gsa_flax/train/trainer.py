@@ -34,28 +34,20 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gsa_flax.data import datasets, input_pipeline
-from gsa_flax.train import checkpointing, config_validation, finetune, preemption, steps
+from gsa_flax.train import (
+  checkpoints,
+  config_validation,
+  experiment,
+  finetune,
+  preemption,
+  restore,
+  steps,
+)
 from gsa_flax.train import evaluators as evaluators_lib
 from gsa_flax.train import state as state_lib
 from gsa_flax.train import workdir as workdir_lib
 
-
-def every(config: ml_collections.ConfigDict, name: str, steps_per_epoch: int) -> int:
-  """An interval in steps from ``<name>_epochs`` (if > 0) or ``<name>_steps``.
-
-  In epochs, an interval keeps its meaning when ``batch_size`` changes.
-  """
-  epochs = config.get(f'{name}_epochs', 0)
-  if epochs > 0:
-    return max(round(epochs * steps_per_epoch), 1)
-  return config[f'{name}_steps']
-
-
-def run_length(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """The run's length in steps: ``num_train_steps``, or ``num_epochs`` of steps."""
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  return int(np.ceil(config.num_epochs * steps_per_epoch))
+RULES = config_validation.RECORD_RULES
 
 
 def train_and_evaluate(
@@ -64,13 +56,13 @@ def train_and_evaluate(
   *,
   train_data: Callable[[int], Iterator[steps.Batch]] | None = None,
   evaluators: Sequence[evaluators_lib.EvaluatorFactory] = (evaluators_lib.ClassificationEvaluator,),
-  checkpointer: checkpointing.Checkpointer | None = None,
+  checkpointer: checkpoints.Checkpointer | None = None,
 ) -> state_lib.TrainState:
   """Trains (resuming from ``<workdir>/checkpoints`` if any) and evaluates periodically.
 
   The run holds the workdir's lock (:func:`workdir_lib.lock`, process 0) from start to
   end, compares ``config`` with the workdir's record (``config.json``; see
-  :mod:`gsa_flax.train.checkpointing`) before anything is written, and ends with one summary
+  :mod:`gsa_flax.train.workdir`) before anything is written, and ends with one summary
   line: the final metrics, the checkpoint and the TensorBoard command. SIGTERM or SIGINT
   saves the current step and returns.
 
@@ -82,7 +74,7 @@ def train_and_evaluate(
       iterator`` of ``{'image', 'label'}``; default: the dataset's train pipeline.
     evaluators: built with the run's :class:`gsa_flax.train.evaluators.Context` and run at every
       evaluation (and alone with ``config.eval_only``); their results go to TensorBoard.
-    checkpointer: default: :class:`checkpointing.Checkpointer` of ``workdir``.
+    checkpointer: default: :class:`checkpoints.Checkpointer` of ``workdir``.
 
   Returns:
     The final train state (replicated over the mesh).
@@ -95,27 +87,38 @@ def train_and_evaluate(
   builder = input_pipeline.get_builder(spec, config.data_dir, image_size=config.image_size)
   config_validation.validate_against_data(config, builder)
   steps_per_epoch = input_pipeline.steps_per_epoch(builder, spec, config.batch_size)
-  num_train_steps = run_length(config, steps_per_epoch)
+  num_train_steps = experiment.run_length(config, steps_per_epoch)
   config_validation.validate_schedule(config, steps_per_epoch, num_train_steps)
-  pieces = state_lib.setup(
+  pieces = experiment.setup(
     config, spec.num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps
   )
   # A run's own checkpoints take precedence: init_from is read only by a run that has none.
   start = None
   if config.init_from and not config.eval_only and not workdir_lib.has_checkpoints(workdir):
-    start = finetune.read_init_from(config, pieces.model)
+    start = finetune.read_init_from(
+      config.init_from, pieces.model, config.image_size, name=config.model
+    )
   with contextlib.ExitStack() as stack:
     stop = stack.enter_context(preemption.StopRequests())
     # One writer: a second run refuses here, having written nothing.
     preemption.on_process_0(lambda: stack.enter_context(workdir_lib.lock(workdir)))
-    changes = preemption.on_process_0(lambda: workdir_lib.check_against_record(config, workdir))
+    changes = preemption.on_process_0(
+      lambda: workdir_lib.check_against_record(config, workdir, RULES)
+    )
     mesh = steps.make_mesh()
     context = evaluators_lib.Context(
-      config, spec, builder, pieces.model, mesh, stop.during_evaluation
+      spec,
+      builder,
+      pieces.model,
+      mesh,
+      image_size=config.image_size,
+      eval_batch_size=config.eval_batch_size or config.batch_size,
+      stop_requested=stop.during_evaluation,
     )
     if config.eval_only:
-      return _evaluate_only(context, workdir, pieces, evaluators, stop)
+      return _evaluate_only(config, context, workdir, pieces, evaluators, stop)
     return _train(
+      config,
       context,
       workdir,
       pieces,
@@ -131,6 +134,7 @@ def train_and_evaluate(
 
 
 def _evaluate_only(
+  config: ml_collections.ConfigDict,
   context: evaluators_lib.Context,
   workdir: str,
   pieces: state_lib.Setup,
@@ -139,9 +143,7 @@ def _evaluate_only(
 ) -> state_lib.TrainState:
   """Evaluates the newest intact checkpoint (its raw parameters and, if it has one, their
   moving average); moves nothing and never writes config.json."""
-  trained = checkpointing.load(
-    workdir, context.config, sharding=NamedSharding(context.mesh, P()), raw=True
-  )
+  trained = restore.load(workdir, config, sharding=NamedSharding(context.mesh, P()), raw=True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   latest = {}
   runs = [factory(context) for factory in evaluators]
@@ -168,6 +170,7 @@ def _evaluate_only(
 
 
 def _train(
+  config: ml_collections.ConfigDict,
   context: evaluators_lib.Context,
   workdir: str,
   pieces: state_lib.Setup,
@@ -178,26 +181,28 @@ def _train(
   num_train_steps: int,
   train_data: Callable[[int], Iterator[steps.Batch]] | None,
   evaluators: Sequence[evaluators_lib.EvaluatorFactory],
-  checkpointer: checkpointing.Checkpointer | None,
+  checkpointer: checkpoints.Checkpointer | None,
   start: finetune.Start | None,
 ) -> state_lib.TrainState:
   """The loop of :func:`train_and_evaluate` (the workdir is locked and checked)."""
-  config, spec, mesh = context.config, context.spec, context.mesh
+  spec, mesh = context.spec, context.mesh
   replicated = NamedSharding(mesh, P())
-  ckpt = checkpointer or checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  ckpt = checkpointer or checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
   for path in ckpt.discard_partial():
     logging.warning('Removed %s, left by a save that did not finish.', path)
   if config.init_from and start is None and not ckpt.steps():
-    start = finetune.read_init_from(config, pieces.model)  # only unfinished saves were there
+    start = finetune.read_init_from(
+      config.init_from, pieces.model, config.image_size, name=config.model
+    )  # only unfinished saves were there
   init = jax.jit(
     functools.partial(state_lib.create, pieces, image_size=config.image_size),
     out_shardings=replicated,
   )
   state = init(jax.random.key(config.seed))
-  restored = ckpt.restore_latest(checkpointing.state_dict(state))
+  restored = ckpt.restore_latest(state_lib.state_dict(state))
   origin = ''
   if restored is not None:
-    state = checkpointing.restore_into(state, restored[0])
+    state = state_lib.restore_into(state, restored[0])
     origin = restored[1].get('init_from', '')
     logging.info('Resumed from checkpoint at step %d.', restored[2])
     if config.init_from:
@@ -269,9 +274,9 @@ def _train(
         )
       )
 
-  log_every = every(config, 'log_every', steps_per_epoch)
-  eval_every = every(config, 'eval_every', steps_per_epoch)
-  checkpoint_every = every(config, 'checkpoint_every', steps_per_epoch)
+  log_every = experiment.every(config, 'log_every', steps_per_epoch)
+  eval_every = experiment.every(config, 'eval_every', steps_per_epoch)
+  checkpoint_every = experiment.every(config, 'checkpoint_every', steps_per_epoch)
   logging.info(
     'Training from step %d to %d (%d per epoch).', step_offset, num_train_steps, steps_per_epoch
   )
@@ -316,13 +321,13 @@ def _train(
           evaluators_lib.write(writer, done, results, latest)
       if save:
         with report_progress.timed('checkpoint'):
-          tree = checkpointing.state_dict(state)
+          tree = state_lib.state_dict(state)
           try:
             ckpt.save(done, tree, {'step': done, **meta})
-          except checkpointing.SaveError:
+          except checkpoints.SaveError:
             raise
           except Exception as error:  # noqa: BLE001  any failure to save is one line
-            raise ckpt.save_failed(done, error, checkpointing.nbytes(tree)) from None
+            raise ckpt.save_failed(done, error, checkpoints.nbytes(tree)) from None
       if stopped:
         ckpt.wait()
         break
@@ -362,15 +367,17 @@ def _update_record(
   if not changes:
     return
   if step > 0:
-    record = workdir_lib.read_config(workdir)
+    record = workdir_lib.read_config(workdir, RULES)
     spec = datasets.get(config.dataset)
     recorded_steps_per_epoch = input_pipeline.steps_per_epoch(builder, spec, record.batch_size)
-    recorded_length = run_length(record, recorded_steps_per_epoch)
-    recorded = state_lib.learning_rate_schedule(record, recorded_steps_per_epoch, recorded_length)
+    recorded_length = experiment.run_length(record, recorded_steps_per_epoch)
+    recorded = state_lib.learning_rate_schedule(
+      experiment.optimizer(record), recorded_steps_per_epoch, recorded_length
+    )
     before, after = float(recorded(step)), float(pieces.schedule(step))
     if not np.isclose(before, after, rtol=1e-6, atol=0.0):
       ended = ', which had ended' if step >= recorded_length else ''
-      new_length = run_length(
+      new_length = experiment.run_length(
         config, input_pipeline.steps_per_epoch(builder, spec, config.batch_size)
       )
       logging.warning(
@@ -389,7 +396,7 @@ def _update_record(
     workdir_lib.HISTORY_FILE,
     ', '.join(f'{name} {old!r} -> {new!r}' for name, (old, new) in changes.items()),
   )
-  workdir_lib.record_changes(workdir, changes, step)
+  workdir_lib.record_changes(workdir, changes, step, RULES)
 
 
 def _metrics(latest: dict[str, Any]) -> str:

@@ -12,12 +12,15 @@
   ``config.json``. Fields that do not change what is trained (intervals, eval settings,
   ``data_dir``, ``init_from``) may differ freely and are not recorded.
 
-The checkpoints under ``<workdir>/checkpoints`` are :mod:`gsa_flax.train.checkpointing`'s. Every
+What the record's fields mean is the trainer's to say (:class:`RecordRules`: which fields a
+restart may change, how a record is checked), so the ledger imports no model. The
+checkpoints under ``<workdir>/checkpoints`` are :mod:`gsa_flax.train.checkpoints`'s. Every
 path goes through ``etils.epath``, so a workdir on ``gs://`` works like a local one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -27,6 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,10 +38,10 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from gsa_flax.train import config_validation
+from gsa_flax import errors
 
 
-class WorkdirError(ValueError):
+class WorkdirError(errors.UserError):
   """A workdir cannot be used as it is (the message says why and what to do)."""
 
 
@@ -53,10 +57,23 @@ CONFIG_FILE = 'config.json'
 HISTORY_FILE = 'config_history.jsonl'
 LOCK_FILE = 'lock.json'
 
-# Fields that do not change what is trained: a restart may change them freely.
-FREE_FIELDS = frozenset(
-  name for name, field in config_validation.FIELDS.items() if not field.trained
-)
+
+@dataclasses.dataclass(frozen=True)
+class RecordRules:
+  """What the ledger needs to know of the config's fields.
+
+  Attributes:
+    free_fields: dotted names of the fields that do not change what is trained (a restart
+      may change them; a record may lack them).
+    check: raises ``ValueError`` (one line, naming the field) for a record that is not a
+      usable config.
+    allowed_changes: the fields a config accepts changes of (its
+      ``allow_config_changes``).
+  """
+
+  free_fields: frozenset[str]
+  check: Callable[[ml_collections.ConfigDict], None]
+  allowed_changes: Callable[[ml_collections.ConfigDict], list[str]]
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -90,7 +107,7 @@ def check_workdir(workdir: str | os.PathLike, *, evaluate_only: bool = False) ->
       and must be writable.
 
   Raises:
-    config_validation.ConfigError: it cannot be written (the message names ``--workdir``).
+    WorkdirError: it cannot be written (the message names ``--workdir``).
     WorkdirError: ``evaluate_only`` and there is no checkpoint to evaluate.
   """
   if evaluate_only:
@@ -109,7 +126,7 @@ def check_workdir(workdir: str | os.PathLike, *, evaluate_only: bool = False) ->
     with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test'):
       pass
   except OSError as error:
-    raise config_validation.ConfigError(
+    raise WorkdirError(
       f'--workdir={workdir} cannot be written ({error.strerror}); choose a directory you can write.'
     ) from None
 
@@ -313,12 +330,12 @@ def has_config(workdir: str | os.PathLike) -> bool:
   return (workdir_path(workdir) / CONFIG_FILE).exists()
 
 
-def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+def read_config(workdir: str | os.PathLike, rules: RecordRules) -> ml_collections.ConfigDict:
   """The config a run recorded in ``<workdir>/config.json``, checked field by field.
 
   Every field must be present (except those a restart may change freely, which a record
-  may lack), of its type and in range (:func:`config_validation.validate_record`), so a
-  damaged file is one clear error rather than a crash where a field is first used.
+  may lack), of its type and in range (``rules.check``), so a damaged file is one clear
+  error rather than a crash where a field is first used.
 
   Raises:
     WorkdirError: no such workdir or file, or a file that is not a usable record (not
@@ -344,8 +361,8 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     raise WorkdirError(f'{path} holds a JSON {type(value).__name__}, not a config object; {fix}')
   config = ml_collections.ConfigDict(value)
   try:
-    config_validation.validate_record(config)
-  except config_validation.ConfigError as error:
+    rules.check(config)
+  except ValueError as error:
     raise WorkdirError(f'{path} is not a usable record ({str(error).rstrip(".")}); {fix}') from None
   return config
 
@@ -365,17 +382,17 @@ def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def changed_fields(
-  record: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+  record: ml_collections.ConfigDict, config: ml_collections.ConfigDict, free_fields: frozenset[str]
 ) -> dict[str, tuple[Any, Any]]:
   """The fields that change what is trained and differ: ``{name: (recorded, new)}``.
 
-  Fields of :data:`FREE_FIELDS` are left out; a field present on one side only is a
+  Fields of ``free_fields`` are left out; a field present on one side only is a
   change from or to ``'(absent)'``.
   """
   old, new = _flat(record.to_dict()), _flat(config.to_dict())
   changes = {}
   for name in sorted(old.keys() | new.keys()):
-    if name in FREE_FIELDS:
+    if name in free_fields:
       continue
     before, after = old.get(name, _ABSENT), new.get(name, _ABSENT)
     if before != after:
@@ -384,7 +401,7 @@ def changed_fields(
 
 
 def check_against_record(
-  config: ml_collections.ConfigDict, workdir: str | os.PathLike
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike, rules: RecordRules
 ) -> dict[str, tuple[Any, Any]]:
   """Compares ``config`` with the run's record; returns the changes it is allowed to make.
 
@@ -399,8 +416,8 @@ def check_against_record(
   """
   if not has_config(workdir):
     return {}
-  changes = changed_fields(read_config(workdir), config)
-  allowed = set(config_validation.allowed_changes(config))
+  changes = changed_fields(read_config(workdir, rules), config, rules.free_fields)
+  allowed = set(rules.allowed_changes(config))
   refused = [name for name in changes if name not in allowed]
   if refused:
     listed = ', '.join(
@@ -416,7 +433,7 @@ def check_against_record(
 
 
 def record_changes(
-  workdir: str | os.PathLike, changes: dict[str, tuple[Any, Any]], step: int
+  workdir: str | os.PathLike, changes: dict[str, tuple[Any, Any]], step: int, rules: RecordRules
 ) -> None:
   """Appends accepted changes to ``config_history.jsonl`` and writes them into the record.
 
@@ -434,7 +451,7 @@ def record_changes(
   history = root / HISTORY_FILE
   previous = history.read_text() if history.exists() else ''
   _write_atomically(history, previous + json.dumps(entry, sort_keys=True) + '\n')
-  record = read_config(workdir).to_dict()
+  record = read_config(workdir, rules).to_dict()
   for name, (_, new) in changes.items():
     *parents, leaf = name.split('.')
     target = record

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
-from gsa_flax.tools.sizing import aot, hlo  # noqa: E402
+from gsa_flax.tools.sizing import aot, hlo, traffic  # noqa: E402
 
 TARGETS = ('tpu-v5e:2x2', 'h100')
 
@@ -264,7 +264,7 @@ def test_a_kernel_priced_twice_counts_its_flops_once(name):
   )
   compiled = _compile(target, per_chip, x)
   priced = aot.analyze(compiled, {'double_kernel': hlo.CustomCallCost(1000, flops=678_000)})
-  (call,) = hlo.custom_calls(compiled.as_text())
+  (call,) = traffic.custom_calls(compiled.as_text())
   assert [a.dims for a in call.operands] == [(64, 256)]  # one chip's share
   if target.platform == 'tpu':
     assert priced.xla_flops >= 678_000  # libtpu counted the kernel's estimate
@@ -284,7 +284,7 @@ metadata={op_name="jit(f)/my_kernel/pallas_call"}
   ROOT %y = f32[8,128]{1,0} get-tuple-element(%k), index=0
 }
 """
-  (call,) = hlo.custom_calls(text)
+  (call,) = traffic.custom_calls(text)
   assert (call.name, call.target, call.op_name) == (
     'k',
     'tpu_custom_call',

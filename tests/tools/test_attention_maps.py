@@ -112,7 +112,9 @@ def test_positional_weights_are_zero_outside_the_neighbourhood():
 @functools.cache
 def _network(model_name='gsa_resnet_tiny'):
   """The network of the tiny digits run with random variables, and a batch."""
-  model = networks.build(tiny_config('', model=model_name), num_classes=10)
+  model = networks.build(
+    networks.architecture_of(tiny_config('', model=model_name)), num_classes=10
+  )
   x = jax.random.normal(jax.random.key(0), (2, DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE, 3))
   return model, _random_variables(model, x, seed=3), x
 
@@ -181,11 +183,12 @@ def test_evaluator_renders_the_first_eval_images(digits_dir, model_name):
   spec = datasets.get('digits')
   model, variables, _ = _network(model_name)
   context = evaluators.Context(
-    config=tiny_config(digits_dir, model=model_name),
     spec=spec,
     builder=input_pipeline.get_builder(spec, digits_dir, image_size=DIGITS_IMAGE_SIZE),
     model=model,
     mesh=steps.make_mesh(),
+    image_size=DIGITS_IMAGE_SIZE,
+    eval_batch_size=16,
   )
   results = attention_maps.AttentionMapEvaluator(context, count=2).run(variables)
   if model_name == 'resnet_tiny':

@@ -12,7 +12,7 @@ from helpers import REPO, environment, tiny_config
 
 from gsa_flax.model import networks, weights
 from gsa_flax.tools import export
-from gsa_flax.train import checkpointing
+from gsa_flax.train import checkpoints, experiment
 from gsa_flax.train import state as state_lib
 from gsa_flax.train import workdir as workdir_lib
 
@@ -25,7 +25,7 @@ def _save_run(workdir, config, metrics):
   parameters, statistics (and moving average, if the config keeps one), and ``metrics``
   events at STEP (eval_accuracy 0.5 at STEP - 1, not on any card). Written with training's
   own save functions; nothing is trained. Returns the model and the state."""
-  pieces = state_lib.setup(config, 10)
+  pieces = experiment.setup(config, 10)
   # The state's structure without computing an initialisation; values drawn below.
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state_lib.abstract(pieces, 16))
   rng = np.random.default_rng()
@@ -39,8 +39,8 @@ def _save_run(workdir, config, metrics):
     ema_params=None if state.ema_params is None else draw(state.ema_params),
   )
   workdir_lib.write_config(config, workdir)
-  saver = checkpointing.Checkpointer(str(workdir), keep=1)
-  saver.save(STEP, checkpointing.state_dict(state), {'step': STEP})
+  saver = checkpoints.Checkpointer(str(workdir), keep=1)
+  saver.save(STEP, state_lib.state_dict(state), {'step': STEP})
   saver.wait()
   writer = metric_writers.create_default_writer(str(workdir))
   writer.write_scalars(STEP - 1, {'eval_accuracy': 0.5})  # another step: not on the card

@@ -3,7 +3,7 @@ conditionals, on-chip buffers) and its terms, against byte counts worked out by 
 
 import pytest
 
-from gsa_flax.tools.sizing import hlo
+from gsa_flax.tools.sizing import hlo, traffic
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -96,7 +96,7 @@ ENTRY %main (x: f32[4,8], w: f32[8,16]) -> f32[8,16] {
 
 
 def test_hlo_walk_counts_top_level_buffers_loops_and_async_pairs():
-  costs = hlo.hlo_costs(_MODULE)
+  costs = traffic.hlo_costs(_MODULE)
   f32 = 4
   fusion = (4 * 8 + 8 * 16 + 4 * 16) * f32  # reads x and w, writes [4, 16]
   # Per iteration: the scalar add (2 reads + 1 write) and the two-output fusion (reads acc,
@@ -115,7 +115,7 @@ def test_hlo_walk_counts_top_level_buffers_loops_and_async_pairs():
 
 def test_hlo_walk_counts_a_loop_without_trip_count_once_and_says_so():
   text = _MODULE.replace(_TRIP_COUNT, '')
-  costs = hlo.hlo_costs(text)
+  costs = traffic.hlo_costs(text)
   assert costs['unknown_trip_counts'] == 1
   assert costs['matmul_flops'] == 2 * 4 * 16 * 8 + 2 * 16 * 16 * 4
 
@@ -141,12 +141,12 @@ ENTRY %main (p: pred[], x: f32[16]) -> f32[16] {
 }
 """
   # The large branch: exponential (64 read + 64 written), multiply (2 x 64 read + 64).
-  assert hlo.hlo_costs(text)['hbm_bytes'] == 2 * 64 + 3 * 64
+  assert traffic.hlo_costs(text)['hbm_bytes'] == 2 * 64 + 3 * 64
 
 
 def test_traffic_by_instruction_adds_up_to_the_total_largest_first():
-  rows = hlo.traffic_by_instruction(_MODULE)
-  assert sum(r.hbm_bytes for r in rows) == hlo.hlo_costs(_MODULE)['hbm_bytes']
+  rows = traffic.traffic_by_instruction(_MODULE)
+  assert sum(r.hbm_bytes for r in rows) == traffic.hlo_costs(_MODULE)['hbm_bytes']
   assert [r.hbm_bytes for r in rows] == sorted((r.hbm_bytes for r in rows), reverse=True)
   by_name = {r.name: r for r in rows}
   # The loop body's fusion runs 5 times: reads acc, writes both results, each time.

@@ -11,7 +11,7 @@ from helpers import DIGITS_IMAGE_SIZE, REPO, environment, tiny_config
 
 from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools import predict
-from gsa_flax.train import checkpointing
+from gsa_flax.train import checkpoints, experiment
 from gsa_flax.train import state as state_lib
 from gsa_flax.train import workdir as workdir_lib
 
@@ -36,14 +36,14 @@ def _saved_run(digits_dir, workdir):
   Returns the state that was saved.
   """
   config = tiny_config(digits_dir)
-  pieces = state_lib.setup(config, 10, steps_per_epoch=10, num_train_steps=10)
+  pieces = experiment.setup(config, 10, steps_per_epoch=10, num_train_steps=10)
   state = jax.jit(lambda rng: state_lib.create(pieces, rng, image_size=16))(jax.random.key(0))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda p: 0.35 * rng.normal(size=p.shape).astype(p.dtype), state.params)
   state = state.replace(step=7, params=params)
   workdir_lib.write_config(config, workdir)
-  saver = checkpointing.Checkpointer(workdir, keep=1)
-  saver.save(7, checkpointing.state_dict(state), {'step': 7})
+  saver = checkpoints.Checkpointer(workdir, keep=1)
+  saver.save(7, state_lib.state_dict(state), {'step': 7})
   saver.wait()
   return pieces.model, state
 

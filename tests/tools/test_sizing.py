@@ -7,7 +7,7 @@ import pytest
 from helpers import resnet_macs, tiny_config
 
 from gsa_flax.model import networks
-from gsa_flax.tools.sizing import aot, hlo, report
+from gsa_flax.tools.sizing import aot, report, traffic
 
 
 def test_model_flops_are_three_forward_passes_of_the_closed_form():
@@ -30,8 +30,8 @@ def test_a_tiny_train_step_compiles_for_a_tpu_slice_with_its_kernels_priced():
   config = tiny_config('')
   target = aot.get_target('tpu-v5e:2x2')
   compiled = report.compile_train_step(config, target, 8)
-  kernels = [c for c in hlo.custom_calls(compiled.as_text()) if c.target == 'tpu_custom_call']
-  num_gsa_layers = sum(networks.build(config, 10).stage_sizes)
+  kernels = [c for c in traffic.custom_calls(compiled.as_text()) if c.target == 'tpu_custom_call']
+  num_gsa_layers = sum(networks.build(networks.architecture_of(config), 10).stage_sizes)
   assert len(kernels) == 4 * num_gsa_layers
   analysis = aot.analyze(compiled)
   assert analysis.unpriced_custom_calls == ()

@@ -14,7 +14,7 @@ from configs import default, imagenet, imagenet_resnet50
 from gsa_flax.data import datasets
 from gsa_flax.model import networks
 from gsa_flax.tools import summary
-from gsa_flax.train import state as state_lib
+from gsa_flax.train import experiment
 
 # torchvision's resnet50: conv1 + bn1, layer1..layer4, fc (1000 classes).
 RESNET50_PARTS = {
@@ -28,7 +28,7 @@ RESNET50_PARTS = {
 
 
 def _eval_shape_total(config):
-  model = networks.build(config, datasets.get(config.dataset).num_classes)
+  model = networks.build(networks.architecture_of(config), datasets.get(config.dataset).num_classes)
   x = jnp.zeros((1, config.image_size, config.image_size, 3))
   params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
   return sum(math.prod(p.shape) for p in jax.tree.leaves(params['params']))
@@ -56,7 +56,7 @@ def test_parts_sum_to_total(config):
   ] + ['head']
   assert sum(result.params.values()) == result.total_params == _eval_shape_total(config)
   # The counterpart differs only where the stage is attention in one and convolution in the other.
-  other = summary.summarize(networks.counterpart_config(config), flops=False)
+  other = summary.summarize(experiment.counterpart(config), flops=False)
   assert other.model == networks.counterpart(config.model)
   assert other.params['stem'] == result.params['stem']
   assert other.params['head'] == result.params['head']
@@ -72,7 +72,7 @@ def test_flops_match_closed_form():
 
 def test_train_step_memory_grows_with_batch():
   config = tiny_config('')
-  pieces = state_lib.setup(config, 10)
+  pieces = experiment.setup(config, 10)
   temp2, total2 = summary.train_step_memory(config, pieces, 2)
   temp8, total8 = summary.train_step_memory(config, pieces, 8)
   assert 0 < temp2 < temp8 and temp2 < total2 < total8

@@ -15,13 +15,14 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from gsa_flax import errors
 from gsa_flax.data.datasets import digits
 
 TRAIN_CROPS = ('inception', 'pad', 'none')
 EVAL_CROPS = ('center', 'square')
 
 
-class DatasetNotFoundError(ValueError):
+class DatasetNotFoundError(errors.UserError):
   """A dataset is not prepared in the data directory; the message says how to prepare it."""
 
 

@@ -35,7 +35,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gsa_flax.tools.sizing import hlo
+from gsa_flax.tools.sizing import traffic
 from gsa_flax.tools.sizing.hlo import CustomCallCosts
 
 DATA_AXIS = 'data'
@@ -199,7 +199,7 @@ class Analysis:
     flops: executed FLOPs: libtpu's count on TPU (it includes a Pallas kernel's own
       ``CostEstimate``), the dot/convolution count of the HLO elsewhere; plus the FLOPs of
       custom calls priced by the caller.
-    hbm_bytes: estimated HBM traffic (see :func:`gsa_flax.tools.sizing.hlo.hlo_costs`).
+    hbm_bytes: estimated HBM traffic (see :func:`gsa_flax.tools.sizing.traffic.hlo_costs`).
     onchip_bytes: operand and result bytes of buffers in on-chip memory (TPU VMEM), not
       part of ``hbm_bytes``.
     matmul_flops: dot and convolution FLOPs counted from the HLO (every kernel tap, padding
@@ -273,7 +273,7 @@ def analyze(
   Returns:
     The analysis.
   """
-  costs = hlo.hlo_costs(compiled.as_text(), custom_call_costs)
+  costs = traffic.hlo_costs(compiled.as_text(), custom_call_costs)
   xla = _cost_analysis(compiled)
   xla_flops = float(xla['flops']) if xla and 'flops' in xla else None
   xla_bytes = float(xla['bytes accessed']) if xla and 'bytes accessed' in xla else None

@@ -25,9 +25,9 @@ from absl import logging
 from gsa_flax.data import datasets
 from gsa_flax.model import networks
 from gsa_flax.tools import tables
-from gsa_flax.tools.sizing import aot, hlo
+from gsa_flax.tools.sizing import aot, traffic
+from gsa_flax.train import experiment, steps
 from gsa_flax.train import state as state_lib
-from gsa_flax.train import steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def compile_train_step(
   :func:`gsa_flax.train.steps.jit_train_step` (state donated).
   """
   num_classes = datasets.get(config.dataset).num_classes
-  pieces = state_lib.setup(config, num_classes)
+  pieces = experiment.setup(config, num_classes)
   replicated, sharded = target.sharding(), target.sharding(aot.DATA_AXIS)
   state = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -127,7 +127,9 @@ def model_flops_per_example(config: ml_collections.ConfigDict) -> float:
   minimal.gsa.order = 'logits'
   minimal.gsa.implementation = 'xla'
   minimal.remat = ''
-  model = networks.build(minimal, datasets.get(config.dataset).num_classes)
+  model = networks.build(
+    networks.architecture_of(minimal), datasets.get(config.dataset).num_classes
+  )
   cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
   x = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -135,7 +137,7 @@ def model_flops_per_example(config: ml_collections.ConfigDict) -> float:
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), (variables, x)
   )
   compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
-  return 3 * hlo.hlo_costs(compiled.as_text())['matmul_flops']
+  return 3 * traffic.hlo_costs(compiled.as_text())['matmul_flops']
 
 
 def _fit_batches(batch: int) -> tuple[int, ...]:
@@ -253,7 +255,7 @@ def target_summaries(
   batch = per_chip_batch(config, target, per_device_batch=per_device_batch, num_devices=num_devices)
   configs = [config]
   if compare and networks.counterpart(config.model) in networks.MODELS:
-    configs.append(networks.counterpart_config(config))
+    configs.append(experiment.counterpart(config))
   return [target_summary(c, target_name, batch_per_chip=batch, fit=fit) for c in configs]
 
 

@@ -1,28 +1,26 @@
-"""Checkpoints of a run and the trained weights read back from them.
+"""A run's checkpoints: one orbax ``CheckpointManager`` under ``<workdir>/checkpoints``.
 
-- **Checkpoints**: one orbax ``CheckpointManager`` under ``<workdir>/checkpoints``, each step
-  the train state (:func:`state_dict`: step, parameters, BatchNorm statistics, optimizer
-  state and, when the run keeps one, the moving average of the parameters) and a JSON
-  record (the step, the config, where the weights came from when the run started from
-  trained ones). Orbax writes each step to a temporary directory and renames it into place
-  when complete, so a crash during a save never touches the previous checkpoint; a save
-  that fails (disk full, permissions) is one :class:`SaveError` and leaves no partial
-  directory. On restore, an unreadable step is set aside in
-  ``<workdir>/checkpoints_unreadable/`` and the newest intact one is used; nothing is
-  deleted. A checkpoint whose shapes do not match the model stops with the first
-  mismatching parameter named.
-- **Trained weights** are read back by :func:`load` (a workdir, its ``checkpoints``
-  directory or one step) and :func:`load_weights` (those, or an exported weights file), the
-  one restore path of the tools and of ``config.init_from``.
+Each step holds the train state (its layout is :func:`gsa_flax.train.state.state_dict`) and a
+JSON record (the step, the config, where the weights came from when the run started from
+trained ones). Orbax writes each step to a temporary directory and renames it into place
+when complete, so a crash during a save never touches the previous checkpoint; orbax's own
+``cleanup_tmp_directories`` removes what an interrupted save left when the manager opens.
+What orbax does not do is here:
 
-The workdir around them (its lock and its record, ``config.json``) is
-:mod:`gsa_flax.train.workdir`'s.
+- a save that fails (disk full, permissions) is one :class:`SaveError` naming the cause,
+  the space needed and the newest intact step, with the failed step's partial files
+  removed (``cleanup_tmp_directories`` only runs at the next start);
+- on restore an unreadable step is set aside in ``<workdir>/checkpoints_unreadable/`` and
+  the newest intact one is used; nothing is deleted;
+- a checkpoint whose shapes do not fit the model stops with the first mismatching
+  parameter named, from the metadata, before any array is read.
+
+Reading trained weights back for inference and ``init_from`` is :mod:`gsa_flax.train.restore`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import gc
 import logging as logging_std
@@ -34,27 +32,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from flax import serialization
 from jax.experimental import multihost_utils
 
-from gsa_flax.data import datasets
-from gsa_flax.model import networks, transfer, weights
-from gsa_flax.train import state as state_lib
-from gsa_flax.train.workdir import (
-  CONFIG_FILE,
-  WorkdirError,
-  checkpoint_dir,
-  is_remote,
-  read_config,
-  workdir_path,
-)
+from gsa_flax.train.state import EMA
+from gsa_flax.train.workdir import WorkdirError, checkpoint_dir, is_remote
 
 
 class CheckpointError(WorkdirError):
@@ -72,178 +58,6 @@ class SaveError(CheckpointError):
 UNREADABLE = 'checkpoints_unreadable'
 # Orbax writes a step to `<step>.orbax-checkpoint-tmp...` and renames it when complete.
 PARTIAL_MARK = '.orbax-checkpoint-tmp'
-
-
-# ----------------------------------------------------------------------------- state layout
-
-
-# The moving average of the parameters, when the run keeps one; a tree like ``params``.
-EMA = 'ema_params'
-
-
-def state_dict(state: state_lib.TrainState) -> dict[str, Any]:
-  """The checkpoint layout of a train state: step, params, batch_stats, opt_state, and
-  ``ema_params`` (the parameters' moving average, a tree like ``params``) when it has one."""
-  tree = {
-    'step': state.step,
-    'params': state.params,
-    'batch_stats': state.batch_stats,
-    'opt_state': state.opt_state,
-  }
-  if state.ema_params is not None:
-    tree[EMA] = state.ema_params
-  return serialization.to_state_dict(tree)
-
-
-def restore_into(state: state_lib.TrainState, restored: dict[str, Any]) -> state_lib.TrainState:
-  """``state`` with the values of a restored :func:`state_dict`.
-
-  The moving average follows ``state``: a state that keeps one takes the checkpoint's or,
-  from a checkpoint without one (averaging turned on in a restart), starts it at the
-  restored parameters; a state without one ignores the checkpoint's.
-  """
-  params = serialization.from_state_dict(state.params, restored['params'])
-  ema = None
-  if state.ema_params is not None:
-    # A copy: params and their average are separate buffers (the train step donates both).
-    ema = serialization.from_state_dict(state.ema_params, restored.get(EMA, restored['params']))
-    ema = jax.tree.map(lambda a: a.copy(), ema)
-  return state.replace(
-    step=restored['step'],
-    params=params,
-    batch_stats=serialization.from_state_dict(state.batch_stats, restored['batch_stats']),
-    opt_state=serialization.from_state_dict(state.opt_state, restored['opt_state']),
-    ema_params=ema,
-  )
-
-
-# ----------------------------------------------------------------------------- trained weights
-
-
-@dataclasses.dataclass(frozen=True)
-class Trained:
-  """A trained network, ready to apply.
-
-  Attributes:
-    config: the run's config (from ``config.json``).
-    model: the network it trained.
-    variables: ``{'params': ..., 'batch_stats': ...}`` to apply: the moving average of the
-      parameters when the checkpoint has one (unless the raw parameters were asked for),
-      with the run's BatchNorm statistics.
-    step: the training step of the checkpoint.
-    ema_params: the checkpoint's moving average of the parameters; None if it has none.
-    origin: where the variables come from, in words (for logs and model cards).
-  """
-
-  config: ml_collections.ConfigDict
-  model: nn.Module
-  variables: dict[str, Any]
-  step: int
-  ema_params: Any = None
-  origin: str = ''
-
-  @property
-  def averaged(self) -> bool:
-    """Whether ``variables`` holds the moving average rather than the raw parameters."""
-    return self.ema_params is not None and self.variables['params'] is self.ema_params
-
-
-def locate_run(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
-  """The workdir and the step a path names: ``<workdir>`` (its newest intact checkpoint),
-  ``<workdir>/checkpoints`` (the same) or ``<workdir>/checkpoints/<step>`` (that step).
-
-  Returns:
-    ``(workdir, step)``; ``step`` is None for the newest.
-  """
-  path = workdir_path(path)
-  if not (path / CONFIG_FILE).exists():
-    if path.name == 'checkpoints' and (path.parent / CONFIG_FILE).exists():
-      return path.parent, None
-    if path.name.isdigit() and path.parent.name == 'checkpoints':
-      return path.parent.parent, int(path.name)
-  return path, None
-
-
-def load(
-  workdir: str | os.PathLike,
-  config: ml_collections.ConfigDict | None = None,
-  *,
-  sharding: jax.sharding.Sharding | None = None,
-  raw: bool = False,
-) -> Trained:
-  """Restores a checkpoint of a training run for inference, moving no file.
-
-  The one restore path of everything that applies a trained network (evaluation of a
-  finished run, prediction, attention maps, export, ``init_from``).
-
-  Args:
-    workdir: the ``--workdir`` of a training run (its newest intact checkpoint), its
-      ``checkpoints`` directory (the same), or one checkpoint, ``<workdir>/checkpoints/<step>``.
-    config: the run's config; None reads ``<workdir>/config.json``.
-    sharding: where the arrays go; None: this process's first device.
-    raw: apply the raw parameters even when the checkpoint has their moving average
-      (which is applied by default; ``ema_params`` holds it either way).
-
-  Raises:
-    CheckpointError: no config, no checkpoint, or checkpoints that cannot be read or do
-      not fit the config (one line, saying what to do).
-  """
-  root, step = locate_run(workdir)
-  config = read_config(root) if config is None else config
-  pieces = state_lib.setup(config, datasets.get(config.dataset).num_classes)
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-    state_dict(state_lib.abstract(pieces, config.image_size)),
-  )
-  directory = checkpoint_dir(root)
-  if not directory.is_dir():
-    raise CheckpointError(f'no checkpoint in {root}: train first ({directory} is missing).')
-  reader = Checkpointer(str(root), keep=1, read_only=True)
-  restored = reader.restore_latest(target) if step is None else reader.restore(step, target)
-  if restored is None:
-    raise CheckpointError(f'no checkpoint in {directory}: train first.')
-  tree, _, step = restored
-  ema = tree.get(EMA)
-  params = tree['params'] if raw or ema is None else ema
-  origin = f'checkpoint {directory / str(step)}'
-  if ema is not None:
-    origin += ' (raw parameters)' if raw else ' (moving average of the parameters)'
-  return Trained(
-    config,
-    pieces.model,
-    {'params': params, 'batch_stats': tree['batch_stats']},
-    step,
-    ema_params=ema,
-    origin=origin,
-  )
-
-
-def load_weights(path: str | os.PathLike) -> Trained:
-  """The trained network at ``path``, wherever it is kept (what ``config.init_from`` reads).
-
-  Args:
-    path: a training workdir, its ``checkpoints`` directory or one checkpoint under it
-      (:func:`load`: the moving average when the run kept one), or a portable-weights file
-      (:func:`gsa_flax.model.networks.load_pretrained`); local or ``gs://``.
-
-  Raises:
-    gsa_flax.model.transfer.TransferError: the path does not exist or is a file of another kind.
-    CheckpointError: a run whose config or checkpoints cannot be used.
-    gsa_flax.model.weights.WeightsError: a weights file that cannot be read.
-  """
-  source = transfer.locate(path)
-  if source.kind == 'run':
-    return load(path)
-  pretrained = networks.load_pretrained(path)
-  step = pretrained.card.get('step')
-  return Trained(
-    pretrained.config,
-    pretrained.model,
-    pretrained.variables,
-    -1 if step is None else int(step),
-    origin=f'weights file {path} ({weights.describe(pretrained.card)})',
-  )
 
 
 def _abstract(tree: Any) -> Any:
@@ -360,7 +174,11 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only
+        max_to_keep=None if read_only else keep,
+        create=not read_only,
+        read_only=read_only,
+        # What an interrupted save left (``<step>.orbax-checkpoint-tmp...``) goes at start.
+        cleanup_tmp_directories=not read_only,
       ),
       item_handlers={'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
     )
