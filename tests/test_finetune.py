@@ -106,7 +106,7 @@ def test_the_source_is_resized_and_its_head_kept(source, digits_dir):
   workdir, weights_file, _ = source
   config = tiny_config(digits_dir, init_from=str(weights_file), **FINETUNE)
   model = networks.build(networks.architecture_of(config), 10)
-  start = finetune.read_init_from(config, model)
+  start = finetune.read_init_from(config.init_from, model, config.image_size)
   assert start.adapted.reinitialized == ()
   assert sorted(length for _, *length in start.adapted.resized) == [[SOURCE_L, TARGET_L]] * 4
   assert start.origin.startswith(f'weights file {weights_file} (')
@@ -175,7 +175,8 @@ def test_an_unusable_source_is_one_clear_error(digits_dir, tmp_path, make, words
   init_from = make(tmp_path)
   config = tiny_config(digits_dir, init_from=str(init_from))
   with pytest.raises(transfer.TransferError) as refused:
-    finetune.read_init_from(config, networks.build(networks.architecture_of(config), 10))
+    model = networks.build(networks.architecture_of(config), 10)
+    finetune.read_init_from(config.init_from, model, config.image_size)
   message = str(refused.value)
   assert message.startswith(f'config.init_from={init_from}: ') and '\n' not in message
   for part in words.split(' ... '):

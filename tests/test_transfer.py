@@ -181,7 +181,7 @@ def test_resized_model_applies_at_the_new_resolution():
   """16 -> 32 with absolute tables: one entry per position, ends aligned, and the network
   runs at the new resolution only once they are resized."""
   rng = np.random.default_rng()
-  model = _tiny(position_embedding='absolute')
+  model = _tiny(gsa=GSAOptions(num_heads=HEADS, position_embedding='absolute'))
   variables = _random_variables(model, 16, rng)
   x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
   # Absolute tables have one entry per position: without resizing, 32x32 cannot run.
