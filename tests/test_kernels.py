@@ -13,6 +13,7 @@ import os
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
 
+import collections  # noqa: E402
 import dataclasses  # noqa: E402
 
 import jax  # noqa: E402
@@ -466,44 +467,90 @@ def test_default_implementation_lowers_to_einsums_on_cpu():
   assert 'pallas_call' in forced.lower(*args).as_text(debug_info=True)
 
 
-def test_default_implementation_compiles_the_kernels_for_a_tpu():
-  """The same code, compiled for a TPU v5e chip without one: Mosaic custom calls."""
-  from jax.experimental import topologies
+def _compiled_for(target_name, implementation, *, mesh='target'):
+  """A GSA layer's forward + backward compiled for a target, as its optimized HLO text.
 
-  device = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2').devices[0]
-  sharding = jax.sharding.SingleDeviceSharding(device)
+  ``mesh``: ``'target'`` the target's own ``jax.make_mesh`` mesh, batch split over it;
+  ``'auto'`` a ``jax.sharding.Mesh(devices, ('data',))`` (axes of type Auto), batch split
+  and no mesh set; ``'set_auto'`` the same mesh set with ``jax.set_mesh``; ``'single'``
+  one device, no mesh.
+  """
+  target = aot.get_target(target_name)
+  devices = np.array(target.devices)
+  step, (params, stats, x) = _gsa_step(implementation, shape=(4 * len(devices), 4, 6, 8))
+  if mesh == 'single':
+    whole = split = jax.sharding.SingleDeviceSharding(devices[0])
+  else:
+    m = target.mesh if mesh == 'target' else jax.sharding.Mesh(devices, (aot.DATA_AXIS,))
+    whole = jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec())
+    split = jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec(aot.DATA_AXIS))
+  params, stats = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), (params, stats)
+  )
+  x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split)
+  if mesh == 'set_auto':
+    with jax.set_mesh(whole.mesh):
+      return step.lower(params, stats, x).compile().as_text()
+  return step.lower(params, stats, x).compile().as_text()
 
-  def compiled_text(implementation):
-    step, args = _gsa_step(implementation)
-    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
-    return step.lower(*args).compile().as_text()
 
-  assert compiled_text(None).count('custom_call_target="tpu_custom_call"') == 4
-  assert 'tpu_custom_call' not in compiled_text('xla')
+MOSAIC = 'custom_call_target="tpu_custom_call"'
+TRITON = 'custom_call_target="__gpu$xla.gpu.triton"'
 
 
-def test_a_tpu_older_than_the_kernels_gets_the_einsums_and_pallas_is_refused():
-  """TPU v4 has no strided lane rotation: compiled for a v4 slice, the default takes the
-  einsum ops, 'pallas' is one clear error; a v5e slice of the same shape takes the kernels."""
+@pytest.mark.parametrize(
+  'target_name, kernels, calls',
+  [('tpu-v4:2x2x1', MOSAIC, 0), ('tpu-v5e:2x2', MOSAIC, 4), ('t4', TRITON, 0),
+   ('a100', TRITON, 4), ('l4', TRITON, 4), ('h100', TRITON, 4)],
+)  # fmt: skip
+def test_default_implementation_takes_the_kernels_where_the_target_supports_them(
+  target_name, kernels, calls
+):
+  """Compiled for each target: TPU v5e and NVIDIA GPUs of compute capability 8.0 or later
+  (A100 8.0, L4 8.9, H100 9.0) get the four kernel calls; TPU v4 and the T4 (7.5) the
+  einsum ops, with no conditional left for the other branch."""
+  text = _compiled_for(target_name, None)
+  assert text.count(kernels) == calls
+  assert 'conditional' not in text
 
-  def compiled(target_name, implementation):
-    target = aot.get_target(target_name)
-    step, (params, stats, x) = _gsa_step(implementation, shape=(4 * target.num_chips, 4, 6, 8))
-    replicate = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=target.sharding())
-    params, stats = jax.tree.map(replicate, (params, stats))
-    x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target.sharding(aot.DATA_AXIS))
-    return step.lower(params, stats, x).compile().as_text()
 
-  assert 'tpu_custom_call' not in compiled('tpu-v4:2x2x1', None)
-  with pytest.raises(ValueError, match="'pallas'.*TPU v5 or later.*TPU v4"):
-    compiled('tpu-v4:2x2x1', 'pallas')
-  assert compiled('tpu-v5e:2x2', None).count('custom_call_target="tpu_custom_call"') == 4
-  assert [axial_tpu.supports(k) for k in ('TPU v4', 'TPU v5 lite', 'TPU v6 lite', 'cpu')] == [
-    False,
-    True,
-    True,
-    True,
-  ]
+@pytest.mark.parametrize(
+  'target_name, message',
+  [
+    ('tpu-v4:2x2x1', "'pallas': the TPU kernels need TPU v5 or later.*TPU v4;"),
+    ('t4', "'pallas'.*compute capability 8.0 or later.*Tesla T4 \\(compute capability 7.5\\)"),
+  ],
+)
+def test_pallas_is_refused_for_a_target_the_kernels_do_not_support(target_name, message):
+  with pytest.raises(ValueError, match=message):
+    _compiled_for(target_name, 'pallas', mesh='single')
+
+
+def test_support_is_decided_by_the_devices():
+  """TPU v5 and later; NVIDIA compute capability 8.0 and later; ROCm never (the Triton
+  kernels are built for NVIDIA GPUs); an unknown device (no devices) is taken as supported."""
+  device = collections.namedtuple('Device', 'device_kind compute_capability')
+  tpu = [axial_tpu.supports(k) for k in ('TPU v4', 'TPU v5 lite', 'TPU v6 lite', 'cpu')]
+  assert tpu == [False, True, True, True]
+  gpus = {'Tesla V100': '7.0', 'Tesla T4': '7.5', 'A100': '8.0', 'L4': '8.9', 'H100': '9.0'}
+  got = {k: ops.kernels_supported('cuda', [device(k, cc)]) for k, cc in gpus.items()}
+  assert got == {'Tesla V100': False, 'Tesla T4': False, 'A100': True, 'L4': True, 'H100': True}
+  assert not ops.kernels_supported('rocm', [device('AMD Instinct MI250X', None)])
+  with pytest.raises(ValueError, match="'pallas'.*AMD Instinct MI250X \\(ROCm\\)"):
+    ops.kernels_supported('rocm', [device('AMD Instinct MI250X', None)], 'pallas')
+  assert ops.kernels_supported('cuda', []) and ops.kernels_supported('cpu', [])
+
+
+@pytest.mark.parametrize('mesh', ['auto', 'set_auto', 'target', 'single'])
+@pytest.mark.parametrize('target_name, kernels', [('tpu-v5e:2x2', MOSAIC), ('h100:1x1x2', TRITON)])
+def test_kernels_compile_under_any_mesh(target_name, kernels, mesh):
+  """A batch split over a mesh the user builds (``jax.sharding.Mesh``, axes of type Auto,
+  with or without ``jax.set_mesh``), the trainer's ``jax.make_mesh`` mesh and one device:
+  the kernels compile into the program for a TPU v5e slice and two H100s, without
+  gathering the batch."""
+  text = _compiled_for(target_name, None, mesh=mesh)
+  assert text.count(kernels) == 4
+  assert 'all-gather' not in text
 
 
 def test_implementation_is_validated():

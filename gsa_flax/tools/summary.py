@@ -19,7 +19,8 @@ config otherwise, so GSA-ResNet is compared with the convolutional ResNet it rep
   read them as an estimate of the order of magnitude there.
 
 With ``--target`` (a Cloud TPU slice such as ``tpu-v5e:2x2``, ``tpu-v4:2x2x1``,
-``tpu-v5p:2x2x1``, ``tpu-v6e:2x2``, a pod slice such as ``tpu-v5e:4x4``, or ``h100``; see
+``tpu-v5p:2x2x1``, ``tpu-v6e:2x2``, a pod slice such as ``tpu-v5e:4x4``, or an NVIDIA GPU,
+``h100``, ``a100``, ``l4`` or ``t4``; see
 :mod:`gsa_flax.tools.sizing.aot`) it sizes the run on that accelerator before you have it:
 the real training step, as ``gsa_flax.train.trainer.train_and_evaluate`` builds it, is
 compiled here for the target
@@ -247,7 +248,7 @@ if __name__ == '__main__':
     'target',
     '',
     'Size the run on an accelerator without it: compile the training step for a Cloud TPU '
-    f'slice or an H100 ({", ".join(aot.TARGETS)}, or a pod slice such as tpu-v5e:4x4). '
+    f'slice or an NVIDIA GPU ({", ".join(aot.TARGETS)}, or a pod slice such as tpu-v5e:4x4). '
     'Per-device batch: --per_device_batch, or batch_size / --num_devices (default: the '
     "target's chips). --nomemory skips the largest-batch fit.",
   )

@@ -46,6 +46,9 @@ def _compile(target, f, *args):
     ('tpu-v5p:2x2x1', 4, 'TPU v5'),
     ('tpu-v6e:2x2', 4, 'TPU v6 lite'),
     ('h100', 1, 'NVIDIA H100 80GB HBM3'),
+    ('a100', 1, 'NVIDIA A100-SXM4-40GB'),
+    ('l4', 1, 'NVIDIA L4'),
+    ('t4', 1, 'Tesla T4'),
   ],
 )
 def test_named_targets_are_single_host_slices_of_their_chip(name, chips, kind):
@@ -58,16 +61,17 @@ def test_named_targets_are_single_host_slices_of_their_chip(name, chips, kind):
   assert target.mesh.devices.shape == (chips,)
 
 
-def test_h100_facts_agree_with_the_compiler_target_description():
-  spec = aot.h100_target_config()
+@pytest.mark.parametrize('name', aot.GPUS)
+def test_gpu_facts_agree_with_the_compiler_target_description(name):
+  spec = aot.gpu_target_config(name)
   memory = int(spec.split('device_memory_size:')[1].split()[0])
   bandwidth = int(spec.split('memory_bandwidth:')[1].split()[0])
-  chip = aot.get_target('h100').chip
+  chip = aot.get_target(name).chip
   assert chip.hbm_bytes == memory
   assert chip.hbm_bandwidth == pytest.approx(bandwidth, rel=0.01)
 
 
-@pytest.mark.parametrize('name', ['tpu-v7:2x2', 'a100', 'v5e:2x2', ''])
+@pytest.mark.parametrize('name', ['tpu-v7:2x2', 'v100', 'v5e:2x2', ''])
 def test_unknown_target_names_the_valid_ones(name):
   with pytest.raises(ValueError, match='unknown target') as error:
     aot.get_target(name)

@@ -38,6 +38,20 @@ def test_a_tiny_train_step_compiles_for_a_tpu_slice_with_its_kernels_priced():
   assert 0 < analysis.hbm_needed <= target.chip.hbm_bytes
 
 
+@pytest.mark.parametrize('target_name, calls_per_layer', [('t4', 0), ('a100', 4), ('l4', 4)])
+def test_a_tiny_train_step_compiles_for_each_gpu_with_the_kernels_it_supports(
+  target_name, calls_per_layer
+):
+  """The trainer's step for a T4 (Colab's free GPU, compute capability 7.5) runs the
+  einsum ops; for an A100 or an L4 the Triton kernels, four calls per GSA layer."""
+  config = tiny_config('')
+  target = aot.get_target(target_name)
+  compiled = report.compile_train_step(config, target, 4)
+  kernels = [c for c in hlo.custom_calls(compiled.as_text()) if 'triton' in c.target]
+  assert len(kernels) == calls_per_layer * sum(networks.build(config, 10).stage_sizes)
+  assert 0 < aot.analyze(compiled).hbm_needed <= target.chip.hbm_bytes
+
+
 @pytest.mark.parametrize('target_name, batch', [('h100', 4)])
 def test_target_report_agrees_with_the_compiled_steps(target_name, batch):
   """The tiny network and its counterpart compiled for a TPU slice and an H100 as --target

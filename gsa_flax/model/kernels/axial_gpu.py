@@ -39,6 +39,17 @@ F32 = jnp.float32
 NEG = -1e30  # stands for -inf where a fully masked row must not produce NaNs
 MIN_DOT = 16  # tensor-core dots need every dimension >= 16
 
+# XLA compiles Triton kernels for NVIDIA GPUs from Ampere on; on older ones (T4, V100,
+# P100) the einsum ops run instead (:func:`supports`).
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def supports(compute_capability: str) -> bool:
+  """Whether these kernels compile for a GPU of this compute capability
+  (``jax.Device.compute_capability``, e.g. ``'7.5'`` for a T4, ``'9.0'`` for an H100)."""
+  major, _, minor = str(compute_capability).partition('.')
+  return (int(major), int(minor or 0)) >= MIN_COMPUTE_CAPABILITY
+
 
 def group_size(step: AxialStep) -> int:
   """Lines per program: the largest divisor of the line count that is at most 16.

@@ -370,11 +370,15 @@ def batch_partitioned(
   XLA's partitioner cannot split a custom call (Mosaic refuses to be partitioned at all).
   Arguments with a leading batch dimension (``batched``) keep the batch's sharding and
   are whole along their other dimensions, the others are replicated; every output is
-  batch-leading and sharded like the batch. When the batch's sharding is known while
-  tracing (mesh axes of type Explicit, as ``jax.make_mesh`` makes them, or a mesh set
-  with ``jax.set_mesh``), this is a :func:`jax.shard_map`; otherwise a
-  ``custom_partitioning`` rule lets the partitioner place the call (on one device, or
-  through the GPU plugin); a TPU needs the former.
+  batch-leading and sharded like the batch. Whenever the trace knows a mesh (the
+  arguments' shardings name one, or one is set with ``jax.set_mesh``), this is a
+  :func:`jax.shard_map` over it: with the batch's mesh axes when the types say them
+  (axes of type Explicit, as ``jax.make_mesh`` makes them), else (axes of type Auto, as
+  ``jax.sharding.Mesh(devices, names)`` makes them, whose placement XLA decides after
+  tracing) over the Auto axes that divide the batch (:func:`_auto_batch_axes`), so that
+  a data-parallel mesh needs no communication. Only without any mesh in the trace does a
+  ``custom_partitioning`` rule let the partitioner place the call (on one device, or
+  through the GPU plugin); libtpu has no emitter for such a rule on more than one chip.
 
   Args:
     fn: ``fn(*arrays) -> sequence of arrays``, built from its arguments' shapes (so that it
@@ -393,6 +397,8 @@ def batch_partitioned(
     mesh, axes = _traced_batch_sharding(arrays, batched)
     if axes is None:
       return partitioned(*arrays)
+    if all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+      return tuple(fn(*arrays))  # inside a shard_map: this is already one device's share
     in_specs = tuple(P(axes) if flag else P() for flag in batched)
     mapped = jax.shard_map(
       lambda *a: tuple(fn(*a)),
@@ -406,35 +412,40 @@ def batch_partitioned(
   return call
 
 
-def traced_device_kind(array: jax.Array) -> str | None:
-  """The kind of device (``'TPU v5 lite'``, ...) a traced array is compiled for, when the
-  trace says: from its sharding's mesh (an ahead-of-time compile for a TPU topology knows
-  it), else from the default backend's devices when that backend is a TPU; else None."""
-  sharding = getattr(jax.typeof(array), 'sharding', None)
-  mesh = getattr(sharding, 'mesh', None)
-  device = getattr(mesh, 'abstract_device', None) if mesh is not None else None
-  if device is not None and getattr(device, 'device_kind', None):
-    return device.device_kind
-  if jax.default_backend() == 'tpu':
-    return jax.devices()[0].device_kind
-  return None
-
-
 def _traced_batch_sharding(arrays, batched):
-  """``(mesh, batch axes)`` when the batch's sharding is in the traced types, else None."""
+  """``(mesh, batch axes)`` of the first batched argument when the trace knows a mesh,
+  else ``(None, None)``; the axes are ``()`` (replicated) when none can split the batch."""
   for array, flag in zip(arrays, batched, strict=True):
     if not flag:
       continue
     sharding = getattr(jax.typeof(array), 'sharding', None)
-    spec = getattr(sharding, 'spec', ())
+    spec = tuple(getattr(sharding, 'spec', ()))
     mesh = getattr(sharding, 'mesh', None)
-    if mesh is not None and not mesh.empty and len(spec) and spec[0] is not None:
+    if mesh is None or mesh.empty:
+      mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return None, None
+    if spec and spec[0] is not None:
       return mesh, spec[0]
-    context = jax.sharding.get_abstract_mesh()
-    if not context.empty and len(spec) and spec[0] is not None:
-      return context, spec[0]
-    return None, None
+    return mesh, _auto_batch_axes(mesh, array.shape[0])
   return None, None
+
+
+def _auto_batch_axes(mesh, batch: int) -> tuple[str, ...]:
+  """The mesh's Auto axes, in mesh order, whose sizes' product divides ``batch``.
+
+  Their placement is decided by XLA after tracing; a batch sharded over the data axes
+  (the common layout) is then split the same way and runs without communication, any
+  other layout is resharded by XLA around the kernel call.
+  """
+  axes, size = [], 1
+  for name, axis_size, axis_type in zip(
+    mesh.axis_names, mesh.axis_sizes, mesh.axis_types, strict=True
+  ):
+    if axis_type == jax.sharding.AxisType.Auto and batch % (size * axis_size) == 0:
+      axes.append(name)
+      size *= axis_size
+  return tuple(axes)
 
 
 def _custom_partitioned(fn, in_ranks, batched, out_ranks):

@@ -1,7 +1,7 @@
-"""Sizing a run before having the accelerator: compile for a TPU slice or an H100 here.
+"""Sizing a run before having the accelerator: compile for a TPU slice or an NVIDIA GPU here.
 
-XLA compiles for a Cloud TPU topology (libtpu) or an NVIDIA H100 (the XLA GPU compiler and a
-target description) on a machine without either; nothing executes. This module names those
+XLA compiles for a Cloud TPU topology (libtpu) or an NVIDIA H100, A100, L4 or T4 (the XLA
+GPU compiler and a target description) on a machine without either; nothing executes. This module names those
 targets and reads, per chip, what the compiled program implies:
 
 * :func:`get_target` gives a target's devices, its one-axis ``data`` mesh (the trainer's),
@@ -12,7 +12,7 @@ targets and reads, per chip, what the compiled program implies:
 * :func:`fit_batch` finds the largest per-chip batch whose memory fits the chip.
 
 Compiling for TPU needs ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` when more than one process loads
-libtpu; compiling for the H100 without a GPU needs ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``.
+libtpu; compiling for a GPU without one needs ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``.
 Run with ``JAX_PLATFORMS=cpu`` so that neither runtime looks for local chips.
 
 The FLOPs and the HBM-traffic estimate come from :mod:`gsa_flax.tools.sizing.hlo`, which reads
@@ -72,6 +72,12 @@ class Chip:
 #   H100 SXM5: NVIDIA H100 Tensor Core GPU datasheet -- BF16 Tensor Core 1979 TFLOPS with 2:4
 #     sparsity, i.e. 989 dense; 80 GB HBM3 at 3.35 TB/s. The capacity below is what the CUDA
 #     driver reports for the 80 GB part (``device_memory_size`` of ``h100.txtpb``).
+#   A100 SXM4 40GB: NVIDIA A100 datasheet -- BF16 Tensor Core 312 TFLOPS dense, HBM2 1555 GB/s.
+#   L4: NVIDIA L4 datasheet -- BF16 Tensor Core 242 TFLOPS with sparsity, i.e. 121 dense;
+#     24 GB GDDR6 at 300 GB/s.
+#   T4: NVIDIA T4 datasheet -- FP16 Tensor Core 65 TFLOPS (Turing has no bfloat16 tensor
+#     cores: the FP16 peak stands in for it); 16 GB GDDR6 at 320 GB/s.
+# GPU capacities are the driver's figures, as in each chip's ``<chip>.txtpb``.
 # Google gives the TPU capacities as GB for 16/32/95 GiB parts (two, two and six HBM stacks).
 CHIPS: dict[str, Chip] = {
   'tpu-v4': Chip('TPU v4', 32 * _GIB, 1.2e12, 275e12),
@@ -79,7 +85,13 @@ CHIPS: dict[str, Chip] = {
   'tpu-v5p': Chip('TPU v5p', 95 * _GIB, 2.765e12, 459e12),
   'tpu-v6e': Chip('TPU v6e', 32 * _GIB, 1.638e12, 918e12),
   'h100': Chip('NVIDIA H100 SXM5 80GB', 84_942_979_072, 3.35e12, 989e12),
+  'a100': Chip('NVIDIA A100 SXM4 40GB', 42_314_694_656, 1.555e12, 312e12),
+  'l4': Chip('NVIDIA L4', 23_580_639_232, 300e9, 121e12),
+  't4': Chip('NVIDIA Tesla T4', 15_828_320_256, 320e9, 65e12),
 }
+
+# NVIDIA GPUs, each compiled for from its XLA target description ``<chip>.txtpb`` here.
+GPUS = ('h100', 'a100', 'l4', 't4')
 
 # The topology a chip name alone means (the smallest single-host slice libtpu accepts).
 DEFAULT_TOPOLOGY = {
@@ -88,6 +100,9 @@ DEFAULT_TOPOLOGY = {
   'tpu-v5p': '2x2x1',
   'tpu-v6e': '2x2',
   'h100': '1x1x1',
+  'a100': '1x1x1',
+  'l4': '1x1x1',
+  't4': '1x1x1',
 }
 
 # v4 and v5p chips have two TensorCores that JAX drives as one device ("megacore", as on a
@@ -95,7 +110,7 @@ DEFAULT_TOPOLOGY = {
 _TPU_CHIP_CONFIG = {'tpu-v4': 'megacore', 'tpu-v5p': 'megacore'}
 
 # The named targets; any topology libtpu accepts may follow a TPU chip's name instead.
-TARGETS = ('tpu-v4:2x2x1', 'tpu-v5e:2x2', 'tpu-v5p:2x2x1', 'tpu-v6e:2x2', 'h100')
+TARGETS = ('tpu-v4:2x2x1', 'tpu-v5e:2x2', 'tpu-v5p:2x2x1', 'tpu-v6e:2x2', *GPUS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +152,15 @@ class Target:
     return NamedSharding(self.mesh, P(*spec))
 
 
+def gpu_target_config(chip: str = 'h100') -> str:
+  """The XLA ``GpuTargetConfig`` text proto of one GPU of :data:`GPUS`, shipped with the
+  package (SMs, memory, bandwidth, shared memory, compute capability)."""
+  return importlib.resources.files(__package__).joinpath(f'{chip}.txtpb').read_text()
+
+
 def h100_target_config() -> str:
-  """The XLA ``GpuTargetConfig`` text proto of one H100 SXM5 80GB, shipped with the package."""
-  return importlib.resources.files(__package__).joinpath('h100.txtpb').read_text()
+  """The XLA ``GpuTargetConfig`` text proto of one H100 SXM5 80GB."""
+  return gpu_target_config('h100')
 
 
 @functools.cache
@@ -148,7 +169,7 @@ def get_target(name: str) -> Target:
 
   Args:
     name: one of :data:`TARGETS`, or a TPU chip with any slice topology libtpu accepts
-      (``'tpu-v5e:4x4'``: 16 chips on 4 hosts), or ``'h100'`` (one GPU;
+      (``'tpu-v5e:4x4'``: 16 chips on 4 hosts), or a GPU of :data:`GPUS` (one GPU;
       ``'h100:1x1x8'`` is one host with 8, ``'h100:1x8x1'`` 8 hosts with one each).
 
   Returns:
@@ -165,10 +186,13 @@ def get_target(name: str) -> Target:
     )
   topology = topology or DEFAULT_TOPOLOGY[chip_name]
   try:
-    if chip_name == 'h100':
+    if chip_name in GPUS:
       platform = 'cuda'
       desc = topologies.get_topology_desc(
-        platform='cuda', topology_name='h100', topology=topology, target_config=h100_target_config()
+        platform='cuda',
+        topology_name=chip_name,
+        topology=topology,
+        target_config=gpu_target_config(chip_name),
       )
     else:
       platform = 'tpu'
@@ -184,7 +208,7 @@ def get_target(name: str) -> Target:
     ) from e
   devices = desc.devices
   mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
-  full = 'h100' if name in ('h100', 'h100:1x1x1') else f'{chip_name}:{topology}'
+  full = chip_name if topology == DEFAULT_TOPOLOGY[chip_name] else f'{chip_name}:{topology}'
   return Target(full, platform, topology, CHIPS[chip_name], mesh)
 
 
