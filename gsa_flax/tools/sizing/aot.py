@@ -1,8 +1,8 @@
 """Sizing a run before having the accelerator: compile for a TPU slice or an NVIDIA GPU here.
 
 XLA compiles for a Cloud TPU topology (libtpu) or an NVIDIA H100, A100, L4 or T4 (the XLA
-GPU compiler and a target description) on a machine without either; nothing executes. This module names those
-targets and reads, per chip, what the compiled program implies:
+GPU compiler and a target description) on a machine without either; nothing executes. This
+module names those targets and reads, per chip, what the compiled program implies:
 
 * :func:`get_target` gives a target's devices, its one-axis ``data`` mesh (the trainer's),
   its host count and its chip's facts (HBM capacity and bandwidth, peak bf16 FLOP/s);
