@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gsa_flax.data import datasets, input_pipeline
+from gsa_flax.model import selfcheck
 from gsa_flax.train import (
   checkpoints,
   config_validation,
@@ -280,6 +281,13 @@ def _train(
   logging.info(
     'Training from step %d to %d (%d per epoch).', step_offset, num_train_steps, steps_per_epoch
   )
+  if selfcheck.kernels_selected(pieces.model):
+    # The kernels' first execution on this device is checked against the einsum ops here,
+    # in seconds, not found out from a run that learns worse; a mismatch stops the run.
+    checked = selfcheck.verify(
+      pieces.model, config.image_size, implementation=selfcheck.implementation_of(pieces.model)
+    )
+    logging.info('%s', selfcheck.summary(checked))
   meta = {'config': config.to_dict()}
   if origin:
     meta['init_from'] = origin
