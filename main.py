@@ -31,8 +31,37 @@ flags.DEFINE_bool(
   'distributed',
   None,
   'Call jax.distributed.initialize() to auto-detect the cluster (Cloud TPU pods, SLURM). '
-  'Default: on when a Cloud TPU multi-host environment or --coordinator_address is seen.',
+  "Default: on when JAX's cluster detection finds more than one process (GCE and GKE TPU "
+  'pod slices, SLURM jobs); --nodistributed turns it off.',
 )
+
+
+def multi_process_cluster() -> str | None:
+  """The multi-process environment JAX's own cluster detection finds, or None.
+
+  The same detection as ``jax.distributed.initialize()`` without arguments (GCE TPU VMs
+  through the metadata server, GKE TPU pods, SLURM, Open MPI, Kubernetes), kept to the
+  environments of more than one process: a single TPU VM or a one-task job needs no
+  distributed runtime. Without it a pod slice's hosts would each train alone, with no
+  sync point to save on SIGTERM. JAX exposes this detection only privately
+  (``jax._src.clusters``); if that moves, only the ``TPU_WORKER_HOSTNAMES`` check is left.
+  """
+  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  if len(hosts.split(',')) > 1:
+    return 'GkeTpuCluster'
+  try:
+    from jax._src import clusters
+  except ImportError:
+    return None
+  for env in clusters.ClusterEnv._cluster_types:
+    if env.opt_in_only_method or not env.is_env_present():
+      continue
+    try:
+      count = env.get_process_count()
+    except Exception:  # present but unreadable: let jax.distributed.initialize() say why
+      return env.__name__
+    return env.__name__ if count and count > 1 else None
+  return None
 
 
 def _init_distributed() -> None:
@@ -46,9 +75,7 @@ def _init_distributed() -> None:
       num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,
     )
-  elif FLAGS.distributed or (
-    FLAGS.distributed is None and len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
-  ):
+  elif FLAGS.distributed or (FLAGS.distributed is None and multi_process_cluster()):
     jax.distributed.initialize()
 
 

@@ -266,7 +266,7 @@ def test_layer_pallas_equals_xla():
 @pytest.mark.parametrize('axis_type', ['Explicit', 'Auto'])
 def test_kernels_run_per_device_under_a_sharded_jit(axis_type):
   """Batch sharded over the 8 CPU devices: every device runs the kernels on its own images
-  (a shard_map with Explicit mesh axes, a partitioning rule with Auto ones), no gathers."""
+  (a shard_map over the mesh, whether its axes are Explicit or Auto), no gathers."""
   devices = jax.devices()
   mesh = jax.make_mesh(
     (len(devices),), ('data',), (getattr(jax.sharding.AxisType, axis_type),), devices=devices

@@ -208,7 +208,8 @@ def get_target(name: str) -> Target:
     ) from e
   devices = desc.devices
   mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
-  full = chip_name if topology == DEFAULT_TOPOLOGY[chip_name] else f'{chip_name}:{topology}'
+  one_gpu = chip_name in GPUS and topology == DEFAULT_TOPOLOGY[chip_name]
+  full = chip_name if one_gpu else f'{chip_name}:{topology}'
   return Target(full, platform, topology, CHIPS[chip_name], mesh)
 
 
