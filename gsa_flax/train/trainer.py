@@ -287,7 +287,8 @@ def _train(
     checked = selfcheck.verify(
       pieces.model, config.image_size, implementation=selfcheck.implementation_of(pieces.model)
     )
-    logging.info('%s', selfcheck.summary(checked))
+    if checked:
+      logging.info('%s', selfcheck.summary(checked))
   meta = {'config': config.to_dict()}
   if origin:
     meta['init_from'] = origin
