@@ -49,8 +49,9 @@ def test_a_tiny_train_step_compiles_for_each_gpu_with_the_kernels_it_supports(
   config = tiny_config('')
   target = aot.get_target(target_name)
   compiled = report.compile_train_step(config, target, 4)
-  kernels = [c for c in hlo.custom_calls(compiled.as_text()) if 'triton' in c.target]
-  assert len(kernels) == calls_per_layer * sum(networks.build(config, 10).stage_sizes)
+  kernels = [c for c in traffic.custom_calls(compiled.as_text()) if 'triton' in c.target]
+  num_gsa_layers = sum(networks.build(networks.architecture_of(config), 10).stage_sizes)
+  assert len(kernels) == calls_per_layer * num_gsa_layers
   assert 0 < aot.analyze(compiled).hbm_needed <= target.chip.hbm_bytes
 
 
