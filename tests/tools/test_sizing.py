@@ -38,14 +38,13 @@ def test_a_tiny_train_step_compiles_for_a_tpu_slice_with_its_kernels_priced():
   assert 0 < analysis.hbm_needed <= target.chip.hbm_bytes
 
 
-@pytest.mark.parametrize(
-  'target_name, calls_per_layer', [('t4', 0), ('a100', 4), ('l4', 4), ('h100', 4)]
-)
+# The H100's step is compiled by the report test below.
+@pytest.mark.parametrize('target_name, calls_per_layer', [('t4', 0), ('a100', 4), ('l4', 4)])
 def test_a_tiny_train_step_compiles_for_each_gpu_with_the_kernels_it_supports(
   target_name, calls_per_layer
 ):
   """The trainer's step for a T4 (Colab's free GPU, compute capability 7.5) runs the
-  einsum ops; for an A100, L4 or H100 the Triton kernels, four calls per GSA layer."""
+  einsum ops; for an A100 or an L4 the Triton kernels, four calls per GSA layer."""
   config = tiny_config('')
   target = aot.get_target(target_name)
   compiled = report.compile_train_step(config, target, 4)
