@@ -283,7 +283,7 @@ def _train(
   )
   if selfcheck.kernels_selected(pieces.model):
     # The kernels' first execution on this device is checked against the einsum ops here,
-    # in seconds, not found out from a run that learns worse; a mismatch stops the run.
+    # before the first step, not found out from a run that learns worse.
     checked = selfcheck.verify(
       pieces.model, config.image_size, implementation=selfcheck.implementation_of(pieces.model)
     )
