@@ -217,7 +217,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(digits_dir, tmp_pa
   def poisoned(start_step):
     for index, batch in enumerate(real(start_step=start_step), start=start_step):
       if index == 4:  # the 5th step sees NaN images
-        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+        batch = dict(batch, image=np.full(batch['image'].shape, np.nan, np.float32))
       yield batch
 
   with pytest.raises(FloatingPointError, match=r'(train_loss|grad_norm) became NaN/inf at step 5;'):

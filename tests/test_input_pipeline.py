@@ -52,6 +52,13 @@ def _unnormalize(images: np.ndarray, spec: datasets.DatasetSpec) -> np.ndarray:
   return np.round(images * std + mean).astype(np.uint8)
 
 
+def _normalized(images: np.ndarray, spec: datasets.DatasetSpec = DIGITS) -> np.ndarray:
+  """What the compiled steps make of a batch's images: ``(x - mean) / std`` in float32."""
+  mean = np.array(spec.mean_rgb, np.float32)
+  std = np.array(spec.stddev_rgb, np.float32)
+  return (images.astype(np.float32) - mean) / std
+
+
 def _collect_eval(builder, global_batch_size: int, process=None):
   iterator, num_steps = input_pipeline.create_eval_iterator(
     builder,
@@ -64,11 +71,11 @@ def _collect_eval(builder, global_batch_size: int, process=None):
 
 
 def _real_examples(batches) -> collections.Counter:
-  """Fingerprints of the mask == 1 examples of eval batches, back on the uint8 scale."""
+  """Fingerprints of the mask == 1 examples of eval batches (uint8 images)."""
   images = np.concatenate([b['image'] for b in batches])
   labels = np.concatenate([b['label'] for b in batches])
   real = np.concatenate([b['mask'] for b in batches]) == 1.0
-  return _fingerprints(_unnormalize(images[real], DIGITS), labels[real])
+  return _fingerprints(images[real], labels[real])
 
 
 def test_get_builder_reuses_prepared_digits(builder):
@@ -86,13 +93,15 @@ def test_train_batches(builder):
   )
   first, second = next(iterator), next(iterator)
   assert first['image'].shape == (32, IMAGE_SIZE, IMAGE_SIZE, 3)
-  assert first['image'].dtype == np.float32 and first['label'].dtype == np.int32
+  # uint8, not normalised: the compiled step normalises on the device.
+  assert first['image'].dtype == np.uint8 and first['label'].dtype == np.int32
   assert first['label'].shape == (32,)
-  assert np.isfinite(first['image']).all()
   assert set(first['label']) <= set(range(10))
   assert not np.array_equal(first['image'], second['image'])
-  # Normalized: mean near 0 and std near 1 (padding adds some black, hence loose bounds).
-  assert abs(first['image'].mean()) < 0.5 and 0.6 < first['image'].std() < 1.5
+  # Normalised with the spec's statistics: mean near 0 and std near 1 (padding adds some
+  # black, hence loose bounds).
+  normalized = _normalized(first['image'])
+  assert abs(normalized.mean()) < 0.5 and 0.6 < normalized.std() < 1.5
 
 
 def test_steps_per_epoch(builder):
@@ -137,7 +146,7 @@ def test_train_epochs_are_reshuffled_permutations(builder):
   epochs = []
   for _ in range(2):
     batches = list(itertools.islice(iterator, 14))  # 1437 // 100 steps per epoch.
-    images = _unnormalize(np.concatenate([b['image'] for b in batches]), UNAUGMENTED)
+    images = np.concatenate([b['image'] for b in batches])
     labels = np.concatenate([b['label'] for b in batches])
     epoch = _fingerprints(images, labels)
     assert sum(epoch.values()) == 1400
@@ -164,7 +173,7 @@ def test_train_shards_of_two_processes_are_disjoint(builder):
     )
     batches = list(itertools.islice(iterator, 1437 // 64))
     assert batches[0]['image'].shape == (32, IMAGE_SIZE, IMAGE_SIZE, 3)  # Local batch.
-    images = _unnormalize(np.concatenate([b['image'] for b in batches]), UNAUGMENTED)
+    images = np.concatenate([b['image'] for b in batches])
     shards.append(_fingerprints(images, np.concatenate([b['label'] for b in batches])))
   assert sum(shards[0].values()) == sum(shards[1].values()) == 32 * (1437 // 64)
   assert not shards[0] & shards[1]
@@ -180,6 +189,7 @@ def test_eval_covers_split_once(builder, global_batch_size):
   assert num_steps == len(batches) == math.ceil(360 / global_batch_size)
   masks = np.concatenate([b['mask'] for b in batches])
   assert masks.dtype == np.float32
+  assert batches[0]['image'].dtype == np.uint8
   # Padding only at the end, with zero images.
   np.testing.assert_array_equal(masks, np.arange(len(masks)) < 360)
   padding = np.concatenate([b['image'] for b in batches])[360:]
@@ -209,7 +219,7 @@ def test_eval_processes_cover_split_with_equal_steps(builder, process_count):
 def test_preprocess_for_eval_matches_eval_batches(builder):
   (batch, *_), _ = _collect_eval(builder, 16)
   raw = [e['image'] for e in builder.as_dataset(split='test').take(16).as_numpy_iterator()]
-  for image, expected in zip(raw, batch['image'], strict=True):
+  for image, expected in zip(raw, _normalized(batch['image']), strict=True):
     actual = input_pipeline.preprocess_for_eval(image, spec=DIGITS, image_size=IMAGE_SIZE)
     np.testing.assert_array_equal(actual.numpy(), expected)
 
@@ -281,9 +291,8 @@ def test_mocked_dataset_through_real_loading(mock_data_dir, dataset, image_size)
     train = list(itertools.islice(input_pipeline.create_train_iterator(builder, **kwargs), 5))
     for batch in train:
       assert batch['image'].shape == (4, image_size, image_size, 3)
-      assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int32
-      assert np.isfinite(batch['image']).all()
-      assert 0.1 < batch['image'].std() < 10
+      assert batch['image'].dtype == np.uint8 and batch['label'].dtype == np.int32
+      assert 0.1 < _normalized(batch['image'], spec).std() < 10
     resumed = next(input_pipeline.create_train_iterator(builder, **kwargs, start_step=4))
     np.testing.assert_array_equal(resumed['image'], train[4]['image'])
 
@@ -294,7 +303,7 @@ def test_mocked_dataset_through_real_loading(mock_data_dir, dataset, image_size)
     assert num_steps == len(batches) == 3
     masks = np.concatenate([b['mask'] for b in batches])
     np.testing.assert_array_equal(masks, np.arange(15) < MOCK_EXAMPLES)
-    images = np.concatenate([b['image'] for b in batches])
+    images = _normalized(np.concatenate([b['image'] for b in batches]), spec)
     assert images.shape == (15, image_size, image_size, 3) and np.isfinite(images).all()
 
     # The prediction path (a decoded image) gives exactly the eval batches' images.
@@ -367,22 +376,16 @@ def _example_keys(seed: int, epoch: int, positions) -> list[tf.Tensor]:
 def _padded_crops(builder, seed: int, keys) -> np.ndarray:
   """digits' 'pad' crop by hand: the raw examples in the epoch's order (from the
   unaugmented pipeline, same seed), zero-padded by 2 and cropped back with each key's
-  first 2-way split key. Returns the crops (float32 on 0..255, [batch, 16, 16, 3]) and
-  their labels."""
+  first 2-way split key. Returns the crops (uint8 [batch, 16, 16, 3]) and their
+  labels."""
   (plain,) = _batches(builder, 1, spec=UNAUGMENTED, seed=seed)
-  raw = _unnormalize(plain['image'], UNAUGMENTED).astype(np.float32)
+  raw = plain['image']
   crops = []
   for image, key in zip(raw, keys, strict=True):
     crop_key = tf.random.experimental.stateless_split(key, 2)[0]
     padded = tf.pad(image, [[2, 2], [2, 2], [0, 0]])  # round(4 / 32 * 16) = 2
     crops.append(tf.image.stateless_random_crop(padded, image.shape, seed=crop_key).numpy())
   return np.stack(crops), plain['label']
-
-
-def _normalized(images: np.ndarray) -> np.ndarray:
-  mean = np.array(DIGITS.mean_rgb, np.float32)
-  std = np.array(DIGITS.stddev_rgb, np.float32)
-  return (images.astype(np.float32) - mean) / std
 
 
 def test_augmentation_off_leaves_the_batches_as_they_were(builder):
@@ -392,7 +395,7 @@ def test_augmentation_off_leaves_the_batches_as_they_were(builder):
     (batch,) = _batches(builder, 1, augment=off)
     assert set(batch) == {'image', 'label'}
     np.testing.assert_array_equal(batch['label'], labels)
-    np.testing.assert_array_equal(batch['image'], _normalized(crops))
+    np.testing.assert_array_equal(batch['image'], crops)
 
 
 def test_rand_augment_follows_the_crop_with_the_third_key(builder):
@@ -401,18 +404,15 @@ def test_rand_augment_follows_the_crop_with_the_third_key(builder):
   (batch,) = _batches(builder, 1, augment=RAND_AUGMENT)
   assert set(batch) == {'image', 'label'}
   assert batch['image'].shape == (LOCAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)
-  assert batch['image'].dtype == np.float32
+  assert batch['image'].dtype == np.uint8
   np.testing.assert_array_equal(batch['label'], labels)
   want = []
   for crop, key in zip(crops, keys, strict=True):
-    grey_levels = np.clip(np.floor(crop + 0.5), 0, 255).astype(np.uint8)
     ra_key = tf.random.experimental.stateless_split(key, 3)[2]
-    want.append(
-      augment.rand_augment(grey_levels, ra_key, num_layers=2, magnitude=9.0, magnitude_std=0.5)
-    )
-  np.testing.assert_array_equal(batch['image'], _normalized(np.stack(want)))
+    want.append(augment.rand_augment(crop, ra_key, num_layers=2, magnitude=9.0, magnitude_std=0.5))
+  np.testing.assert_array_equal(batch['image'], np.stack(want))
   # Most images are changed (2 ops of 15, most of which change a digit at magnitude ~9).
-  changed = (batch['image'] != _normalized(crops)).any(axis=(1, 2, 3))
+  changed = (batch['image'] != crops).any(axis=(1, 2, 3))
   assert changed.mean() > 0.5
 
 
@@ -429,8 +429,14 @@ def test_mixing_is_keyed_by_the_absolute_step(builder):
     # prob=1: every batch is mixed with itself reversed.
     np.testing.assert_array_equal(after['mix_label'], before['label'][::-1])
     key = tf.random.experimental.stateless_fold_in(base, tf.constant(step, tf.int64))
+    # Mixed on the 0..255 scale: float32 images, still to be normalised by the step.
     want = augment.mix_batch(
-      before['image'], before['label'], key, mixup_alpha=0.2, cutmix_alpha=1.0, prob=1.0
+      before['image'].astype(np.float32),
+      before['label'],
+      key,
+      mixup_alpha=0.2,
+      cutmix_alpha=1.0,
+      prob=1.0,
     )
     for name in after:
       np.testing.assert_array_equal(after[name], want[name].numpy(), err_msg=name)

@@ -185,6 +185,10 @@ def test_each_set_of_weights_is_evaluated_under_its_own_name(strong_run, digits_
   )
   batch = next(batches)
   assert count == 1 and batch['mask'].all()
+  # The batch leaves the pipeline as uint8 on 0..255; the eval step normalises it.
+  images = (batch['image'].astype(np.float32) - np.float32(spec.mean_rgb)) / np.float32(
+    spec.stddev_rgb
+  )
   model = experiment.setup(tiny_config(digits_dir, **STRONG), 10).model
   apply = jax.jit(functools.partial(model.apply, train=False))
   losses = {}
@@ -192,7 +196,7 @@ def test_each_set_of_weights_is_evaluated_under_its_own_name(strong_run, digits_
     ('', state_lib.variables(state)),
     (evaluators.EMA_PREFIX, state_lib.ema_variables(state)),
   ):
-    logits = np.asarray(apply(jax.device_get(variables), batch['image']), np.float64)
+    logits = np.asarray(apply(jax.device_get(variables), images), np.float64)
     shifted = logits - logits.max(-1, keepdims=True)
     log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     losses[prefix] = -np.mean(log_softmax[np.arange(len(logits)), batch['label']])

@@ -22,9 +22,14 @@ after ``k`` batches; it skips the records before step ``k`` of its epoch without
 
 Strong augmentation (:class:`Augment`, off by default) keeps that property: RandAugment
 (:func:`gsa_flax.data.augment.rand_augment`) is drawn from the example's key, after the crop,
-resize and flip and before normalisation; Mixup/CutMix (:func:`gsa_flax.data.augment.mix_batch`)
+resize and flip; Mixup/CutMix (:func:`gsa_flax.data.augment.mix_batch`)
 acts on each batch with a key drawn from ``(seed, process, absolute step)``, a stream apart
 from the examples' keys. With augmentation off, no op of it is in the pipeline.
+
+Batches carry ``uint8`` images, cropped and resized but not normalised: a quarter of the
+float32 bytes to copy to the accelerators, which normalise them inside the compiled step
+with the spec's mean and std (:func:`normalize` is the same function on the host, for
+prediction). Mixup/CutMix batches are the exception: mixed images are float32 on 0..255.
 
 Evaluation visits every example of the eval split once: the last batches are padded and
 carry ``mask`` 0.0, and every process yields the same number of batches.
@@ -192,7 +197,8 @@ def steps_per_epoch(
   return _train_steps_per_epoch(builder, spec, local_batch, process)
 
 
-# Image ops. Images are uint8 [height, width, 3] until resized, then float32 on 0..255.
+# Image ops. Images are uint8 [height, width, 3] throughout; batches leave the host as uint8
+# (4x fewer bytes than float32) and the compiled steps normalise them on the device.
 
 
 def decode(encoded: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
@@ -211,15 +217,34 @@ def decode(encoded: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def _normalize(image: tf.Tensor, spec: DatasetSpec) -> tf.Tensor:
+def normalize(images: tf.Tensor, spec: DatasetSpec) -> tf.Tensor:
+  """``(images - mean) / std`` with the dataset's statistics, as float32.
+
+  What the compiled steps do on the device to the batches of the ``create_*_iterator``
+  functions (:func:`gsa_flax.train.steps.normalize_images`); here for images that go to a
+  model without them (prediction, figures).
+
+  Args:
+    images: ``[..., 3]`` on the 0..255 scale, any real dtype.
+    spec: the dataset: its ``mean_rgb`` and ``stddev_rgb``.
+  """
   mean = tf.constant(spec.mean_rgb, tf.float32)
   std = tf.constant(spec.stddev_rgb, tf.float32)
-  return (tf.cast(image, tf.float32) - mean) / std
+  return (tf.cast(images, tf.float32) - mean) / std
 
 
 def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
-  # Antialiased bilinear stays within 0..255 and is the identity at equal size.
-  return tf.image.resize(image, [image_size, image_size], method='bilinear', antialias=True)
+  """Bilinear without antialias, rounded half up to ``uint8``; the identity at equal size.
+
+  Antialiasing costs 1.1 ms of CPU per ImageNet crop, more than the decode (0.6 ms), for a
+  filter that the standard ResNet/Inception recipes trained without (TF-slim's Inception
+  preprocessing, big_vision: bilinear; flax: bicubic, 0.15 ms more); training and
+  evaluation use the same resize, so the model sees one image statistics
+  (``benchmarks/pipeline.py``).
+  """
+  resized = tf.image.resize(image, [image_size, image_size], method='bilinear')
+  # A convex combination of grey levels: adding 1/2 and truncating rounds half up.
+  return tf.saturate_cast(resized + 0.5, tf.uint8)
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:
@@ -258,8 +283,14 @@ def preprocess_for_eval(image: tf.Tensor, *, spec: DatasetSpec, image_size: int)
     image_size: output height and width.
 
   Returns:
-    ``float32 [image_size, image_size, 3]``, normalized with the dataset's mean and std.
+    ``float32 [image_size, image_size, 3]``, normalized with the dataset's mean and std:
+    :func:`normalize` of the ``uint8`` image that evaluation batches carry.
   """
+  return normalize(_eval_crop(image, spec, image_size), spec)
+
+
+def _eval_crop(image: tf.Tensor, spec: DatasetSpec, image_size: int) -> tf.Tensor:
+  """The eval crop and resize of a decoded image: ``uint8 [image_size, image_size, 3]``."""
   image = tf.convert_to_tensor(image)
   if image.dtype != tf.uint8:
     raise ValueError(f'Expected a uint8 image, got {image.dtype.name}.')
@@ -270,7 +301,7 @@ def preprocess_for_eval(image: tf.Tensor, *, spec: DatasetSpec, image_size: int)
     window = _central_square_window(tf.shape(image))
   y, x, height, width = tf.unstack(window)
   image = tf.image.crop_to_bounding_box(image, y, x, height, width)
-  return _normalize(_resize(image, image_size), spec)
+  return _resize(image, image_size)
 
 
 def _eval_image(encoded: tf.Tensor, spec: DatasetSpec, image_size: int) -> tf.Tensor:
@@ -278,12 +309,7 @@ def _eval_image(encoded: tf.Tensor, spec: DatasetSpec, image_size: int) -> tf.Te
   # full decode along the crop border (a few grey levels), and a full decode keeps eval
   # batches bit-identical to preprocess_for_eval (the prediction path). The eval crop keeps
   # ~77% of the image anyway, so fusing would save little.
-  return preprocess_for_eval(decode(encoded), spec=spec, image_size=image_size)
-
-
-def _to_uint8(image: tf.Tensor) -> tf.Tensor:
-  """Rounds half up to a grey level and clips to 0..255 (RandAugment's input)."""
-  return tf.cast(tf.clip_by_value(tf.floor(image + 0.5), 0.0, 255.0), tf.uint8)
+  return _eval_crop(decode(encoded), spec, image_size)
 
 
 def _train_image(
@@ -319,13 +345,13 @@ def _train_image(
     image = tf.image.stateless_random_flip_left_right(image, flip_key)
   if augment.rand_augment:
     image = rand_augment(
-      _to_uint8(image),
+      image,
       keys[2],
       num_layers=augment.num_layers,
       magnitude=augment.magnitude,
       magnitude_std=augment.magnitude_std,
     )
-  return _normalize(image, spec)
+  return image
 
 
 def _decoders() -> tfds.decode.PartialDecoding:
@@ -391,8 +417,9 @@ def _train_epoch(
 
     def mix(step, batch):
       key = tf.random.experimental.stateless_fold_in(mix_key, step)
+      # Mixing is done on the 0..255 scale; the mixed batch stays float32.
       return mix_batch(
-        batch['image'],
+        tf.cast(batch['image'], tf.float32),
         batch['label'],
         key,
         mixup_alpha=augment.mixup_alpha,
@@ -439,10 +466,12 @@ def create_train_iterator(
       without them.
 
   Returns:
-    An iterator of ``{'image': float32 [local_batch, image_size, image_size, 3]
-    (normalized), 'label': int32 [local_batch]}``, ``local_batch = global_batch_size //
-    jax.process_count()``. With Mixup or CutMix on, batches also carry ``'mix_label':
-    int32 [local_batch]`` and ``'mix_weight': float32 [local_batch]``: the target is
+    An iterator of ``{'image': uint8 [local_batch, image_size, image_size, 3], 'label':
+    int32 [local_batch]}``, ``local_batch = global_batch_size // jax.process_count()``;
+    images are not normalised (the compiled step does it on the device:
+    :func:`normalize`). With Mixup or CutMix on, the images are ``float32`` on the same
+    0..255 scale, and batches also carry ``'mix_label': int32 [local_batch]`` and
+    ``'mix_weight': float32 [local_batch]``: the target is
     ``mix_weight * onehot(label) + (1 - mix_weight) * onehot(mix_label)``
     (:func:`gsa_flax.data.augment.mix_batch`).
 
@@ -514,8 +543,8 @@ def create_eval_iterator(
 
   Returns:
     ``(iterator, num_steps)``. The iterator yields exactly ``num_steps`` batches of
-    ``{'image': float32 [local_batch, image_size, image_size, 3], 'label': int32
-    [local_batch], 'mask': float32 [local_batch]}``; ``mask`` is 1.0 for real examples and
+    ``{'image': uint8 [local_batch, image_size, image_size, 3] (not normalised), 'label':
+    int32 [local_batch], 'mask': float32 [local_batch]}``; ``mask`` is 1.0 for real examples and
     0.0 for padding (zero image, label 0). ``num_steps = ceil(ceil(n / process_count) /
     local_batch)`` on every process, so collectives in the eval step line up.
   """
@@ -539,7 +568,7 @@ def create_eval_iterator(
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   padding = {
-    'image': tf.zeros([image_size, image_size, 3], tf.float32),
+    'image': tf.zeros([image_size, image_size, 3], tf.uint8),
     'label': tf.constant(0, tf.int32),
     'mask': tf.constant(0.0, tf.float32),
   }
@@ -574,7 +603,12 @@ def eval_images(
   """
   _check_builder(builder, spec)
   ds = _eval_dataset(builder, spec.eval_split).take(count)
-  ds = ds.map(lambda example: (_eval_image(example['image'], spec, image_size), example['label']))
+  ds = ds.map(
+    lambda example: (
+      normalize(_eval_image(example['image'], spec, image_size), spec),
+      example['label'],
+    )
+  )
   images, labels = [], []
   for image, label in ds.as_numpy_iterator():
     images.append(image)

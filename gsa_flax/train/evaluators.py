@@ -79,8 +79,9 @@ class ClassificationEvaluator:
 
   Args:
     context: the run.
-    batches: ``() -> (iterator, count)`` of padded eval batches (``image``, ``label``,
-      ``mask``) for one evaluation; default: one pass over the dataset's eval split.
+    batches: ``() -> (iterator, count)`` of padded eval batches (``image`` on the 0..255
+      scale, normalised in the step with the dataset's statistics, ``label``, ``mask``)
+      for one evaluation; default: one pass over the dataset's eval split.
   """
 
   def __init__(
@@ -99,7 +100,9 @@ class ClassificationEvaluator:
     replicated = NamedSharding(context.mesh, P())
     self.data_sharding = NamedSharding(context.mesh, P(DATA_AXIS))
     self.step = jax.jit(
-      functools.partial(eval_step, context.model),
+      functools.partial(
+        eval_step, context.model, image_stats=(context.spec.mean_rgb, context.spec.stddev_rgb)
+      ),
       in_shardings=(replicated, self.data_sharding),
       out_shardings=replicated,
     )

@@ -89,6 +89,30 @@ class EvalMetrics(metrics.Collection):
 
 # ----------------------------------------------------------------------------- steps
 
+# A dataset's per-channel (mean, stddev) on the 0..255 scale (its DatasetSpec's mean_rgb and
+# stddev_rgb).
+ImageStats = tuple[Sequence[float], Sequence[float]]
+
+
+def normalize_images(images: jax.Array, stats: ImageStats) -> jax.Array:
+  """``(images - mean) / std`` in float32: the input pipeline's batches, made model inputs.
+
+  The pipeline hands over ``uint8`` images (float32 on 0..255 when mixed), a quarter of
+  the bytes of normalised float32 to copy; normalising here costs the accelerator next to
+  nothing, and the model's first layer casts the result to its compute dtype. It is
+  ``gsa_flax.data.input_pipeline.normalize``'s formula, on the device.
+
+  Args:
+    images: ``[batch, height, width, 3]`` on the 0..255 scale, any real dtype.
+    stats: ``(mean_rgb, stddev_rgb)``.
+  """
+  mean, std = (jnp.asarray(values, jnp.float32) for values in stats)
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def _model_inputs(batch: dict[str, jax.Array], image_stats: ImageStats | None) -> jax.Array:
+  return batch['image'] if image_stats is None else normalize_images(batch['image'], image_stats)
+
 
 def soft_targets(
   batch: dict[str, jax.Array], num_classes: int, label_smoothing: float
@@ -121,18 +145,23 @@ def train_step(
   schedule: optax.Schedule,
   num_classes: int,
   label_smoothing: float,
+  image_stats: ImageStats | None = None,
 ) -> tuple[state_lib.TrainState, TrainMetrics]:
   """One SGD step on a global batch; returns the new state and this step's metrics.
 
+  With ``image_stats`` the batch's images are the input pipeline's (0..255) and are
+  normalised first (:func:`normalize_images`); without, they go to the model as they are.
   The loss is :func:`cross_entropy` (mixed targets when the batch is mixed); the accuracy
   counts ``label``. The state's moving average, if it keeps one, is updated after the
   parameters (:meth:`gsa_flax.train.state.TrainState.apply_gradients`).
   """
 
+  images = _model_inputs(batch, image_stats)
+
   def loss_fn(params):
     logits, updates = state.apply_fn(
       {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
+      images,
       train=True,
       mutable=['batch_stats'],
     )
@@ -153,10 +182,16 @@ def train_step(
 
 
 def eval_step(
-  model: nn.Module, variables: dict[str, Any], batch: dict[str, jax.Array]
+  model: nn.Module,
+  variables: dict[str, Any],
+  batch: dict[str, jax.Array],
+  image_stats: ImageStats | None = None,
 ) -> EvalMetrics:
-  """Metrics of one (padded) eval batch; padding carries ``mask == 0`` and counts for nothing."""
-  logits = model.apply(variables, batch['image'], train=False)
+  """Metrics of one (padded) eval batch; padding carries ``mask == 0`` and counts for nothing.
+
+  ``image_stats``: as in :func:`train_step`.
+  """
+  logits = model.apply(variables, _model_inputs(batch, image_stats), train=False)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
   return EvalMetrics.single_from_model_output(
     loss=loss, logits=logits, labels=batch['label'], mask=batch['mask']
@@ -174,13 +209,21 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
 
 
 def jit_train_step(
-  mesh: jax.sharding.Mesh, schedule: optax.Schedule, num_classes: int, label_smoothing: float
+  mesh: jax.sharding.Mesh,
+  schedule: optax.Schedule,
+  num_classes: int,
+  label_smoothing: float,
+  image_stats: ImageStats | None = None,
 ):
   """The training step as it runs: batch sharded on ``data``, state replicated and donated."""
   replicated = NamedSharding(mesh, P())
   return jax.jit(
     functools.partial(
-      train_step, schedule=schedule, num_classes=num_classes, label_smoothing=label_smoothing
+      train_step,
+      schedule=schedule,
+      num_classes=num_classes,
+      label_smoothing=label_smoothing,
+      image_stats=image_stats,
     ),
     in_shardings=(replicated, NamedSharding(mesh, P(DATA_AXIS))),
     out_shardings=(replicated, replicated),

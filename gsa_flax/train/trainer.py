@@ -72,7 +72,8 @@ def train_and_evaluate(
     workdir: where checkpoints, TensorBoard events and ``config.json`` go (local or
       ``gs://``).
     train_data: this process's training batches from a given step on, ``start_step ->
-      iterator`` of ``{'image', 'label'}``; default: the dataset's train pipeline.
+      iterator`` of ``{'image', 'label'}`` with images on the 0..255 scale (normalised in
+      the step with the dataset's statistics); default: the dataset's train pipeline.
     evaluators: built with the run's :class:`gsa_flax.train.evaluators.Context` and run at every
       evaluation (and alone with ``config.eval_only``); their results go to TensorBoard.
     checkpointer: default: :class:`checkpoints.Checkpointer` of ``workdir``.
@@ -243,7 +244,11 @@ def _train(
     writer.write_hparams(_flatten(config.to_dict()))
 
   p_train_step = steps.jit_train_step(
-    mesh, pieces.schedule, spec.num_classes, config.label_smoothing
+    mesh,
+    pieces.schedule,
+    spec.num_classes,
+    config.label_smoothing,
+    image_stats=(spec.mean_rgb, spec.stddev_rgb),
   )
   if train_data is None:
     train_data = functools.partial(
