@@ -281,20 +281,14 @@ def test_missing_dataset(tmp_path, dataset):
 
 @pytest.mark.parametrize(('dataset', 'image_size'), [('cifar100', 40), ('imagenet2012', 24)])
 def test_mocked_dataset_through_real_loading(mock_data_dir, dataset, image_size):
+  """Metadata and evaluation through the real loading code (the mock serves no files, so
+  training, which reads the record files, is tested on real JPEG records below)."""
   spec = datasets.get(dataset)
   with mock_data(mock_data_dir):
     builder = input_pipeline.get_builder(spec, '/data/dir/ignored/by/mock')
     names = input_pipeline.class_names(builder)
     assert len(names) == spec.num_classes == (1000 if dataset == 'imagenet2012' else 100)
-    kwargs = dict(spec=spec, global_batch_size=4, image_size=image_size, seed=3)
     assert input_pipeline.steps_per_epoch(builder, spec, 4) == MOCK_EXAMPLES // 4
-    train = list(itertools.islice(input_pipeline.create_train_iterator(builder, **kwargs), 5))
-    for batch in train:
-      assert batch['image'].shape == (4, image_size, image_size, 3)
-      assert batch['image'].dtype == np.uint8 and batch['label'].dtype == np.int32
-      assert 0.1 < _normalized(batch['image'], spec).std() < 10
-    resumed = next(input_pipeline.create_train_iterator(builder, **kwargs, start_step=4))
-    np.testing.assert_array_equal(resumed['image'], train[4]['image'])
 
     iterator, num_steps = input_pipeline.create_eval_iterator(
       builder, spec=spec, global_batch_size=5, image_size=image_size
@@ -318,6 +312,92 @@ def test_mocked_dataset_through_real_loading(mock_data_dir, dataset, image_size)
       decoded = tf.io.decode_image(example['image'], channels=3, expand_animations=False)
       actual = input_pipeline.preprocess_for_eval(decoded, spec=spec, image_size=image_size)
       np.testing.assert_array_equal(actual.numpy(), expected)
+
+
+# Real JPEG records in several files, read with imagenet2012's spec (Inception crop fused
+# with the decode). Labels are the record indices, so each example can be identified.
+# 2,100 records: three windows of the training order (1,024 records each, the last short).
+JPEG_RECORDS = 2100
+JPEGS = dataclasses.replace(datasets.get('imagenet2012'), name='jpeg_records')
+
+
+@pytest.fixture(scope='module')
+def jpeg_builder(tmp_path_factory):
+  shapes = [(12, 16), (16, 12)]  # landscape and portrait, like ImageNet's
+
+  def examples():
+    rng = np.random.default_rng(0)
+    for index in range(JPEG_RECORDS):
+      yield {'image': rng.integers(0, 256, (*shapes[index % 2], 3), np.uint8), 'label': index}
+
+  features = tfds.features.FeaturesDict(
+    {
+      'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+      'label': tfds.features.ClassLabel(num_classes=JPEG_RECORDS),
+    }
+  )
+  train = tf.data.Dataset.from_generator(
+    examples,
+    output_signature={
+      'image': tf.TensorSpec([None, None, 3], tf.uint8),
+      'label': tf.TensorSpec([], tf.int64),
+    },
+  )
+  builder = tfds.dataset_builders.TfDataBuilder(
+    name=JPEGS.name,
+    version='1.0.0',
+    split_datasets={'train': train},
+    features=features,
+    data_dir=str(tmp_path_factory.mktemp('jpegs')),
+  )
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=3))
+  return builder
+
+
+def test_jpeg_records_train_epochs_and_resume(jpeg_builder):
+  assert len(jpeg_builder.info.splits['train'].file_instructions) == 3
+  kwargs = dict(spec=JPEGS, global_batch_size=64, image_size=8, seed=3)
+  steps = input_pipeline.steps_per_epoch(jpeg_builder, JPEGS, 64)
+  assert steps == JPEG_RECORDS // 64
+  batches = list(
+    itertools.islice(input_pipeline.create_train_iterator(jpeg_builder, **kwargs), 2 * steps)
+  )
+  for batch in batches:
+    assert batch['image'].shape == (64, 8, 8, 3) and batch['image'].dtype == np.uint8
+  # Each epoch: distinct records from all three files, in a new order.
+  epochs = [
+    np.concatenate([b['label'] for b in batches[e * steps : (e + 1) * steps]]) for e in (0, 1)
+  ]
+  for labels in epochs:
+    assert len(set(labels.tolist())) == steps * 64
+    assert set(labels.tolist()) <= set(range(JPEG_RECORDS))
+  assert epochs[0].tolist() != epochs[1].tolist()
+  # Resumed anywhere (in the first window, in the second and last, in the next epoch):
+  # the same batches.
+  for start in (3, 20, steps - 1, steps + 25):
+    resumed = input_pipeline.create_train_iterator(jpeg_builder, **kwargs, start_step=start)
+    for expected in batches[start : start + 2]:
+      actual = next(resumed)
+      np.testing.assert_array_equal(actual['image'], expected['image'])
+      np.testing.assert_array_equal(actual['label'], expected['label'])
+
+
+def test_jpeg_records_processes_read_disjoint_parts(jpeg_builder):
+  seen = []
+  for index in range(3):
+    iterator = input_pipeline.create_train_iterator(
+      jpeg_builder,
+      spec=JPEGS,
+      global_batch_size=192,
+      image_size=8,
+      seed=0,
+      process=(index, 3),
+    )
+    steps = input_pipeline.steps_per_epoch(jpeg_builder, JPEGS, 192, process=(index, 3))
+    labels = np.concatenate([next(iterator)['label'] for _ in range(steps)])
+    assert len(set(labels.tolist())) == len(labels) == steps * 64
+    seen.append(set(labels.tolist()))
+  assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
 
 
 def test_empty_data_dir_means_the_tfds_default(tmp_path):
