@@ -23,6 +23,7 @@ from helpers import DIGITS_IMAGE_SIZE as IMAGE_SIZE
 from helpers import MOCK_EXAMPLES, environment, mock_data
 
 from gsa_flax.data import augment, datasets, input_pipeline
+from gsa_flax.train import steps
 
 DIGITS = datasets.get('digits')
 # Decode and normalise only (no crop, no flip): training examples can be identified.
@@ -316,7 +317,7 @@ def test_mocked_dataset_through_real_loading(mock_data_dir, dataset, image_size)
 
 # Real JPEG records in several files, read with imagenet2012's spec (Inception crop fused
 # with the decode). Labels are the record indices, so each example can be identified.
-# 2,100 records: three windows of the training order (1,024 records each, the last short).
+# 2,100 records in three files: two windows of the training order (two files, then one).
 JPEG_RECORDS = 2100
 JPEGS = dataclasses.replace(datasets.get('imagenet2012'), name='jpeg_records')
 
@@ -374,7 +375,7 @@ def test_jpeg_records_train_epochs_and_resume(jpeg_builder):
   assert epochs[0].tolist() != epochs[1].tolist()
   # Resumed anywhere (in the first window, in the second and last, in the next epoch):
   # the same batches.
-  for start in (3, 20, steps - 1, steps + 25):
+  for start in (3, 25, steps - 1, steps + 25):
     resumed = input_pipeline.create_train_iterator(jpeg_builder, **kwargs, start_step=start)
     for expected in batches[start : start + 2]:
       actual = next(resumed)
@@ -496,6 +497,9 @@ def test_rand_augment_follows_the_crop_with_the_third_key(builder):
   assert changed.mean() > 0.5
 
 
+MIX_FIELDS = {'image', 'label', 'mix_label', 'mix_weight', 'mix_blend', 'mix_box'}
+
+
 def test_mixing_is_keyed_by_the_absolute_step(builder):
   plain = _batches(builder, 7)  # crosses into epoch 1 at step 5
   mixed = _batches(builder, 7, augment=MIX)
@@ -503,13 +507,15 @@ def test_mixing_is_keyed_by_the_absolute_step(builder):
   base = tf.random.experimental.stateless_fold_in(run_key, 2**31 - 1)
   weights = set()
   for step, (before, after) in enumerate(zip(plain, mixed, strict=True)):
-    assert set(after) == {'image', 'label', 'mix_label', 'mix_weight'}
+    assert set(after) == MIX_FIELDS
     assert after['mix_label'].dtype == np.int32 and after['mix_weight'].dtype == np.float32
     np.testing.assert_array_equal(after['label'], before['label'])
+    # The images leave the host unmixed, uint8; the compiled step mixes them.
+    np.testing.assert_array_equal(after['image'], before['image'])
     # prob=1: every batch is mixed with itself reversed.
     np.testing.assert_array_equal(after['mix_label'], before['label'][::-1])
     key = tf.random.experimental.stateless_fold_in(base, tf.constant(step, tf.int64))
-    # Mixed on the 0..255 scale: float32 images, still to be normalised by the step.
+    # Mixed on the 0..255 scale, on the host, from the same key.
     want = augment.mix_batch(
       before['image'].astype(np.float32),
       before['label'],
@@ -518,8 +524,10 @@ def test_mixing_is_keyed_by_the_absolute_step(builder):
       cutmix_alpha=1.0,
       prob=1.0,
     )
-    for name in after:
+    for name in ('label', 'mix_label', 'mix_weight'):
       np.testing.assert_array_equal(after[name], want[name].numpy(), err_msg=name)
+    on_device = np.asarray(steps.mix_images(after))
+    np.testing.assert_allclose(on_device, want['image'].numpy(), rtol=0, atol=1e-4)
     assert len(set(after['mix_weight'].tolist())) == 1
     weights.add(float(after['mix_weight'][0]))
   assert len(weights) == 7  # a new lam every step
@@ -535,7 +543,7 @@ def augmented(builder):
 def test_augmented_resume_is_exact(builder, augmented, start_step):
   resumed = _batches(builder, 7 - start_step, augment=BOTH, start_step=start_step)
   for expected, actual in zip(augmented[start_step:], resumed, strict=True):
-    assert set(actual) == {'image', 'label', 'mix_label', 'mix_weight'}
+    assert set(actual) == MIX_FIELDS
     for name in expected:
       np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
   # prob=0.8 over 7 steps: both mixed and unmixed batches are in the stream.

@@ -67,3 +67,32 @@ def test_the_train_step_trains_on_the_mixed_target_and_counts_the_label():
     float(metrics['train_loss']), np.mean(-(target * log_softmax).sum(-1)), rtol=1e-5
   )
   assert float(metrics['train_accuracy']) == np.mean(logits.argmax(-1) == batch['label'])
+
+
+def test_mix_images_pairs_examples_within_each_process_part():
+  """Mixup and CutMix as the pipeline draws them, against the closed form on constant
+  images (every pixel tells its source); two process parts of four examples each."""
+  rng = np.random.default_rng()
+  values = rng.permutation(np.arange(1, 250))[:8].astype(np.uint8)
+  images = np.broadcast_to(values[:, None, None, None], (8, 5, 7, 3)).copy()
+  partner = np.array([3, 2, 1, 0, 7, 6, 5, 4])  # reversed within each part
+  lam = np.float32(rng.uniform())
+  mixup = steps.mix_images(
+    {'image': images, 'mix_blend': np.full(8, lam), 'mix_box': np.zeros((8, 4), np.int32)},
+    groups=2,
+  )
+  want = lam * values.astype(np.float32) + (1 - lam) * values[partner].astype(np.float32)
+  np.testing.assert_allclose(
+    mixup, np.broadcast_to(want[:, None, None, None], mixup.shape), rtol=1e-6
+  )
+  box = np.tile(np.array([[1, 4, 2, 7]], np.int32), (8, 1))  # rows 1..3, columns 2..6
+  cutmix = np.asarray(
+    steps.mix_images(
+      {'image': images, 'mix_blend': np.ones(8, np.float32), 'mix_box': box}, groups=2
+    )
+  )
+  inside = np.zeros((5, 7), bool)
+  inside[1:4, 2:7] = True
+  for i in range(8):
+    np.testing.assert_array_equal(cutmix[i][inside], values[partner[i]])
+    np.testing.assert_array_equal(cutmix[i][~inside], values[i])

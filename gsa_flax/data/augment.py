@@ -617,14 +617,8 @@ def _sample_beta(key: tf.Tensor, alpha: tf.Tensor | float) -> tf.Tensor:
   return tf.math.divide_no_nan(g1, g1 + g2)
 
 
-def _mixup(images: tf.Tensor, partners: tf.Tensor, lam: tf.Tensor):
-  weight = tf.cast(lam, tf.float32)
-  return weight * images + (1.0 - weight) * partners, weight
-
-
-def _cutmix(images: tf.Tensor, partners: tf.Tensor, lam: tf.Tensor, key: tf.Tensor):
-  """Pastes one box of the partners, of area about ``1 - lam``, into every image."""
-  height, width = tf.shape(images)[1], tf.shape(images)[2]
+def _cutmix_box(height: tf.Tensor, width: tf.Tensor, lam: tf.Tensor, key: tf.Tensor):
+  """``(box int32 [4] = (y0, y1, x0, x1), kept float32)``: a box of area about ``1 - lam``."""
   side = tf.sqrt(1.0 - lam)  # The box has the image's aspect ratio.
   box_height = tf.cast(side * tf.cast(height, tf.float64), tf.int32)
   box_width = tf.cast(side * tf.cast(width, tf.float64), tf.int32)
@@ -636,11 +630,96 @@ def _cutmix(images: tf.Tensor, partners: tf.Tensor, lam: tf.Tensor, key: tf.Tens
   top, left = centre_y - box_height // 2, centre_x - box_width // 2
   y0, y1 = tf.clip_by_value(top, 0, height), tf.clip_by_value(top + box_height, 0, height)
   x0, x1 = tf.clip_by_value(left, 0, width), tf.clip_by_value(left + box_width, 0, width)
-  rows, cols = tf.range(height), tf.range(width)
-  in_box = ((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))[None, :]
-  mixed = tf.where(in_box[None, :, :, None], partners, images)
   kept = 1.0 - tf.cast((y1 - y0) * (x1 - x0), tf.float64) / tf.cast(height * width, tf.float64)
-  return mixed, tf.cast(kept, tf.float32)
+  return tf.stack([y0, y1, x0, x1]), tf.cast(kept, tf.float32)
+
+
+def mix_params(
+  labels: tf.Tensor,
+  key: tf.Tensor,
+  *,
+  image_shape: tuple[int, int] | tf.Tensor,
+  mixup_alpha: float,
+  cutmix_alpha: float,
+  prob: float = 1.0,
+  switch_prob: float = 0.5,
+) -> dict[str, tf.Tensor]:
+  """The draws of :func:`mix_batch` for one batch, without the images.
+
+  What the input pipeline puts in a batch so that the mixing itself is done on the
+  accelerators, on ``uint8`` images copied there (``gsa_flax.train.steps.mix_images``):
+  every example ``i`` becomes ``where(in mix_box, partner, mix_blend * image + (1 -
+  mix_blend) * partner)`` with its partner ``batch - 1 - i``. That is :func:`mix_batch`'s
+  image, which applies it here (:func:`apply_mix`).
+
+  Args:
+    labels: ``int32 [batch]``.
+    key: as :func:`mix_batch`'s.
+    image_shape: ``(height, width)`` of the images.
+    mixup_alpha, cutmix_alpha, prob, switch_prob: as :func:`mix_batch`'s.
+
+  Returns:
+    ``{'label': int32 [batch] (unchanged), 'mix_label': int32 [batch], 'mix_weight':
+    float32 [batch], 'mix_blend': float32 [batch] (Mixup's ``lam``, else 1), 'mix_box':
+    int32 [batch, 4] (CutMix's box ``(y0, y1, x0, x1)``, else empty)}``; the same values
+    for every example of the batch.
+  """
+  check_config(
+    mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob
+  )
+  labels = tf.convert_to_tensor(labels, tf.int32)
+  ones = tf.ones_like(labels, tf.float32)
+  if mixup_alpha == 0 and cutmix_alpha == 0:
+    return {
+      'label': labels,
+      'mix_label': labels,
+      'mix_weight': ones,
+      'mix_blend': ones,
+      'mix_box': tf.zeros([tf.size(labels), 4], tf.int32),
+    }
+  prob_key, switch_key, lam_key, box_key = tf.unstack(
+    tf.random.experimental.stateless_split(key, 4)
+  )
+  mix = tf.random.stateless_uniform([], prob_key) < prob
+  if mixup_alpha > 0 and cutmix_alpha > 0:
+    use_cutmix = tf.random.stateless_uniform([], switch_key) < switch_prob
+  else:
+    use_cutmix = tf.constant(cutmix_alpha > 0)
+  lam = _sample_beta(lam_key, tf.where(use_cutmix, cutmix_alpha, mixup_alpha))
+  height, width = tf.unstack(tf.cast(image_shape, tf.int32))
+  box, kept = _cutmix_box(height, width, lam, box_key)
+  mixup, cutmix = mix & ~use_cutmix, mix & use_cutmix
+  lam = tf.cast(lam, tf.float32)
+  weight = tf.where(mixup, lam, tf.where(cutmix, kept, 1.0))
+  return {
+    'label': labels,
+    'mix_label': tf.where(mix, tf.reverse(labels, [0]), labels),
+    'mix_weight': weight * ones,
+    'mix_blend': tf.where(mixup, lam, 1.0) * ones,
+    'mix_box': tf.tile(tf.where(cutmix, box, 0)[None], [tf.size(labels), 1]),
+  }
+
+
+def apply_mix(images: tf.Tensor, blend: tf.Tensor, box: tf.Tensor) -> tf.Tensor:
+  """The images of :func:`mix_params`'s draws: each with its partner ``batch - 1 - i``.
+
+  Args:
+    images: ``[batch, height, width, 3]``, any real dtype.
+    blend: float32 ``[batch]``.
+    box: int32 ``[batch, 4]``, ``(y0, y1, x0, x1)``.
+
+  Returns:
+    float32 ``[batch, height, width, 3]``.
+  """
+  images = tf.cast(images, tf.float32)
+  partners = tf.reverse(images, [0])
+  rows = tf.range(tf.shape(images)[1])[None, :, None]
+  cols = tf.range(tf.shape(images)[2])[None, None, :]
+  y0, y1, x0, x1 = (box[:, i, None, None] for i in range(4))
+  in_box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # [batch, height, width]
+  weight = blend[:, None, None, None]
+  mixed = weight * images + (1.0 - weight) * partners
+  return tf.where(in_box[..., None], partners, mixed)
 
 
 def mix_batch(
@@ -669,6 +748,9 @@ def mix_batch(
   which equals ``mix_weight * CE(label) + (1 - mix_weight) * CE(mix_label)``. Label
   smoothing, if any, applies to that mixed target.
 
+  The input pipeline draws the same with :func:`mix_params` and leaves the images to the
+  accelerators.
+
   Args:
     images: ``float32 [batch, height, width, 3]`` (normalized or not: mixing is linear).
     labels: ``int32 [batch]``.
@@ -685,40 +767,18 @@ def mix_batch(
     ``mix_label == label`` and ``mix_weight == 1``; a mixed one ``mix_label`` the reversed
     labels and ``mix_weight`` the batch's ``lam`` (the same for every example).
   """
-  check_config(
-    mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob
-  )
   images = tf.convert_to_tensor(images, tf.float32)
-  labels = tf.convert_to_tensor(labels, tf.int32)
-  weights = tf.ones_like(labels, tf.float32)
-  if mixup_alpha == 0 and cutmix_alpha == 0:
-    return {'image': images, 'label': labels, 'mix_label': labels, 'mix_weight': weights}
-
-  prob_key, switch_key, lam_key, box_key = tf.unstack(
-    tf.random.experimental.stateless_split(key, 4)
+  params = mix_params(
+    labels,
+    key,
+    image_shape=tf.shape(images)[1:3],
+    mixup_alpha=mixup_alpha,
+    cutmix_alpha=cutmix_alpha,
+    prob=prob,
+    switch_prob=switch_prob,
   )
-  mix = tf.random.stateless_uniform([], prob_key) < prob
-  if mixup_alpha > 0 and cutmix_alpha > 0:
-    use_cutmix = tf.random.stateless_uniform([], switch_key) < switch_prob
-  else:
-    use_cutmix = tf.constant(cutmix_alpha > 0)
-  lam = _sample_beta(lam_key, tf.where(use_cutmix, cutmix_alpha, mixup_alpha))
-  partners = tf.reverse(images, [0])
-  method = tf.where(mix, tf.where(use_cutmix, 2, 1), 0)
-  mixed, weight = tf.switch_case(
-    method,
-    [
-      lambda: (images, tf.constant(1.0)),
-      lambda: _mixup(images, partners, lam),
-      lambda: _cutmix(images, partners, lam, box_key),
-    ],
-  )
-  return {
-    'image': tf.ensure_shape(mixed, images.shape),
-    'label': labels,
-    'mix_label': tf.where(mix, tf.reverse(labels, [0]), labels),
-    'mix_weight': weight * weights,
-  }
+  mixed = apply_mix(images, params.pop('mix_blend'), params.pop('mix_box'))
+  return {'image': tf.ensure_shape(mixed, images.shape), **params}
 
 
 # Configuration.

@@ -2,11 +2,12 @@
 
 What differs between datasets (splits, classes, normalisation, which crops) is data in its
 :class:`~gsa_flax.data.datasets.DatasetSpec`; this module reads specs and has no per-dataset
-code. Records are read with ``tfds.builder(...).as_dataset`` with the image left encoded
-(``tfds.decode.SkipDecoding``) so that shuffling and skipping move bytes only, and decoding
-is spent on the examples that are kept (the Inception crop decodes only its window, fused
-in ``tf.image.decode_and_crop_jpeg``). :func:`decode` is the one image decoder, used for
-training, evaluation and image files alike.
+code. Training reads the TFRecord files of a split itself, in the order of
+:class:`_TrainOrder` (so that a restart reads one window of records again, not the epoch
+so far); evaluation reads them with ``tfds.builder(...).as_dataset``. Images stay encoded
+(``tfds.decode.SkipDecoding``) until they are kept: the Inception crop decodes only its
+window, fused in ``tf.image.decode_and_crop_jpeg``. :func:`decode` is the one image decoder,
+used for training, evaluation and image files alike.
 
 Multi-host: each process reads its own part of every split (``tfds.split_for_jax_process``)
 and yields the process-local part of the global batch, ``global_batch_size //
@@ -14,22 +15,24 @@ jax.process_count()`` examples; the trainer assembles global arrays from them (e
 ``jax.make_array_from_process_local_data``).
 
 Training order is a pure function of ``(seed, step)``: epoch ``e`` is the process's part of
-the train split in an order drawn from ``(seed, e)`` (file order, then a shuffle buffer),
-cut to ``steps_per_epoch`` whole batches; the augmentation of an example is drawn from
-``(seed, process, e, position in the epoch)`` with stateless random ops. So
-``create_train_iterator(..., start_step=k)`` yields exactly what a fresh iterator yields
-after ``k`` batches; it skips the records before step ``k`` of its epoch without decoding.
+the train split in an order drawn from ``(seed, process, e)`` (:class:`_TrainOrder`: blocks
+of records in a random order, shuffled in windows), cut to ``steps_per_epoch`` whole
+batches; the augmentation of an example is drawn from ``(seed, process, e, position in the
+epoch)`` with stateless random ops. So ``create_train_iterator(..., start_step=k)`` yields
+exactly what a fresh iterator yields after ``k`` batches, and reads only the window that
+step ``k`` starts in. All epochs are one ``tf.data`` pipeline: the next epoch's first
+window is read ahead like any other, so an epoch boundary does not stall.
 
 Strong augmentation (:class:`Augment`, off by default) keeps that property: RandAugment
 (:func:`gsa_flax.data.augment.rand_augment`) is drawn from the example's key, after the crop,
-resize and flip; Mixup/CutMix (:func:`gsa_flax.data.augment.mix_batch`)
-acts on each batch with a key drawn from ``(seed, process, absolute step)``, a stream apart
-from the examples' keys. With augmentation off, no op of it is in the pipeline.
+resize and flip; Mixup/CutMix (:func:`gsa_flax.data.augment.mix_params`) is drawn for each
+batch with a key from ``(seed, process, absolute step)``, a stream apart from the examples'
+keys, and applied on the accelerators. With augmentation off, no op of it is in the pipeline.
 
 Batches carry ``uint8`` images, cropped and resized but not normalised: a quarter of the
 float32 bytes to copy to the accelerators, which normalise them inside the compiled step
 with the spec's mean and std (:func:`normalize` is the same function on the host, for
-prediction). Mixup/CutMix batches are the exception: mixed images are float32 on 0..255.
+prediction). Mixup/CutMix is drawn here and applied there too (below).
 
 Evaluation visits every example of the eval split once: the last batches are padded and
 carry ``mask`` 0.0, and every process yields the same number of batches.
@@ -47,7 +50,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from gsa_flax.data.augment import mix_batch, rand_augment
+from gsa_flax.data.augment import mix_params, rand_augment
 from gsa_flax.data.augment_config import Augment
 from gsa_flax.data.datasets import DatasetNotFoundError, DatasetSpec
 
@@ -69,11 +72,11 @@ _PAD_FRACTION = 4 / 32
 _MIX_STREAM = 2**31 - 1
 _ORDER_STREAM = 2**31 - 2
 
-# The training order (see _TrainOrder): records are read in blocks of consecutive records
-# of one file, and shuffled in windows of blocks. A resume reads one window again: 1,024
-# records, 0.08% of an ImageNet epoch on one host.
-_BLOCK_RECORDS = 32
-_WINDOW_BLOCKS = 32
+# The training order (see _TrainOrder): each epoch visits the record files in a new order,
+# two at a time, and shuffles those two files' records together. A resume reads the two
+# files it starts in again: 2,502 records, 0.2% of an ImageNet epoch on one host (0.8% on
+# each of four).
+_WINDOW_FILES = 2
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -203,7 +206,7 @@ def steps_per_epoch(
 
 
 # Image ops. Images are uint8 [height, width, 3] throughout; batches leave the host as uint8
-# (4x fewer bytes than float32) and the compiled steps normalise them on the device.
+# (4x fewer bytes than float32) and the compiled steps mix and normalise them on the device.
 
 
 def decode(encoded: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
@@ -377,20 +380,21 @@ def _options() -> tf.data.Options:
 class _TrainOrder:
   """The order of every epoch of one process's train examples, and how to read it.
 
-  The process's records (its part of the split, as TFDS's file instructions give it) are
-  cut into blocks of ``_BLOCK_RECORDS`` consecutive records of one file. Epoch ``e`` visits
-  the blocks in a random order drawn from ``(seed, process, e)``; each run of
-  ``_WINDOW_BLOCKS`` blocks in that order is a window, read whole and shuffled whole with a
-  permutation drawn from the epoch's key and the window's index. Both draws are stateless,
-  so the window that holds any position of any epoch, and where in it, is known without
-  reading anything: a restart reads the one window it starts in, not the epoch so far.
+  The process's records are ranges of the split's files (TFDS's file instructions for the
+  process's part of the split: whole files, but for the first and last). Epoch ``e``
+  visits the ranges in a random order drawn from ``(seed, process, e)``; each run of
+  ``_WINDOW_FILES`` ranges in that order is a window, read whole and shuffled whole with a
+  permutation drawn from the epoch's key and the window's index. Both draws are
+  stateless, so the window that holds any position of any epoch, and where in it, is
+  known without reading anything: a restart reads the window it starts in again, not the
+  epoch so far.
 
-  Records within a block keep their file order; TFDS shuffles examples when it writes a
-  dataset, so a block is a random sample, and a window mixes blocks from all over the
-  split (a shuffle buffer would mix neighbouring records of a few files). Every window is
-  shuffled from its own bytes in memory (one window: ImageNet's 1,024 records, ~110 MB),
-  and the next windows are read while the current one is consumed, across epoch
-  boundaries too.
+  Files are read from start to end (the reads object storage serves best; a skip into a
+  TFRecord file reads what it skips). TFDS shuffles examples when it writes a dataset, so
+  a file is already a random sample of the split; shuffling two files together each epoch
+  changes which examples share a batch from one epoch to the next. The next windows are
+  read while the current one is consumed, across epoch boundaries too; a window is held
+  in memory while it is consumed (two ImageNet files: ~280 MB).
   """
 
   def __init__(self, builder: tfds.core.DatasetBuilder, split: tfds.typing.SplitArg):
@@ -399,55 +403,44 @@ class _TrainOrder:
         f'{builder.name} is stored as {builder.info.file_format.value}; the train pipeline '
         'reads TFRecord files: prepare it again with --file_format=tfrecord.'
       )
-    files, file_index, starts, counts = [], [], [], []
+    files, skips, counts = [], [], []
     for instruction in builder.info.splits[split].file_instructions:
-      end = instruction.skip + instruction.take
-      if instruction.take < 0:  # to the end of the file
-        end = instruction.examples_in_shard
+      take = instruction.take
+      if take < 0:  # to the end of the file
+        take = instruction.examples_in_shard - instruction.skip
       files.append(os.fspath(instruction.filename))
-      for start in range(instruction.skip, end, _BLOCK_RECORDS):
-        file_index.append(len(files) - 1)
-        starts.append(start)
-        counts.append(min(_BLOCK_RECORDS, end - start))
+      skips.append(instruction.skip)
+      counts.append(take)
     self.files = tf.constant(files, tf.string)
-    self.file_index = tf.constant(file_index, tf.int64)
-    self.starts = tf.constant(starts, tf.int64)
+    self.skips = tf.constant(skips, tf.int64)
     self.counts = tf.constant(counts, tf.int64)
-    self.num_blocks = len(counts)
-    self.num_windows = -(-self.num_blocks // _WINDOW_BLOCKS)
+    self.num_ranges = len(files)
+    self.num_windows = -(-self.num_ranges // _WINDOW_FILES)
+    self.largest_window = _WINDOW_FILES * max(counts)
 
-  def _block_order(self, order_key: tf.Tensor) -> tf.Tensor:
+  def _range_order(self, order_key: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_shuffle(
-      tf.range(self.num_blocks, dtype=tf.int64), order_key
+      tf.range(self.num_ranges, dtype=tf.int64), order_key
     )
 
   def window_starts(self, order_key: tf.Tensor) -> tf.Tensor:
     """int64 [windows]: the position in the epoch of each window's first record."""
-    counts = tf.gather(self.counts, self._block_order(order_key))
-    return tf.math.cumsum(counts, exclusive=True)[::_WINDOW_BLOCKS]
+    counts = tf.gather(self.counts, self._range_order(order_key))
+    return tf.math.cumsum(counts, exclusive=True)[::_WINDOW_FILES]
 
   def window(self, order_key: tf.Tensor, window: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """``(serialized records [n], their positions in the epoch [n])`` of one window."""
-    blocks = self._block_order(order_key)[window * _WINDOW_BLOCKS :][:_WINDOW_BLOCKS]
+    ranges = self._range_order(order_key)[window * _WINDOW_FILES :][:_WINDOW_FILES]
 
-    def read(file_index, start, count):
-      # TFRecord skips by record headers, without reading or checking the records' bytes.
-      return tf.data.TFRecordDataset(tf.gather(self.files, file_index)).skip(start).take(count)
+    def read(file, skip, count):
+      return tf.data.TFRecordDataset(file).skip(skip).take(count)
 
     records = tf.data.Dataset.from_tensor_slices(
-      (
-        tf.gather(self.file_index, blocks),
-        tf.gather(self.starts, blocks),
-        tf.gather(self.counts, blocks),
-      )
+      tuple(tf.gather(t, ranges) for t in (self.files, self.skips, self.counts))
     ).interleave(
-      read,
-      cycle_length=_WINDOW_BLOCKS,
-      block_length=_BLOCK_RECORDS,
-      num_parallel_calls=_WINDOW_BLOCKS,
-      deterministic=True,
+      read, cycle_length=_WINDOW_FILES, num_parallel_calls=_WINDOW_FILES, deterministic=True
     )
-    serialized = records.batch(_WINDOW_BLOCKS * _BLOCK_RECORDS).get_single_element()
+    serialized = records.batch(self.largest_window).get_single_element()
     count = tf.size(serialized, out_type=tf.int64)
     shuffle = tf.random.experimental.stateless_shuffle(
       tf.range(count), tf.random.experimental.stateless_fold_in(order_key, window)
@@ -518,16 +511,17 @@ def _train_stream(
 
     def mix(step, batch):
       key = tf.random.experimental.stateless_fold_in(mix_key, step)
-      # Mixing is done on the 0..255 scale; the mixed batch stays float32.
-      return mix_batch(
-        tf.cast(batch['image'], tf.float32),
+      # Only the draws: the images stay uint8, and the step mixes them on the device.
+      params = mix_params(
         batch['label'],
         key,
+        image_shape=(image_size, image_size),
         mixup_alpha=augment.mixup_alpha,
         cutmix_alpha=augment.cutmix_alpha,
         prob=augment.prob,
         switch_prob=augment.switch_prob,
       )
+      return {'image': batch['image'], **params}
 
     # Keyed by the absolute step, so a resumed run mixes its batches as a fresh one does.
     ds = ds.enumerate(start=start_step).map(mix, num_parallel_calls=tf.data.AUTOTUNE)
@@ -548,8 +542,8 @@ def create_train_iterator(
   """Infinite iterator over augmented, shuffled training batches of this process.
 
   Epochs are ``steps_per_epoch`` whole batches; the few examples left over are dropped
-  (different ones each epoch, as the order is reshuffled). The pipeline is rebuilt at each
-  epoch boundary, so the first batch of an epoch waits for the shuffle buffer to fill.
+  (different ones each epoch, as the order is reshuffled). One pipeline runs across epoch
+  boundaries; a restart (``start_step``) reads the one window of records it starts in.
 
   Args:
     builder: from ``get_builder``.
@@ -568,11 +562,13 @@ def create_train_iterator(
     An iterator of ``{'image': uint8 [local_batch, image_size, image_size, 3], 'label':
     int32 [local_batch]}``, ``local_batch = global_batch_size // jax.process_count()``;
     images are not normalised (the compiled step does it on the device:
-    :func:`normalize`). With Mixup or CutMix on, the images are ``float32`` on the same
-    0..255 scale, and batches also carry ``'mix_label': int32 [local_batch]`` and
-    ``'mix_weight': float32 [local_batch]``: the target is
-    ``mix_weight * onehot(label) + (1 - mix_weight) * onehot(mix_label)``
-    (:func:`gsa_flax.data.augment.mix_batch`).
+    :func:`normalize`). With Mixup or CutMix on, batches also carry the batch's mixing,
+    drawn by :func:`gsa_flax.data.augment.mix_params` and applied by the compiled step
+    (``gsa_flax.train.steps.mix_images``) to the unmixed ``uint8`` images:
+    ``'mix_blend': float32 [local_batch]``, ``'mix_box': int32 [local_batch, 4]``, and
+    the target, ``'mix_label': int32 [local_batch]`` and ``'mix_weight': float32
+    [local_batch]``: ``mix_weight * onehot(label) + (1 - mix_weight) * onehot(mix_label)``
+    (:func:`gsa_flax.data.augment.mix_batch` is the same mixing on the host).
 
   Raises:
     ValueError: bad ``batch_size``, negative ``start_step``, or a split with fewer examples

@@ -110,8 +110,40 @@ def normalize_images(images: jax.Array, stats: ImageStats) -> jax.Array:
   return (images.astype(jnp.float32) - mean) / std
 
 
+def mix_images(batch: dict[str, jax.Array], groups: int = 1) -> jax.Array:
+  """A Mixup/CutMix batch's images, mixed as the input pipeline drew them (float32, 0..255).
+
+  Example ``i`` of each process's part of the batch is paired with example ``local - 1 -
+  i`` of the same part (the pipeline's pairing, which set ``mix_label``):
+  ``where(in mix_box, partner, mix_blend * image + (1 - mix_blend) * partner)``, as
+  ``gsa_flax.data.augment.apply_mix`` does on the host. The images cross the host-device
+  link as ``uint8``; mixing here, where the reversal is one collective permute, spares the
+  host a float32 pass over every batch.
+
+  Args:
+    batch: ``image [batch, height, width, 3]``, ``mix_blend float32 [batch]``, ``mix_box
+      int32 [batch, 4]`` (``y0, y1, x0, x1``).
+    groups: the number of process-local parts the global batch is made of
+      (``jax.process_count()``).
+  """
+  images = batch['image'].astype(jnp.float32)
+  size, height, width, channels = images.shape
+  partners = images.reshape(groups, size // groups, height, width, channels)[:, ::-1]
+  partners = partners.reshape(images.shape)
+  box = batch['mix_box'][:, :, None, None]
+  rows = jnp.arange(height)[None, :, None]
+  cols = jnp.arange(width)[None, None, :]
+  in_box = (rows >= box[:, 0]) & (rows < box[:, 1]) & (cols >= box[:, 2]) & (cols < box[:, 3])
+  weight = batch['mix_blend'][:, None, None, None]
+  mixed = weight * images + (1.0 - weight) * partners
+  return jnp.where(in_box[..., None], partners, mixed)
+
+
 def _model_inputs(batch: dict[str, jax.Array], image_stats: ImageStats | None) -> jax.Array:
-  return batch['image'] if image_stats is None else normalize_images(batch['image'], image_stats)
+  images = batch['image']
+  if 'mix_box' in batch:
+    images = mix_images(batch, groups=jax.process_count())
+  return images if image_stats is None else normalize_images(images, image_stats)
 
 
 def soft_targets(
@@ -151,6 +183,8 @@ def train_step(
 
   With ``image_stats`` the batch's images are the input pipeline's (0..255) and are
   normalised first (:func:`normalize_images`); without, they go to the model as they are.
+  A batch with the pipeline's Mixup/CutMix draws (``mix_box``) is mixed first
+  (:func:`mix_images`).
   The loss is :func:`cross_entropy` (mixed targets when the batch is mixed); the accuracy
   counts ``label``. The state's moving average, if it keeps one, is updated after the
   parameters (:meth:`gsa_flax.train.state.TrainState.apply_gradients`).
