@@ -161,7 +161,8 @@ def get_builder(data_dir: str, config: str, num_examples: int | None = None):
   return builder
 
 
-def _spec():
+def imagenet_like_spec():
+  """imagenet2012's spec under the generated records' name."""
   from gsa_flax.data import datasets
 
   return dataclasses.replace(datasets.get('imagenet2012'), name='synthetic_imagenet')
@@ -260,7 +261,7 @@ def _pipelines(builder, batch: int) -> dict:
   from configs import imagenet, imagenet_strong
   from gsa_flax.data import input_pipeline
 
-  spec = _spec()
+  spec = imagenet_like_spec()
 
   def ours(config):
     return input_pipeline.create_train_iterator(
@@ -323,7 +324,7 @@ def measure_resume(builder, *, batch: int, fractions=(0.1, 0.5, 0.9)) -> dict:
   """Time, CPU and records read from ``create_train_iterator(start_step=k)`` to a batch."""
   from gsa_flax.data import input_pipeline
 
-  spec = _spec()
+  spec = imagenet_like_spec()
   info = builder.info.splits['train']
   record_bytes = info.num_bytes / info.num_examples
   steps = input_pipeline.steps_per_epoch(builder, spec, batch, process=(0, 1))

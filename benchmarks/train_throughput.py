@@ -10,8 +10,8 @@ is taken per adjacent pair of steps. FLOPs from XLA's cost analysis of the compi
 give the achieved rate against the measured matmul rate.
 
 Input pipeline: ``input_pipeline.create_train_iterator`` alone (decode, augment, batch), for
-the embedded digits set at its config size and for a mocked ImageNet
-(``tfds.testing.mock_data``, real metadata, random JPEGs) at 224, in images/s after the
+the embedded digits set at its config size and for generated ImageNet-like JPEG records
+(``benchmarks/pipeline.py``'s) at 224, in images/s after the
 first batch (which waits for the pipeline to start and the shuffle buffer to fill).
 
   python -m benchmarks.train_throughput --reps 3 --json docs/benchmarks/train_throughput.json
@@ -22,7 +22,6 @@ first batch (which waits for the pipeline to start and the shuffle buffer to fil
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -107,118 +106,40 @@ def paired_case(args: argparse.Namespace) -> dict:
   return {'paired': results, 'ratio_median': statistics.median(ratios), 'ratios': ratios}
 
 
-def _write_mock_metadata(root: str, num_examples: int) -> None:
-  """Real imagenet2012 metadata with a tiny split, so mock_data(USE_FILES) can serve it."""
-  import tensorflow_datasets as tfds
-
-  from gsa_flax.data import datasets
-
-  spec = datasets.get('imagenet2012')
-  name = spec.name
-  builder = tfds.builder(name, data_dir=root)
-  splits = [spec.train_split, spec.eval_split]
-  template = functools.partial(
-    tfds.core.ShardedFileTemplate,
-    data_dir=builder.data_path,
-    dataset_name=name,
-    filetype_suffix='tfrecord',
-  )
-  builder.info.set_splits(
-    tfds.core.SplitDict(
-      [
-        tfds.core.SplitInfo(
-          name=s, shard_lengths=[num_examples], num_bytes=0, filename_template=template(split=s)
-        )
-        for s in splits
-      ]
-    )
-  )
-  builder.data_path.mkdir(parents=True, exist_ok=True)
-  builder.info.write_to_directory(builder.data_path)
-
-
-def _realistic_jpegs(count: int, seed: int = 0) -> list[bytes]:
-  """ImageNet-like JPEGs: 500x375, smooth content plus texture, quality 90 (~100 KB).
-
-  TFDS's mock draws 5-50 pixel images, whose decode costs almost nothing; real ImageNet
-  JPEGs average about 400x350, so decode + crop are timed on images of that size.
-  """
-  import numpy as np
-  import tensorflow as tf
-
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
-  images = []
-  for _ in range(count):
-    fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6.3)]
-    base = 127 + 100 * np.sin(fx * xx + phase)[..., None] * np.cos(fy * yy)[..., None]
-    image = base * rng.uniform(0.5, 1.0, 3) + rng.normal(0, 12, (375, 500, 3))
-    images.append(tf.io.encode_jpeg(np.clip(image, 0, 255).astype(np.uint8), quality=90).numpy())
-  return images
-
-
 def input_case(args: argparse.Namespace, dataset: str) -> dict:
   """Images/s of the train iterator alone.
 
-  ``dataset`` is ``digits`` (the embedded set, at the default config's size),
-  ``imagenet2012`` (TFDS mock, its own tiny random JPEGs) or ``imagenet2012-realistic``
-  (TFDS mock serving 500x375 JPEGs), both at 224.
+  ``dataset`` is ``digits`` (the embedded set, at the default config's size) or
+  ``imagenet2012-realistic`` (``benchmarks.pipeline``'s generated records: 500x375 and
+  400x500 JPEGs, read with imagenet2012's spec) at 224.
   """
-  import contextlib
-
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-
+  from benchmarks import pipeline
   from configs import default
   from gsa_flax.data import datasets, input_pipeline
 
-  name = dataset.split('-')[0]
-  spec = datasets.get(name)
   with tempfile.TemporaryDirectory() as root:
-    if name == 'digits':
+    if dataset == 'digits':
+      spec = datasets.get('digits')
       image_size = default.get_config().image_size
-      mock = contextlib.nullcontext()
-      data_dir = root
+      builder = input_pipeline.get_builder(spec, root, image_size=image_size)
     else:
-      image_size = 224
-      _write_mock_metadata(root, args.mock_examples)
-      as_dataset_fn = None
-      if dataset.endswith('realistic'):
-        jpegs = _realistic_jpegs(32)
-        images = [jpegs[i % len(jpegs)] for i in range(args.mock_examples)]
-        labels = [i % 1000 for i in range(args.mock_examples)]
-
-        def as_dataset_fn(self, split, decoders=None, read_config=None, **kwargs):
-          del self, split, decoders, read_config, kwargs  # one split serves every request
-          # The pipeline skips image decoding in TFDS and decodes + crops itself.
-          return tf.data.Dataset.from_tensor_slices(
-            {'image': images, 'label': tf.constant(labels, tf.int64)}
-          )
-
-      mock = tfds.testing.mock_data(
-        num_examples=args.mock_examples,
-        policy=tfds.testing.MockPolicy.USE_FILES,
-        data_dir=root,
-        as_dataset_fn=as_dataset_fn,
-      )
-      data_dir = None
-    with mock:
-      builder = input_pipeline.get_builder(spec, data_dir, image_size=image_size)
-      it = input_pipeline.create_train_iterator(
-        builder,
-        spec=spec,
-        global_batch_size=args.batch,
-        image_size=image_size,
-        seed=0,
-      )
+      spec, image_size = pipeline.imagenet_like_spec(), 224
+      builder = pipeline.get_builder(args.records_dir, 'photos')
+    it = input_pipeline.create_train_iterator(
+      builder,
+      spec=spec,
+      global_batch_size=args.batch,
+      image_size=image_size,
+      seed=0,
+    )
+    t0 = time.perf_counter()
+    next(it)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.input_batches):
       t0 = time.perf_counter()
       next(it)
-      first = time.perf_counter() - t0
-      times = []
-      for _ in range(args.input_batches):
-        t0 = time.perf_counter()
-        next(it)
-        times.append(time.perf_counter() - t0)
+      times.append(time.perf_counter() - t0)
   total = sum(times)
   return {
     'dataset': dataset,
@@ -237,7 +158,11 @@ def main() -> None:
   parser.add_argument('--iters', type=int, default=4, help='timed steps per model')
   parser.add_argument('--reps', type=int, default=1, help='interleaved repetitions per model')
   parser.add_argument('--input-batches', type=int, default=30)
-  parser.add_argument('--mock-examples', type=int, default=512)
+  parser.add_argument(
+    '--records-dir',
+    default='/tmp/gsa_flax_pipeline_benchmark',
+    help="where benchmarks.pipeline's generated ImageNet-like records are (written if missing)",
+  )
   parser.add_argument('--skip-train', action='store_true')
   parser.add_argument('--json', help='also write the raw results to this file')
   parser.add_argument(
@@ -255,7 +180,7 @@ def main() -> None:
       32,
       2,
     )
-    args.input_batches, args.mock_examples, args.reps = 3, 64, 1
+    args.input_batches, args.reps = 3, 1
   if args.case:
     kind, name = args.case.split(',')
     cases = {'train': paired_case, 'default': default_case}
@@ -268,7 +193,7 @@ def main() -> None:
     f'--image-size={args.image_size}',
     f'--iters={args.iters}',
     f'--input-batches={args.input_batches}',
-    f'--mock-examples={args.mock_examples}',
+    f'--records-dir={args.records_dir}',
     '--models',
     *args.models,
   ]
@@ -284,7 +209,7 @@ def main() -> None:
     train_results += r['paired']
     ratios += r['ratios']
   input_results = []
-  for dataset in ('digits', 'imagenet2012', 'imagenet2012-realistic'):
+  for dataset in ('digits', 'imagenet2012-realistic'):
     # TF's own thread pools use every core; nothing else runs meanwhile.
     env = {'TF_CPP_MIN_LOG_LEVEL': '2'}
     r = common.run_isolated(
