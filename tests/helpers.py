@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from configs import default
@@ -83,7 +84,8 @@ def _flag(value) -> str:
 
 
 def write_mock_metadata(root: str, num_examples: int = MOCK_EXAMPLES) -> str:
-  """Real TFDS metadata for cifar100 / imagenet2012 with ``num_examples`` per split."""
+  """Real TFDS metadata for cifar100 / imagenet2012 with ``num_examples`` per split, and
+  real train records (random examples)."""
   for name in ['cifar100', 'imagenet2012']:
     spec = datasets.get(name)
     builder = tfds.builder(name, data_dir=str(root))
@@ -107,7 +109,34 @@ def write_mock_metadata(root: str, num_examples: int = MOCK_EXAMPLES) -> str:
     )
     builder.data_path.mkdir(parents=True, exist_ok=True)
     builder.info.write_to_directory(builder.data_path)
+    _write_train_records(builder, spec.train_split, num_examples)
   return str(root)
+
+
+def _random_value(feature, rng):
+  """A random value of a TFDS feature (images 20-40 pixels a side)."""
+  if isinstance(feature, tfds.features.Image):
+    height, width, channels = (size or int(rng.integers(20, 41)) for size in feature.shape)
+    return rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+  if isinstance(feature, tfds.features.ClassLabel):
+    return int(rng.integers(feature.num_classes))
+  if isinstance(feature, tfds.features.Text):
+    return 'mock'
+  return np.zeros(feature.shape, feature.np_dtype)
+
+
+def _write_train_records(builder, split: str, num_examples: int) -> None:
+  """Real records of random examples in the file the metadata names: training reads the
+  record files itself, which ``mock_data`` does not serve."""
+  import tensorflow as tf  # only here: the other helpers are used by tests without TF
+
+  rng = np.random.default_rng(0)
+  features = builder.info.features
+  (path,) = builder.info.splits[split].filepaths
+  with tf.io.TFRecordWriter(os.fspath(path)) as writer:
+    for _ in range(num_examples):
+      example = {name: _random_value(feature, rng) for name, feature in features.items()}
+      writer.write(features.serialize_example(example))
 
 
 def mock_data(root: str, num_examples: int = MOCK_EXAMPLES):
