@@ -61,7 +61,10 @@ def _reference(digits_dir, model, state):
   batch = next(iterator)
   names = input_pipeline.class_names(builder)
   variables = jax.device_get(state_lib.variables(state))
-  logits = model.apply(variables, batch['image'][:NUM_IMAGES], train=False)
+  # Eval batches are uint8 on 0..255; the eval step normalises with the spec's statistics.
+  mean, std = np.float32(DIGITS.mean_rgb), np.float32(DIGITS.stddev_rgb)
+  images = (batch['image'][:NUM_IMAGES].astype(np.float32) - mean) / std
+  logits = model.apply(variables, images, train=False)
   probs = np.asarray(jax.nn.softmax(logits))
   return [predict.top_k(p, names) for p in probs], batch['label'][:NUM_IMAGES]
 
