@@ -257,6 +257,30 @@ def test_translate_is_an_exact_shift_with_fill(magnitude):
     np.testing.assert_array_equal(got_y, _shifted(image, sign * down, 0))
 
 
+@pytest.mark.parametrize('pixels', [2.5, -3.25])
+def test_fractional_translation_is_bilinear_along_one_axis(pixels):
+  """Between whole pixels: each output pixel interpolates its two source neighbours (the fill
+  outside the image), rounded half up; the closed form in float64."""
+  rng = np.random.default_rng()
+  image = _image(rng)
+  padded = np.full((HEIGHT + 2, WIDTH + 2, 3), FILL, np.float64)
+  padded[1:-1, 1:-1] = image
+  whole, fraction = math.floor(pixels), pixels - math.floor(pixels)
+
+  def column(index):  # input columns, the fill beyond the border
+    return padded[1:-1, np.clip(index, -1, WIDTH) + 1]
+
+  # The source of output column x is x - pixels, between columns x - whole - 1 and x -
+  # whole, at 1 - fraction from the first.
+  x = np.arange(WIDTH)
+  want = fraction * column(x - whole - 1) + (1 - fraction) * column(x - whole)
+  want = np.floor(want + 0.5).astype(np.uint8)
+  np.testing.assert_array_equal(augment.translate_x(image, pixels), want)
+  np.testing.assert_array_equal(
+    augment.translate_y(np.transpose(image, (1, 0, 2)), pixels), np.transpose(want, (1, 0, 2))
+  )
+
+
 def test_rotate_by_right_angles_is_exact():
   rng = np.random.default_rng()
   square = _image(rng, 17, 17)
