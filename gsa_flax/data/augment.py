@@ -348,36 +348,47 @@ def rotate(image: tf.Tensor, degrees: float | tf.Tensor) -> tf.Tensor:
   )
 
 
-def _resample_rows(image: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
-  """Output pixel ``(x, y)`` samples input point ``(x + offsets[y], y)``, bilinear along x.
+def _resample_lines(image: tf.Tensor, offsets: tf.Tensor, axis: int) -> tf.Tensor:
+  """Bilinear resampling along one axis, by a different offset for each line across it.
 
-  Shears and translations move whole rows: this is :func:`_transform` for them (the same
-  bilinear weights, the same ``FILL_VALUE`` outside), as two gathers and a blend per row
-  instead of ``ImageProjectiveTransformV3``'s per-pixel, per-channel projection, which
-  costs about twice as much.
+  ``axis=1``: output pixel ``(x, y)`` samples input point ``(x + offsets[y], y)`` (rows move);
+  ``axis=0``: ``(x, y + offsets[x])`` (columns move). Shears and translations are such
+  transforms: this is :func:`_transform` for them (the same bilinear weights, the same
+  ``FILL_VALUE`` outside) as two flat gathers and a blend, instead of
+  ``ImageProjectiveTransformV3``'s per-pixel, per-channel projection, which costs about
+  twice as much.
 
   Args:
     image: ``uint8 [height, width, 3]``.
-    offsets: float32 ``[height]``.
+    offsets: float32 ``[height]`` (``axis=1``) or ``[width]`` (``axis=0``).
+    axis: the axis along which pixels move.
   """
-  width = tf.shape(image)[1]
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
   whole = tf.floor(offsets)
-  fraction = (offsets - whole)[:, None, None]
-  # One fill column on each side; any source column left of the first or right of the
-  # last reads it, so that points outside the image read FILL_VALUE as in _transform.
-  padded = tf.pad(image, [[0, 0], [1, 1], [0, 0]], constant_values=FILL_VALUE)
-  left = tf.range(width)[None] + tf.cast(whole, tf.int32)[:, None]  # [height, width]
-  # Input column c is column c + 1 of the padded rows.
-  right = tf.clip_by_value(left + 1, -1, width) + 1
-  left = tf.clip_by_value(left, -1, width) + 1
-  at_left = tf.cast(tf.gather(padded, left, batch_dims=1), tf.float32)
-  at_right = tf.cast(tf.gather(padded, right, batch_dims=1), tf.float32)
-  return _to_uint8((1.0 - fraction) * at_left + fraction * at_right)
+  fraction = offsets - whole
+  # One fill line on each side; any source point beyond the first or last line reads it,
+  # so that points outside the image read FILL_VALUE as in _transform.
+  paddings = [[0, 0], [0, 0], [0, 0]]
+  paddings[axis] = [1, 1]
+  pixels = tf.reshape(tf.pad(image, paddings, constant_values=FILL_VALUE), [-1, 3])
+  rows, cols = tf.range(height)[:, None], tf.range(width)[None]
+  if axis == 1:
+    source = cols + tf.cast(whole, tf.int32)[:, None]  # [height, width]
+    fraction = fraction[:, None, None]
 
+    def flat(line):  # input column `line` of each row, in the padded rows
+      return rows * (width + 2) + tf.clip_by_value(line, -1, width) + 1
 
-def _transposed(fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor) -> tf.Tensor:
-  """``fn`` applied with rows and columns swapped (a row op made a column op)."""
-  return tf.transpose(fn(tf.transpose(image, [1, 0, 2])), [1, 0, 2])
+  else:
+    source = rows + tf.cast(whole, tf.int32)[None]
+    fraction = fraction[None, :, None]
+
+    def flat(line):
+      return (tf.clip_by_value(line, -1, height) + 1) * width + cols
+
+  before = tf.cast(tf.gather(pixels, flat(source)), tf.float32)
+  after = tf.cast(tf.gather(pixels, flat(source + 1)), tf.float32)
+  return _to_uint8((1.0 - fraction) * before + fraction * after)
 
 
 def shear_x(image: tf.Tensor, shear: float | tf.Tensor) -> tf.Tensor:
@@ -393,7 +404,7 @@ def shear_x(image: tf.Tensor, shear: float | tf.Tensor) -> tf.Tensor:
   shear = tf.cast(shear, tf.float32)
   _, cy = _centre(image)
   rows = tf.range(tf.shape(image)[0], dtype=tf.float32)
-  return _resample_rows(image, shear * rows - shear * cy)
+  return _resample_lines(image, shear * rows - shear * cy, axis=1)
 
 
 def shear_y(image: tf.Tensor, shear: float | tf.Tensor) -> tf.Tensor:
@@ -406,7 +417,10 @@ def shear_y(image: tf.Tensor, shear: float | tf.Tensor) -> tf.Tensor:
   Returns:
     ``uint8 [height, width, 3]``; uncovered pixels are ``FILL_VALUE``.
   """
-  return _transposed(lambda columns: shear_x(columns, shear), image)
+  shear = tf.cast(shear, tf.float32)
+  cx, _ = _centre(image)
+  cols = tf.range(tf.shape(image)[1], dtype=tf.float32)
+  return _resample_lines(image, shear * cols - shear * cx, axis=0)
 
 
 def _translate(image: tf.Tensor, pixels: tf.Tensor, axis: int) -> tf.Tensor:
@@ -424,9 +438,7 @@ def _translate(image: tf.Tensor, pixels: tf.Tensor, axis: int) -> tf.Tensor:
     return padded[begin : begin + size] if axis == 0 else padded[:, begin : begin + size]
 
   def resample():
-    if axis == 0:
-      return _transposed(lambda columns: _translate(columns, pixels, 1), image)
-    return _resample_rows(image, tf.fill([tf.shape(image)[0]], -pixels))
+    return _resample_lines(image, tf.fill([tf.shape(image)[1 - axis]], -pixels), axis)
 
   return tf.ensure_shape(tf.cond(tf.floor(pixels) == pixels, shift, resample), image.shape)
 
