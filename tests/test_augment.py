@@ -20,7 +20,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from scipy import stats
 
 from configs import default, imagenet, imagenet_strong
-from gsa_flax.data import augment, augment_config
+from gsa_flax.data import augment, augment_config, image_ops, mixing
 
 FILL = 128  # The documented fill of the geometric ops.
 SIZES = [(16, 16), (32, 32), (20, 36)]
@@ -205,10 +205,10 @@ def test_colour_op_matches_pil(name):
 @pytest.mark.parametrize(
   'op, enhancer',
   [
-    (augment.color, ImageEnhance.Color),
-    (augment.contrast, ImageEnhance.Contrast),
-    (augment.brightness, ImageEnhance.Brightness),
-    (augment.sharpness, ImageEnhance.Sharpness),
+    (image_ops.color, ImageEnhance.Color),
+    (image_ops.contrast, ImageEnhance.Contrast),
+    (image_ops.brightness, ImageEnhance.Brightness),
+    (image_ops.sharpness, ImageEnhance.Sharpness),
   ],
 )
 def test_enhance_ops_at_factor_zero_are_pils_degenerate_images_exactly(op, enhancer):
@@ -275,9 +275,9 @@ def test_fractional_translation_is_bilinear_along_one_axis(pixels):
   x = np.arange(WIDTH)
   want = fraction * column(x - whole - 1) + (1 - fraction) * column(x - whole)
   want = np.floor(want + 0.5).astype(np.uint8)
-  np.testing.assert_array_equal(augment.translate_x(image, pixels), want)
+  np.testing.assert_array_equal(image_ops.translate_x(image, pixels), want)
   np.testing.assert_array_equal(
-    augment.translate_y(np.transpose(image, (1, 0, 2)), pixels), np.transpose(want, (1, 0, 2))
+    image_ops.translate_y(np.transpose(image, (1, 0, 2)), pixels), np.transpose(want, (1, 0, 2))
   )
 
 
@@ -285,10 +285,10 @@ def test_rotate_by_right_angles_is_exact():
   rng = np.random.default_rng()
   square = _image(rng, 17, 17)
   # Positive angles turn the displayed image counterclockwise, as np.rot90 does.
-  np.testing.assert_array_equal(augment.rotate(square, 90.0), np.rot90(square, 1))
-  np.testing.assert_array_equal(augment.rotate(square, -90.0), np.rot90(square, -1))
+  np.testing.assert_array_equal(image_ops.rotate(square, 90.0), np.rot90(square, 1))
+  np.testing.assert_array_equal(image_ops.rotate(square, -90.0), np.rot90(square, -1))
   image = _image(rng, 16, 20)
-  np.testing.assert_array_equal(augment.rotate(image, 180.0), image[::-1, ::-1])
+  np.testing.assert_array_equal(image_ops.rotate(image, 180.0), image[::-1, ::-1])
 
 
 def _check_resampled(got: np.ndarray, want: np.ndarray, source_x, source_y) -> None:
@@ -371,8 +371,8 @@ def test_ops_with_an_argument_are_the_identity_at_magnitude_zero():
       continue
     for negate in (False, True):
       np.testing.assert_array_equal(augment.apply_op(image, name, 0.0, negate=negate), image)
-  np.testing.assert_array_equal(augment.shear_x(image, 0.0), image)
-  np.testing.assert_array_equal(augment.shear_y(image, 0.0), image)
+  np.testing.assert_array_equal(image_ops.shear_x(image, 0.0), image)
+  np.testing.assert_array_equal(image_ops.shear_y(image, 0.0), image)
 
 
 def test_rand_augment_rejects_a_float_image_and_unknown_ops():
@@ -406,7 +406,7 @@ def test_mixup_is_the_convex_combination_with_the_reversed_batch(batch):
   rng = np.random.default_rng()
   images, labels = _batch(rng, batch)
   for key in _keys(rng, 4):
-    out = augment.mix_batch(images, labels, key, mixup_alpha=0.4, cutmix_alpha=0.0)
+    out = mixing.mix_batch(images, labels, key, mixup_alpha=0.4, cutmix_alpha=0.0)
     assert sorted(out) == ['image', 'label', 'mix_label', 'mix_weight']
     weight = out['mix_weight'].numpy()
     assert weight.dtype == np.float32 and weight.shape == (batch,)
@@ -438,7 +438,7 @@ def test_cutmix_pastes_one_rectangle_and_weights_by_the_pixels_kept():
   height, width = images.shape[1:3]
   partial = 0
   for key in _keys(rng, 16):
-    out = augment.mix_batch(images, labels, key, mixup_alpha=0.0, cutmix_alpha=1.0)
+    out = mixing.mix_batch(images, labels, key, mixup_alpha=0.0, cutmix_alpha=1.0)
     box = _cutmix_box(out, values)
     rows, cols = np.nonzero(box)
     if rows.size:
@@ -460,7 +460,7 @@ def test_switch_prob_chooses_between_mixup_and_cutmix():
   def cutmix_fraction(switch_prob: float, count: int) -> float:
     outs = _map_keys(
       _keys(rng, count),
-      lambda key: augment.mix_batch(
+      lambda key: mixing.mix_batch(
         images, labels, key, mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=switch_prob
       )['image'],
     )
@@ -482,7 +482,7 @@ def test_prob_sets_how_often_a_batch_is_mixed():
   def mix(prob: float, count: int, cutmix_alpha: float) -> dict[str, np.ndarray]:
     return _map_keys(
       _keys(rng, count),
-      lambda key: augment.mix_batch(
+      lambda key: mixing.mix_batch(
         images, labels, key, mixup_alpha=1.0, cutmix_alpha=cutmix_alpha, prob=prob
       ),
     )
@@ -510,7 +510,7 @@ def test_prob_sets_how_often_a_batch_is_mixed():
 def test_both_alphas_zero_is_the_identity():
   rng = np.random.default_rng()
   images, labels = _batch(rng)
-  out = augment.mix_batch(images, labels, _keys(rng, 1)[0], mixup_alpha=0.0, cutmix_alpha=0.0)
+  out = mixing.mix_batch(images, labels, _keys(rng, 1)[0], mixup_alpha=0.0, cutmix_alpha=0.0)
   assert sorted(out) == ['image', 'label', 'mix_label', 'mix_weight']
   np.testing.assert_array_equal(out['image'], images)
   np.testing.assert_array_equal(out['label'], labels)
@@ -525,7 +525,7 @@ def test_mixup_lam_is_beta_distributed(alpha):
   count = 2000
   weights = _map_keys(
     _keys(rng, count),
-    lambda key: augment.mix_batch(images, labels, key, mixup_alpha=alpha, cutmix_alpha=0.0)[
+    lambda key: mixing.mix_batch(images, labels, key, mixup_alpha=alpha, cutmix_alpha=0.0)[
       'mix_weight'
     ][0],
   )
@@ -542,13 +542,13 @@ def test_mix_batch_is_a_function_of_the_key():
   images, labels = _batch(rng)
   keys = _keys(rng, 16)
   kwargs = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8)
-  eager = [augment.mix_batch(images, labels, key, **kwargs) for key in keys]
-  again = augment.mix_batch(images, labels, keys[2], **kwargs)
+  eager = [mixing.mix_batch(images, labels, key, **kwargs) for key in keys]
+  again = mixing.mix_batch(images, labels, keys[2], **kwargs)
   for name in again:
     np.testing.assert_array_equal(again[name], eager[2][name])
   # About 13 of 16 batches are mixed, each with its own lam.
   assert len({float(out['mix_weight'][0]) for out in eager}) >= 4
-  mapped = _map_keys(keys, lambda key: augment.mix_batch(images, labels, key, **kwargs))
+  mapped = _map_keys(keys, lambda key: mixing.mix_batch(images, labels, key, **kwargs))
   for i, out in enumerate(eager):
     for name in out:
       np.testing.assert_array_equal(mapped[name][i], out[name])
@@ -589,7 +589,7 @@ def test_check_config_names_the_bad_field(field, value):
   with pytest.raises(ValueError, match=rf'^{field}='):
     if field in ('mixup_alpha', 'cutmix_alpha', 'prob', 'switch_prob'):
       kwargs = dict(mixup_alpha=1.0, cutmix_alpha=1.0)
-      augment.mix_batch(
+      mixing.mix_batch(
         np.zeros((2, 4, 4, 3), np.float32),
         np.zeros(2, np.int32),
         np.zeros(2, np.int64),

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from helpers import DIGITS_IMAGE_SIZE as IMAGE_SIZE
 from helpers import MOCK_EXAMPLES, environment, mock_data
 
-from gsa_flax.data import augment, datasets, input_pipeline
+from gsa_flax.data import augment, datasets, input_pipeline, mixing, preprocess
 from gsa_flax.train import steps
 
 DIGITS = datasets.get('digits')
@@ -221,7 +221,7 @@ def test_preprocess_for_eval_matches_eval_batches(builder):
   (batch, *_), _ = _collect_eval(builder, 16)
   raw = [e['image'] for e in builder.as_dataset(split='test').take(16).as_numpy_iterator()]
   for image, expected in zip(raw, _normalized(batch['image']), strict=True):
-    actual = input_pipeline.preprocess_for_eval(image, spec=DIGITS, image_size=IMAGE_SIZE)
+    actual = preprocess.preprocess_for_eval(image, spec=DIGITS, image_size=IMAGE_SIZE)
     np.testing.assert_array_equal(actual.numpy(), expected)
 
 
@@ -230,7 +230,7 @@ def test_preprocess_for_eval_matches_eval_batches(builder):
 def test_preprocess_for_eval_any_image(dataset, channels):
   spec = datasets.get(dataset)
   image = np.random.default_rng().integers(0, 256, (37, 50, channels), dtype=np.uint8)
-  out = input_pipeline.preprocess_for_eval(image, spec=spec, image_size=24).numpy()
+  out = preprocess.preprocess_for_eval(image, spec=spec, image_size=24).numpy()
   assert out.shape == (24, 24, 3) and out.dtype == np.float32
   assert np.isfinite(out).all()
   if channels == 1:
@@ -244,7 +244,7 @@ def test_eval_crop_keeps_the_center(dataset, crop_side):
   image = np.zeros((40, 60, 3), np.uint8)
   image[10:30, 20:40] = 255  # a white 20x20 square in the middle of a 40x60 image
   # At image_size 96 the 'center' crop is int(96 / 128 * 40) = 30 pixels wide.
-  out = input_pipeline.preprocess_for_eval(image, spec=spec, image_size=96)
+  out = preprocess.preprocess_for_eval(image, spec=spec, image_size=96)
   white = (_unnormalize(out.numpy(), spec)[..., 0] > 127).mean()
   assert abs(white - (20 / crop_side) ** 2) < 0.03, white
 
@@ -311,7 +311,7 @@ def test_mocked_dataset_through_real_loading(mock_data_dir, dataset, image_size)
     )
     for example, expected in zip(encoded, images[:MOCK_EXAMPLES], strict=True):
       decoded = tf.io.decode_image(example['image'], channels=3, expand_animations=False)
-      actual = input_pipeline.preprocess_for_eval(decoded, spec=spec, image_size=image_size)
+      actual = preprocess.preprocess_for_eval(decoded, spec=spec, image_size=image_size)
       np.testing.assert_array_equal(actual.numpy(), expected)
 
 
@@ -516,7 +516,7 @@ def test_mixing_is_keyed_by_the_absolute_step(builder):
     np.testing.assert_array_equal(after['mix_label'], before['label'][::-1])
     key = tf.random.experimental.stateless_fold_in(base, tf.constant(step, tf.int64))
     # Mixed on the 0..255 scale, on the host, from the same key.
-    want = augment.mix_batch(
+    want = mixing.mix_batch(
       before['image'].astype(np.float32),
       before['label'],
       key,

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 from etils import epath
 
-from gsa_flax.data import input_pipeline
+from gsa_flax.data import preprocess
 from gsa_flax.data.datasets import DatasetSpec
 
 
@@ -40,7 +40,7 @@ def read(path: str | os.PathLike, spec: DatasetSpec, image_size: int) -> np.ndar
   except OSError as error:
     raise ImageError(f'cannot read the file ({error.strerror or error})') from None
   try:
-    image = input_pipeline.decode(tf.constant(encoded))
+    image = preprocess.decode(tf.constant(encoded))
   except (tf.errors.InvalidArgumentError, ValueError):
     raise ImageError('not a decodable image (PNG, JPEG, GIF or BMP)') from None
-  return input_pipeline.preprocess_for_eval(image, spec=spec, image_size=image_size).numpy()
+  return preprocess.preprocess_for_eval(image, spec=spec, image_size=image_size).numpy()

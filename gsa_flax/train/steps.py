@@ -100,7 +100,7 @@ def normalize_images(images: jax.Array, stats: ImageStats) -> jax.Array:
   The pipeline hands over ``uint8`` images (float32 on 0..255 when mixed), a quarter of
   the bytes of normalised float32 to copy; normalising here costs the accelerator next to
   nothing, and the model's first layer casts the result to its compute dtype. It is
-  ``gsa_flax.data.input_pipeline.normalize``'s formula, on the device.
+  ``gsa_flax.data.preprocess.normalize``'s formula, on the device.
 
   Args:
     images: ``[batch, height, width, 3]`` on the 0..255 scale, any real dtype.
@@ -116,7 +116,7 @@ def mix_images(batch: dict[str, jax.Array], groups: int = 1) -> jax.Array:
   Example ``i`` of each process's part of the batch is paired with example ``local - 1 -
   i`` of the same part (the pipeline's pairing, which set ``mix_label``):
   ``where(in mix_box, partner, mix_blend * image + (1 - mix_blend) * partner)``, as
-  ``gsa_flax.data.augment.apply_mix`` does on the host. The images cross the host-device
+  ``gsa_flax.data.mixing.apply_mix`` does on the host. The images cross the host-device
   link as ``uint8``; mixing here, where the reversal is one collective permute, spares the
   host a float32 pass over every batch.
 
