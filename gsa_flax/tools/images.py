@@ -55,6 +55,10 @@ def _orientation(encoded: bytes) -> int:
     with PIL.Image.open(io.BytesIO(encoded)) as image:
       width, height = image.size
       orientation = image.getexif().get(ORIENTATION, 1)
+  except PIL.Image.DecompressionBombError:
+    raise ImageError(
+      f'claims more pixels than the {MAX_PIXELS:,} an image may have; downscale it first'
+    ) from None
   except (PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError):
     return 1  # not PIL's to judge: the decoder says whether it is an image
   if width * height > MAX_PIXELS:

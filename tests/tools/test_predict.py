@@ -1,10 +1,13 @@
 """predict: the CLI on real files against the eval pipeline applied to the saved state."""
 
+import contextlib
 import io
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -158,6 +161,33 @@ def test_every_exif_orientation_is_turned_like_pil_does(tmp_path, fmt):
       want = np.asarray(ImageOps.exif_transpose(opened).convert('RGB'))  # PIL's reading
     decoded = _pixels(path)  # what the file holds, unturned (JPEG: after its loss)
     np.testing.assert_array_equal(images.upright(decoded, orientation), want)
+
+
+def _png_header(width: int, height: int) -> bytes:
+  """A PNG that claims ``width x height`` pixels in a few dozen bytes."""
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    body = kind + data
+    return struct.pack('>I', len(data)) + body + struct.pack('>I', zlib.crc32(body))
+
+  header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  return (
+    b'\x89PNG\r\n\x1a\n'
+    + chunk(b'IHDR', header)
+    + chunk(b'IDAT', zlib.compress(b''))
+    + chunk(b'IEND', b'')
+  )
+
+
+@pytest.mark.parametrize('side', [12_000, 20_000])  # past our bound; past PIL's own too
+def test_an_image_claiming_too_many_pixels_is_refused_before_decoding(tmp_path, side):
+  path = tmp_path / 'bomb.png'
+  path.write_bytes(_png_header(side, side))
+  started = time.perf_counter()
+  with pytest.warns() if side == 12_000 else contextlib.nullcontext():  # PIL's warning
+    with pytest.raises(images.ImageError, match='134,217,728 an image may have'):
+      images.read(path, DIGITS, 16)
+  assert time.perf_counter() - started < 2
 
 
 def test_load_errors(tmp_path):
