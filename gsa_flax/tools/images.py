@@ -54,18 +54,18 @@ def _orientation(encoded: bytes) -> int:
   try:
     with PIL.Image.open(io.BytesIO(encoded)) as image:
       width, height = image.size
-      orientation = image.getexif().get(ORIENTATION, 1)
+      if width * height > MAX_PIXELS:
+        raise ImageError(
+          f'is {width}x{height} pixels, more than the {MAX_PIXELS:,} an image may have; '
+          'downscale it first'
+        )
+      orientation = image.getexif().get(ORIENTATION, 1)  # may read the file (PNG)
   except PIL.Image.DecompressionBombError:
     raise ImageError(
       f'claims more pixels than the {MAX_PIXELS:,} an image may have; downscale it first'
     ) from None
   except (PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError):
     return 1  # not PIL's to judge: the decoder says whether it is an image
-  if width * height > MAX_PIXELS:
-    raise ImageError(
-      f'is {width}x{height} pixels, more than the {MAX_PIXELS:,} an image may have; '
-      'downscale it first'
-    )
   return orientation if isinstance(orientation, int) else 1
 
 
