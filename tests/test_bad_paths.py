@@ -14,6 +14,7 @@ the backend, the exit status). A full disk is the kernel's file-size limit
 (:func:`test_files.full_disk`).
 """
 
+import concurrent.futures
 import contextlib
 import os
 import subprocess
@@ -263,8 +264,9 @@ def test_the_command_lines_say_it_in_one_line(saved_run, tmp_path):
       'JAX cannot start the backend JAX_PLATFORMS=tpu asks for',
     ),
   }
-  for name, (args, options, words) in cases.items():
-    result = _command(args, **options)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two at a time: two cores
+    results = list(pool.map(lambda case: _command(case[0], **case[1]), cases.values()))
+  for (name, (_, _, words)), result in zip(cases.items(), results, strict=True):
     assert result.returncode == 2, (name, result.stderr[-3000:])
     assert 'Traceback' not in result.stderr, (name, result.stderr[-3000:])
     printed = [line for line in result.stderr.splitlines() if line.startswith('error:')]

@@ -1,16 +1,19 @@
 """A run's workdir as a ledger with one writer: its paths, its lock and its record.
 
 - **The lock** (``<workdir>/lock.json``, naming host, pid and start time of the run that
-  holds it): on a local disk an ``fcntl.flock`` that the kernel releases when the process
-  dies, on a cloud file system (``gs://``) a :class:`Lease` that expires unless its holder
-  renews it, so a preempted VM cannot hold a workdir for ever. A second run refuses to
-  start and writes nothing.
+  holds it): on a local disk an ``fcntl.flock`` of the workdir that the kernel releases
+  when the process dies, on a cloud file system (``gs://``) a :class:`Lease` that expires
+  unless its holder renews it, so a preempted VM cannot hold a workdir for ever. A second
+  run refuses to start and writes nothing. Every file here is written whole
+  (:mod:`gsa_flax.files`), never through a symbolic link.
 - **The record**: ``config.json`` is written once, when a run starts from scratch. A
   restart compares its config with it and refuses a change to a field that changes what is
   trained unless the field is listed in ``config.allow_config_changes``; an accepted change
   is appended to ``config_history.jsonl`` (time, step, old and new values) and written into
   ``config.json``. Fields that do not change what is trained (intervals, eval settings,
-  ``data_dir``, ``init_from``) may differ freely and are not recorded.
+  ``data_dir``, ``init_from``) may differ freely and are not recorded. A record is read as
+  this code knows it: keys it does not know are reported once and ignored, fields added
+  after it was written take the values runs had before them (:class:`RecordRules`).
 
 What the record's fields mean is the trainer's to say (:class:`RecordRules`: which fields a
 restart may change, how a record is checked), so the ledger imports no model. The
@@ -203,8 +206,8 @@ class FileLock:
     """
     files.check_writable(self.path)
     try:
-      # The directory, not lock.json: the holder's record is replaced whole on each start,
-      # which would leave a lock on the file behind with the old file.
+      # The directory, not lock.json: lock.json is replaced by a new file on each start,
+      # and a lock held on the old file would not stop a run that opens the new one.
       fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as error:
       raise WorkdirError(
