@@ -59,7 +59,7 @@ def _kind(mode: int) -> str:
     return 'a device'
   if stat.S_ISSOCK(mode):
     return 'a socket'
-  return 'not a regular file'
+  return 'a special file'
 
 
 def check_writable(path: str | os.PathLike) -> epath.Path:

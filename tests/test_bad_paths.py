@@ -258,6 +258,11 @@ def test_the_command_lines_say_it_in_one_line(saved_run, tmp_path):
       {},
       'not a regular file',
     ),
+    'main.py, JAX_PLATFORMS=cuda without a GPU': (
+      ['main.py', '--config=configs/default.py', f'--workdir={tmp_path / "w"}'],
+      {'env': dict(environment(devices=1), JAX_PLATFORMS='cuda')},
+      'JAX cannot start the backend JAX_PLATFORMS=cuda asks for',
+    ),
     'JAX_PLATFORMS=tpu without a TPU': (
       ['-m', 'gsa_flax.tools.predict', f'--workdir={workdir}', str(image)],
       {'env': tpu},
