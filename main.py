@@ -86,6 +86,7 @@ def main(argv: Sequence[str], **train_kwargs) -> None:
   if not FLAGS.config or not FLAGS.workdir:
     cli.fail('--config and --workdir are required: python main.py --config=FILE --workdir=DIR')
   _init_distributed()
+  cli.check_backend()
   import jax
 
   from gsa_flax.train import config_validation

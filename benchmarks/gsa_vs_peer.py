@@ -50,6 +50,7 @@ import statistics
 import sys
 
 from benchmarks import common
+from gsa_flax import files
 
 IMPLS = ('ours', 'ours:logits', 'ours:values', 'peer', 'peer+out')
 DEFAULT_IMPLS = ('ours', 'peer', 'peer+out')
@@ -217,8 +218,8 @@ def main() -> None:
           print(f'#   rep {rep} {json.dumps(r)}', flush=True)
           results.append(r)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({'matmul': rates, 'args': vars(args), 'results': results}, f, indent=1)
+    saved = {'matmul': rates, 'args': vars(args), 'results': results}
+    files.write_atomically(args.json, json.dumps(saved, indent=1))
   print_table(args, impls, results, rates)
 
 

@@ -16,11 +16,13 @@ fitted on log(time or memory) against log(pixels) over the sizes >= ``--fit-from
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import tempfile
 
 from benchmarks import common
+from gsa_flax import files
 
 LAYERS = ('gsa', 'full_attention', 'conv3x3')
 PLOT = os.path.join(common.REPO, 'docs', 'benchmarks', 'scaling.png')
@@ -136,10 +138,10 @@ def main() -> None:
         break  # larger sizes only need more
   rate = common.matmul_peak_flops()
   bw = common.memory_bandwidth()
-  with open(args.json, 'w') as f:
-    saved = {**vars(args), 'plot': common.repo_relative(args.plot)}
-    saved['json'] = common.repo_relative(args.json)
-    json.dump({'args': saved, 'matmul_flops': rate, 'bandwidth': bw, 'results': results}, f)
+  saved = {**vars(args), 'plot': common.repo_relative(args.plot)}
+  saved['json'] = common.repo_relative(args.json)
+  summary = {'args': saved, 'matmul_flops': rate, 'bandwidth': bw, 'results': results}
+  files.write_atomically(args.json, json.dumps(summary))
   print_table(args, results, rate, bw)
   plot(args, results)
 
@@ -241,7 +243,9 @@ def plot(args, results) -> None:
   )
   fig.tight_layout()
   os.makedirs(os.path.dirname(args.plot), exist_ok=True)
-  fig.savefig(args.plot, dpi=110)
+  figure = io.BytesIO()
+  fig.savefig(figure, format=os.path.splitext(args.plot)[1].lstrip('.') or 'png', dpi=110)
+  files.write_atomically(args.plot, figure.getvalue())
   print(f'\nplot: {common.repo_relative(args.plot)}')
 
 

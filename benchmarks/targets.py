@@ -54,6 +54,7 @@ import ml_collections  # noqa: E402
 
 from benchmarks import common, kernels  # noqa: E402
 from configs import imagenet  # noqa: E402
+from gsa_flax import files  # noqa: E402
 from gsa_flax.tools.sizing import aot, report  # noqa: E402
 from gsa_flax.train import experiment
 
@@ -253,8 +254,7 @@ def _load() -> dict[str, Any]:
 
 def _save(saved: dict[str, Any]) -> None:
   os.makedirs(os.path.dirname(JSON), exist_ok=True)
-  with open(JSON, 'w') as f:
-    json.dump(saved, f, indent=1, sort_keys=True)
+  files.write_atomically(JSON, json.dumps(saved, indent=1, sort_keys=True))
 
 
 def _in_child(target: str, case: str, network: str, batch: int, fit: bool) -> dict[str, Any]:

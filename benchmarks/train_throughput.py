@@ -29,6 +29,7 @@ import tempfile
 import time
 
 from benchmarks import common
+from gsa_flax import files
 
 MODELS = ('resnet50', 'gsa_resnet50')
 
@@ -221,17 +222,14 @@ def main() -> None:
   default_step = common.run_isolated('benchmarks.train_throughput', ['--case=default,x', *flags])
   print(f'#   {json.dumps(default_step)}', flush=True)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(
-        {
-          'matmul_flops': rate,
-          'train': train_results,
-          'ratios': ratios,
-          'input': input_results,
-          'default_train_step': default_step,
-        },
-        f,
-      )
+    saved = {
+      'matmul_flops': rate,
+      'train': train_results,
+      'ratios': ratios,
+      'input': input_results,
+      'default_train_step': default_step,
+    }
+    files.write_atomically(args.json, json.dumps(saved))
   report(args, rate, train_results, input_results, ratios, default_step)
 
 

@@ -8,6 +8,7 @@ or a file in the workdir behind.
 import concurrent.futures
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ml_collections
@@ -159,12 +160,12 @@ NUMBERS = {
   'label_smoothing': (-0.1, ['config.label_smoothing=-0.1', 'in [0, 1)']),
   'gsa.key_ratio': (1.5, ['config.gsa.key_ratio=1.5', 'in (0, 1]']),
   'seed': (2**32, ['config.seed=4294967296', '[0, 2**32)']),
-  'num_filters': (0, ['config.num_filters=0', 'an int > 0']),
+  'num_filters': (0, ['config.num_filters=0', 'an int in [1, 1024]']),
   'num_epochs': (float('-inf'), ['config.num_epochs=-inf', 'finite number >= 0']),
-  'image_size': ('16', ["config.image_size='16'", 'an int > 0 (got str)']),
+  'image_size': ('16', ["config.image_size='16'", 'an int in [1, 4096] (got str)']),
   'batch_size': (64.0, ['config.batch_size=64.0', 'an int > 0']),
   'nesterov': (1, ['config.nesterov=1', 'True or False']),
-  'stage_sizes': ((2, 0), ['config.stage_sizes=(2, 0)', 'ints > 0']),
+  'stage_sizes': ((2, 0), ['config.stage_sizes=(2, 0)', 'ints in [1, 64]']),
   'gsa.attention_stages': ((1, 0), ['config.gsa.attention_stages=(1, 0)', 'bools']),
   'keep_checkpoints': (0, ['config.keep_checkpoints=0', '> 0']),
   'allow_config_changes': (
@@ -190,6 +191,55 @@ def test_a_value_that_cannot_train_is_named(field):
     config_validation.validate(ml_collections.ConfigDict(tree))
   for word in words:
     assert word in str(error.value), str(error.value)
+
+
+# What has no natural bound is bounded by what a real network, the data or the step counter
+# allows: each refused at once, in one line (overrides -> words).
+BEYOND = {
+  'a network no file or run could hold': (
+    {'stage_sizes': (3000, 1, 1, 1)},
+    ['config.stage_sizes=(3000, 1, 1, 1)', 'ints in [1, 64]'],
+  ),
+  'heads': ({'gsa.num_heads': 4096}, ['config.gsa.num_heads=4096', 'an int in [1, 64]']),
+  'a run the int32 step counter never ends': (
+    {'num_train_steps': 10**15},
+    ['config.num_train_steps=1000000000000000', 'an int in [-1, 2**31 - 1]'],
+  ),
+  'digits at 4096x4096': (
+    {'image_size': 4096},
+    ['config.image_size=4096 is beyond what digits holds', 'use image_size <= 256'],
+  ),
+  'digits at 4x4 behind a small network': (
+    {'image_size': 4, 'stage_sizes': (1, 1), 'num_filters': 8, 'gsa.num_heads': 2},
+    ['config.image_size=4 is smaller than digits can be stored at', 'image_size >= 8'],
+  ),
+  'a data_dir that is a file': ({'data_dir': __file__}, ['is not a directory']),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BEYOND))
+def test_what_has_no_natural_bound_is_bounded_in_one_line(case):
+  overrides, words = BEYOND[case]
+  config = default.get_config()
+  for name, value in overrides.items():
+    *parents, leaf = name.split('.')
+    target = config
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  started = time.perf_counter()
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(config)
+  assert time.perf_counter() - started < 2
+  message = str(error.value)
+  assert '\n' not in message and all(word in message for word in words), message
+
+
+def test_a_run_of_more_epochs_than_the_step_counter_holds_is_refused():
+  config = default.get_config()
+  config.num_epochs = 1e9
+  with pytest.raises(config_validation.ConfigError, match='more than the step counter holds'):
+    config_validation.validate_schedule(config, 10, 10**10)
 
 
 def test_a_key_ratio_that_leaves_no_key_channel_is_rejected():

@@ -7,9 +7,11 @@ One source run (the tiny network on digits at 16x16) serves every test; it is fi
 
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 from flax import traverse_util
 from helpers import main_command, mock_data, tiny_config
 
-from gsa_flax.model import networks, transfer
+from gsa_flax.model import networks, transfer, weights
 from gsa_flax.tools import export
 from gsa_flax.tools.events import read_scalars
 from gsa_flax.train import checkpoints, finetune, restore, trainer
@@ -162,21 +164,44 @@ def test_restore_load_reads_a_run_its_checkpoints_or_one_step(source):
     restore.load(workdir / 'checkpoints' / '7')
 
 
+def _fifo(root):
+  os.mkfifo(root / 'fifo')
+  return root / 'fifo'
+
+
+def _claiming_3000_blocks(root):
+  """A small weights file whose config claims 3000 blocks in its first stage."""
+  config = tiny_config('', stage_sizes=(1, 1))
+  model = networks.build(networks.architecture_of(config), 10)
+  variables = jax.tree.map(
+    lambda s: np.zeros(s.shape, s.dtype), networks.abstract_variables(model, 16)
+  )
+  config.stage_sizes = (3000, 1, 1, 1)
+  return weights.export(root / 'huge.msgpack', config, variables, {})
+
+
 @pytest.mark.parametrize(
   'make,words',
   [
     (lambda root: root / 'nowhere', 'does not exist'),
     (lambda root: root / 'notes.txt', 'is not a gsa-flax weights file'),
     (lambda root: root, 'config.json is missing: ... is not a training workdir'),
+    (_fifo, 'is a FIFO, not an exported weights file'),  # would block for ever
+    (
+      _claiming_3000_blocks,  # would build for minutes
+      'its config does not describe ... stage_sizes=(3000, 1, 1, 1) is beyond any real network',
+    ),
   ],
 )
 def test_an_unusable_source_is_one_clear_error(digits_dir, tmp_path, make, words):
   (tmp_path / 'notes.txt').write_text('not weights')
   init_from = make(tmp_path)
   config = tiny_config(digits_dir, init_from=str(init_from))
+  started = time.perf_counter()
   with pytest.raises(transfer.TransferError) as refused:
     model = networks.build(networks.architecture_of(config), 10)
     finetune.read_init_from(config.init_from, model, config.image_size)
+  assert time.perf_counter() - started < 10
   message = str(refused.value)
   assert message.startswith(f'config.init_from={init_from}: ') and '\n' not in message
   for part in words.split(' ... '):

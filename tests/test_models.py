@@ -2,14 +2,16 @@
 
 import functools
 import math
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 
 from configs import default, imagenet, imagenet_resnet50
-from gsa_flax.model import networks, weights
+from gsa_flax.model import networks, transfer, weights
 from gsa_flax.model.layers import GSAOptions
 
 DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -223,6 +225,55 @@ def test_load_pretrained_refuses_variables_its_config_does_not_describe(tmp_path
   assert str(path) in message and '\n' not in message
   assert (
     'params/BottleneckBlock_0/BatchNorm_0/bias is (8,) in the file, (16,) in the network' in message
+  )
+
+
+@pytest.mark.parametrize(
+  'stage_sizes, words',
+  [
+    ((3000, 1, 1, 1), 'stage_sizes=(3000, 1, 1, 1) is beyond any real network: use 1 to 64'),
+    # Within the bounds, but 41 blocks where the file holds 2: refused from the file's tree,
+    # before 41 blocks are shaped.
+    ((40, 1), 'stage_sizes [40, 1]: 41 residual blocks); the file holds 2'),
+  ],
+)
+def test_a_file_claiming_a_larger_network_is_refused_before_it_is_built(
+  tmp_path, stage_sizes, words
+):
+  config = _tiny_config()
+  variables = _random(
+    networks.abstract_variables(networks.build(networks.architecture_of(config), 10), 16),
+    np.random.default_rng(),
+  )
+  path = weights.export(
+    tmp_path / 'w.msgpack', _tiny_config(stage_sizes=stage_sizes), variables, {}
+  )
+  started = time.perf_counter()
+  with pytest.raises(weights.WeightsError) as error:
+    networks.load_pretrained(path)
+  assert time.perf_counter() - started < 2  # 400 blocks took 137 s to build
+  message = str(error.value)
+  assert message.startswith(str(path)) and words in message and '\n' not in message, message
+
+
+def test_a_file_written_by_flax_with_sorted_keys_is_read_by_every_loader(tmp_path):
+  rng = np.random.default_rng()
+  config = _tiny_config()
+  model = networks.build(networks.architecture_of(config), num_classes=7)
+  variables = _random(networks.abstract_variables(model, config.image_size), rng)
+  ours = weights.export(tmp_path / 'ours.msgpack', config, variables, {'model': 'x'})
+  contents = serialization.msgpack_restore(ours.read_bytes())
+  resaved = serialization.msgpack_serialize(contents)  # flax's own writer: keys sorted
+  assert next(iter(serialization.msgpack_restore(resaved))) == 'card'  # the tag is not first
+  path = tmp_path / 'flax.msgpack'
+  path.write_bytes(resaved)
+  weights.check_header(path)
+  assert transfer.locate(path).kind == 'weights'  # what config.init_from reads first
+  pretrained = networks.load_pretrained(path)  # what it reads next
+  x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_array_equal(
+    np.asarray(pretrained.model.apply(pretrained.variables, x, train=False)),
+    np.asarray(model.apply(variables, x, train=False)),
   )
 
 

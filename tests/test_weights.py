@@ -3,11 +3,15 @@ clear error naming it."""
 
 from __future__ import annotations
 
+import os
+
 import msgpack
 import numpy as np
 import pytest
 from flax import serialization
+from test_files import finishes_within, full_disk
 
+from gsa_flax import files
 from gsa_flax.model import weights
 
 CONFIG = {
@@ -163,3 +167,44 @@ def test_check_header_reads_the_tag_only(tmp_path, data, words):
   # A valid file cut after its first bytes still passes: only the header is read.
   path.write_bytes(_valid(tmp_path)[:80])
   weights.check_header(path)
+
+
+def test_an_export_that_fails_on_a_full_disk_leaves_the_old_file_byte_identical(tmp_path):
+  variables = _variables(np.random.default_rng(0))
+  path = weights.export(tmp_path / 'w.msgpack', CONFIG, variables, {'model': 'old'})
+  old = path.read_bytes()
+  bigger = {**variables, 'params': {**variables['params'], 'extra': np.ones(4096, np.float32)}}
+  with full_disk(free_bytes=len(old)), pytest.raises(files.FileError) as failed:
+    weights.export(path, CONFIG, bigger, {'model': 'new'})
+  assert str(failed.value).startswith(f'{path} could not be written (File too large); ')
+  assert [p.name for p in tmp_path.iterdir()] == ['w.msgpack']  # no partial file
+  assert path.read_bytes() == old
+
+
+@pytest.mark.parametrize('kind', ['symlink', 'directory', 'fifo'])
+def test_an_export_never_writes_through_a_link_or_into_what_is_not_a_file(tmp_path, kind):
+  outside = tmp_path / 'outside.bin'
+  outside.write_bytes(b"someone else's file")
+  path = tmp_path / 'w.msgpack'
+  {
+    'symlink': lambda: path.symlink_to(outside),
+    'directory': path.mkdir,
+    'fifo': lambda: os.mkfifo(path),
+  }[kind]()
+  outcome = finishes_within(
+    10, lambda: weights.export(path, CONFIG, _variables(np.random.default_rng()), {})
+  )
+  assert isinstance(outcome.get('error'), files.FileError), outcome
+  assert str(outcome['error']).startswith(f'{path} is ') and '\n' not in str(outcome['error'])
+  assert outside.read_bytes() == b"someone else's file"
+
+
+@pytest.mark.parametrize('path', ['/dev/zero', 'fifo'])
+def test_a_weights_path_that_never_ends_is_refused_at_once(tmp_path, path):
+  if path == 'fifo':
+    path = tmp_path / 'fifo'
+    os.mkfifo(path)
+  for load in (weights.read, weights.check_header):
+    outcome = finishes_within(5, lambda load=load: load(path))
+    assert isinstance(outcome.get('error'), weights.WeightsError), outcome
+    assert 'not an exported weights file' in str(outcome['error'])

@@ -12,15 +12,18 @@ import json
 import logging
 import math
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 from helpers import REPO, environment, main_command, tiny_config
 
+from gsa_flax import files
 from gsa_flax.tools import predict, visualize
 from gsa_flax.train import config_validation, trainer
 from gsa_flax.train import workdir as workdir_lib
@@ -184,6 +187,110 @@ def test_extending_a_finished_run_says_what_the_learning_rate_does_and_is_record
   assert json.loads((run / 'config.json').read_text()) == dict(record, num_train_steps=8)
 
 
+def test_a_key_the_code_does_not_know_is_reported_once_and_ignored(
+  finished, digits_dir, tmp_path, caplog
+):
+  run = _copy(finished, tmp_path)
+  path = run / 'config.json'
+  record = json.loads(path.read_text())
+  # Written by hand, or by a version whose fields were later removed.
+  record['retired_field'] = 3
+  record['gsa']['retired_knob'] = 'x'
+  path.write_text(json.dumps(record))
+  before = _contents(run)
+  caplog.set_level(logging.INFO)
+  state = trainer.train_and_evaluate(tiny_config(digits_dir), str(run))  # reads it 3 times
+  assert int(state.step) == 6 and 'Nothing to train' in caplog.text
+  for name in ('retired_field', 'gsa.retired_knob'):
+    reports = [r.getMessage() for r in caplog.records if f'holds {name}, which' in r.getMessage()]
+    assert reports == [
+      f'{path} holds {name}, which this gsa-flax does not know (a field of another version, '
+      'or added by hand): ignored.'
+    ]
+  assert _contents(run) == before
+  # An accepted change keeps the record's other keys, known or not.
+  workdir_lib.record_changes(run, {'num_train_steps': (6, 8)}, 6, trainer.RULES)
+  assert json.loads(path.read_text()) == dict(record, num_train_steps=8)
+
+
+def test_a_record_older_than_a_field_takes_its_value_from_before(
+  finished, digits_dir, tmp_path, caplog
+):
+  run = _copy(finished, tmp_path)
+  path = run / 'config.json'
+  record = json.loads(path.read_text())
+  del record['remat'], record['augment'], record['gsa']['order']  # added after it was written
+  path.write_text(json.dumps(record))
+  caplog.set_level(logging.INFO)
+  state = trainer.train_and_evaluate(tiny_config(digits_dir), str(run))
+  assert int(state.step) == 6 and 'Nothing to train' in caplog.text
+  logged = caplog.text
+  assert f'{path} has no remat (written before the field existed): it takes the value runs ' in (
+    logged
+  )
+  assert "had without it, ''." in logged
+  assert 'has no augment.mixup_alpha (written before the field existed)' in logged
+  assert 'has no gsa.order (written before the field existed)' in logged
+  # A field every record has always had is still damage (see the seed case below).
+  assert config_validation.RECORD_RULES.defaults.get('seed') is None
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_left_alone(digits_dir, tmp_path):
+  outside = tmp_path / 'outside.txt'
+  outside.write_text('not yours')
+  run = tmp_path / 'received'
+  run.mkdir()
+  (run / 'lock.json').symlink_to(outside)
+  with pytest.raises(files.FileError) as refused:
+    trainer.train_and_evaluate(tiny_config(digits_dir), str(run))
+  assert str(refused.value).startswith(f'{run / "lock.json"} is a symbolic link: it is never ')
+  assert outside.read_text() == 'not yours'
+  assert sorted(p.name for p in run.iterdir()) == ['lock.json']  # nothing else written
+
+
+def test_a_lock_file_that_is_a_directory_is_one_line(tmp_path):
+  (tmp_path / 'lock.json').mkdir()
+  with pytest.raises(files.FileError, match=r'lock.json is a directory, not a file'):
+    workdir_lib.FileLock(tmp_path).acquire()
+
+
+@pytest.fixture
+def shared_dir():
+  """A directory every user can reach (pytest's are private to their owner)."""
+  path = tempfile.mkdtemp(prefix='gsa-shared-')
+  os.chmod(path, 0o755)
+  yield pathlib.Path(path)
+  shutil.rmtree(path)
+
+
+def test_a_read_only_workdir_is_one_line(shared_dir):
+  # This process drops to "nobody" to be refused: root may write anywhere.
+  run = shared_dir / 'run'
+  run.mkdir()
+  run.chmod(0o555)
+  lock = workdir_lib.FileLock(run)
+  os.seteuid(65534)
+  try:
+    with pytest.raises(workdir_lib.WorkdirError) as refused:
+      lock.acquire()
+  finally:
+    os.seteuid(0)
+  message = str(refused.value)
+  assert message.startswith(f'{run / "lock.json"} could not be written (Permission denied): a run')
+  assert 'use a workdir you can write' in message and '\n' not in message
+  assert list(run.iterdir()) == []
+  with workdir_lib.FileLock(run):  # the refused lock was released
+    pass
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+  path = tmp_path / 'run'
+  path.write_text('a file')
+  with pytest.raises(workdir_lib.WorkdirError, match='is not a directory'):
+    workdir_lib.check_workdir(path)
+  assert path.read_text() == 'a file'
+
+
 # ----------------------------------------------------------------------------- damaged files
 
 
@@ -202,7 +309,10 @@ DAMAGE = {
   'empty': (lambda text: '', 'is not valid JSON ('),
   'not_an_object': (lambda text: '[16, 32]', 'holds a JSON list, not a config object'),
   'field_missing': (_drop_seed, 'is not a usable record (config.seed is missing'),
-  'wrong_type': (_image_size_as_text, "(config.image_size='16' must be an int > 0 (got str))"),
+  'wrong_type': (
+    _image_size_as_text,
+    "(config.image_size='16' must be an int in [1, 4096] (got str))",
+  ),
 }
 
 

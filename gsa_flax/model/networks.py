@@ -292,6 +292,18 @@ def abstract_variables(model: ResNet, image_size: int) -> dict[str, Any]:
   return jax.eval_shape(lambda rng: init_variables(model, rng, image_size), jax.random.key(0))
 
 
+# What a real network of this family uses at most (ResNet-200 has 36 blocks in a stage; the
+# widest ResNets are 4x the 64 channels of the first stage; the paper uses 8 heads). A config
+# beyond them is a mistake, refused before a network that size is built (building and
+# shaping take time and memory in proportion to the blocks and widths a config claims).
+MAX_STAGES = 8
+MAX_BLOCKS_PER_STAGE = 64
+MAX_FILTERS = 1024
+MAX_HEADS = 64
+# The largest input side a network is shaped for (position tables grow with it).
+MAX_IMAGE_SIZE = 4096
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
   """A network as an experiment names it: everything :func:`build` needs but the classes.
@@ -345,6 +357,39 @@ def architecture_of(config: Mapping[str, Any]) -> Architecture:
     attention_stages=tuple(gsa['attention_stages']),
     gsa=GSAOptions(**knobs),
   )
+
+
+def check_architecture(architecture: Architecture) -> None:
+  """Checks that ``architecture`` is within what a real network uses (the ``MAX_*`` bounds).
+
+  Raises:
+    ValueError: one line naming the field, its value and the bound.
+  """
+  sizes = tuple(architecture.stage_sizes)
+  bounds = [
+    ('stage_sizes', sizes, len(sizes) <= MAX_STAGES, f'at most {MAX_STAGES} stages'),
+    (
+      'stage_sizes',
+      sizes,
+      all(isinstance(n, int) and 0 < n <= MAX_BLOCKS_PER_STAGE for n in sizes),
+      f'1 to {MAX_BLOCKS_PER_STAGE} blocks per stage',
+    ),
+    (
+      'num_filters',
+      architecture.num_filters,
+      isinstance(architecture.num_filters, int) and 0 < architecture.num_filters <= MAX_FILTERS,
+      f'1 to {MAX_FILTERS} channels',
+    ),
+    (
+      'gsa.num_heads',
+      architecture.gsa.num_heads,
+      isinstance(architecture.gsa.num_heads, int) and 0 < architecture.gsa.num_heads <= MAX_HEADS,
+      f'1 to {MAX_HEADS} heads',
+    ),
+  ]
+  for name, value, ok, bound in bounds:
+    if not ok:
+      raise ValueError(f'{name}={value!r} is beyond any real network: use {bound}.')
 
 
 def build(architecture: Architecture, num_classes: int) -> ResNet:
@@ -433,8 +478,28 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
   if HEAD not in params or 'bias' not in params[HEAD]:
     raise weights.WeightsError(f'{path} holds no classifier ({HEAD}/bias): not a ResNet family.')
   try:
-    model = build(architecture_of(config), num_classes=int(params[HEAD]['bias'].shape[0]))
-    want = traverse_util.flatten_dict(abstract_variables(model, config.image_size), sep='/')
+    architecture = architecture_of(config)
+    check_architecture(architecture)
+    image_size = config.image_size
+    if not (isinstance(image_size, int) and 0 < image_size <= MAX_IMAGE_SIZE):
+      raise ValueError(f'image_size={image_size!r}: use 1 to {MAX_IMAGE_SIZE}')
+    model = build(architecture, num_classes=int(params[HEAD]['bias'].shape[0]))
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    raise weights.WeightsError(
+      f'{path}: its config does not describe a network of this gsa-flax ({str(error).rstrip(".")}).'
+    ) from None
+  # The file's own tree first: shaping a network costs time in proportion to its blocks, so
+  # a config claiming more blocks than the file holds is refused before it is shaped.
+  prefix = BottleneckBlock.__name__ + '_'
+  blocks = sum(name.startswith(prefix) for name in params)
+  if blocks != sum(model.stage_sizes):
+    raise weights.WeightsError(
+      f'{path} does not fit the network its config describes ({config.model}, stage_sizes '
+      f'{list(model.stage_sizes)}: {sum(model.stage_sizes)} residual blocks); the file holds '
+      f'{blocks}. Export it again.'
+    )
+  try:
+    want = traverse_util.flatten_dict(abstract_variables(model, image_size), sep='/')
   except (AttributeError, KeyError, TypeError, ValueError) as error:
     raise weights.WeightsError(
       f'{path}: its config does not describe a network of this gsa-flax ({error}).'

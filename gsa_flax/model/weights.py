@@ -31,15 +31,20 @@ import numpy as np
 from etils import epath
 from flax import serialization, traverse_util
 
-from gsa_flax import errors
+from gsa_flax import errors, files
 
 FORMAT = 'gsa-flax-weights'
 VERSION = 1
 # The keys of the file's top-level map, in the order they are written.
 KEYS = ('format', 'version', 'config', 'variables', 'card')
 COLLECTIONS = ('params', 'batch_stats')
-# Bytes read by :func:`check_header`: enough for the map header and the format tag.
-_HEADER_BYTES = 64
+# The largest weights file read (a GSA-ResNet-101 in float32 is about 200 MB): a path that
+# names something larger is a mistake, refused before a byte is read.
+MAX_BYTES = 4 * 2**30
+# Bytes read by :func:`check_header` before the format tag must have been seen: the map
+# header, and the model card and config that sort before ``format`` in a file written with
+# sorted keys (flax's ``msgpack_serialize`` without ``in_place``).
+_HEADER_BYTES = 2**20
 
 
 class WeightsError(errors.UserError):
@@ -169,9 +174,13 @@ def export(
   # in_place keeps the key order (the format tag first, for check_header); the dict is ours.
   encoded = serialization.msgpack_serialize(contents, in_place=True)
   path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(encoded)
-  return path
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise files.FileError(
+      path, f'cannot be written: its directory cannot be made ({error.strerror or error}).'
+    ) from None
+  return files.write_atomically(path, encoded)
 
 
 def _not_weights(path, reason: str) -> WeightsError:
@@ -181,13 +190,11 @@ def _not_weights(path, reason: str) -> WeightsError:
   )
 
 
-def _read_bytes(path: epath.Path, count: int | None = None) -> bytes:
-  if not path.exists():
-    raise WeightsError(f'{path} does not exist: give the path of an exported weights file.')
-  if path.is_dir():
-    raise WeightsError(f'{path} is a directory, not an exported weights file.')
-  with path.open('rb') as file:
-    return file.read() if count is None else file.read(count)
+def _read_bytes(path: epath.Path) -> bytes:
+  try:
+    return files.read_bytes(path, limit=MAX_BYTES, what='an exported weights file')
+  except files.FileError as error:
+    raise WeightsError(str(error)) from None
 
 
 def _check_tag(path, contents: Any) -> None:
@@ -206,15 +213,29 @@ def check_header(path: str | os.PathLike) -> None:
     WeightsError: missing, a directory, or not starting with this format's tag.
   """
   path = epath.Path(path)
-  unpacker = msgpack.Unpacker(raw=False)
-  unpacker.feed(_read_bytes(path, _HEADER_BYTES))
   try:
-    size = unpacker.read_map_header()
-    key = unpacker.unpack() if size else None
-    value = unpacker.unpack() if size else None
+    files.check_readable(path, limit=MAX_BYTES, what='an exported weights file')
+    with path.open('rb') as file:
+      head = file.read(_HEADER_BYTES)
+  except files.FileError as error:
+    raise WeightsError(str(error)) from None
+  except OSError as error:
+    raise WeightsError(f'{path} cannot be read ({error.strerror or error}).') from None
+  unpacker = msgpack.Unpacker(raw=False)
+  unpacker.feed(head)
+  found = {}
+  try:
+    # The tag is the first key of this project's files; flax's msgpack_serialize sorts the
+    # keys, putting the (small) card and config before it.
+    for _ in range(min(unpacker.read_map_header(), len(KEYS))):
+      key = unpacker.unpack()
+      if key == 'format':
+        found['format'] = unpacker.unpack()
+        break
+      unpacker.skip()
   except (msgpack.OutOfData, ValueError, TypeError):
     raise _not_weights(path, 'not a msgpack map') from None
-  _check_tag(path, {key: value} if key == 'format' else {})
+  _check_tag(path, found)
 
 
 def read(path: str | os.PathLike) -> Weights:

@@ -12,8 +12,11 @@ TensorBoard events recorded it (``ema_eval_accuracy`` for an average, written on
 ``gsa_flax.model.networks.load_pretrained`` rebuilds the network from the file alone;
 ``config.init_from`` starts another run from it. The card is printed as one line.
 
+The file is written atomically (:func:`gsa_flax.files.write_atomically`): a failed export
+(a full disk) leaves a file already at ``--output`` byte-identical and no partial file.
+
 Exit status: 0 when the file was written, 2 when the workdir has no usable config or
-checkpoint.
+checkpoint or the file cannot be written.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from absl import flags, logging
 
+from gsa_flax import files
 from gsa_flax.model import weights
 from gsa_flax.tools import cli, events
 from gsa_flax.train import evaluators, restore
@@ -65,7 +69,11 @@ def run(
 
   Raises:
     WorkdirError: the workdir has no usable config or checkpoint.
+    gsa_flax.files.FileError: ``output`` cannot be written (a symbolic link, a directory, a
+      full disk); a file already there is left byte-identical.
   """
+  if files.is_local(output) and os.path.isdir(os.path.dirname(os.path.abspath(output))):
+    files.check_writable(output)  # before the checkpoint is read (a missing directory is made)
   trained = restore.load(workdir, raw=raw)
   prefix = evaluators.EMA_PREFIX if trained.averaged else ''
   metrics = metrics_at(workdir, trained.step, prefix)
@@ -99,6 +107,7 @@ def main(argv: Sequence[str]) -> None:
     cli.fail('--workdir is required: the workdir of a training run.')
   if not FLAGS.output:
     cli.fail('--output is required: the weights file to write (local or gs://).')
+  cli.check_backend()
   run(FLAGS.workdir, FLAGS.output, raw=FLAGS.raw)
 
 

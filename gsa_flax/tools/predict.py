@@ -5,9 +5,11 @@ r"""Classifies image files with the latest checkpoint of a training workdir.
 The model is rebuilt from the ``config.json`` the run saved next to its checkpoints, the
 parameters and BatchNorm statistics come from the newest intact checkpoint (the moving
 average of the parameters when the run kept one; ``--raw`` for the raw ones), and each image
-is decoded (PNG, JPEG, GIF, BMP) and preprocessed exactly like an eval image. For each file
+is decoded (PNG, JPEG, GIF, BMP), turned upright by its EXIF orientation and preprocessed
+exactly like an eval image. For each file
 the top-5 classes are printed with their probabilities; a file that cannot be read or
-decoded gets one ``error:`` line on stderr naming it, and the others are still classified.
+decoded (missing, a directory, a FIFO, a device such as ``/dev/zero``, too large, not an
+image) gets one ``error:`` line on stderr naming it, and the others are still classified.
 
 Exit status: 0 when every file was classified, 1 when some file failed, 2 when the workdir
 has no usable config or checkpoint.
@@ -134,6 +136,7 @@ def main(argv: Sequence[str]) -> int:
     cli.fail('--workdir is required: the workdir of a training run.')
   if len(argv) < 2:
     cli.fail('no image given: python -m gsa_flax.tools.predict --workdir=DIR IMAGE...')
+  cli.check_backend()
   return run(FLAGS.workdir, argv[1:], FLAGS.data_dir, raw=FLAGS.raw)
 
 

@@ -31,6 +31,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # the lines below are the output
+  cli.check_backend()
   config = FLAGS.config
   config_validation.validate(config)
   model = networks.build(networks.architecture_of(config), datasets.get(config.dataset).num_classes)
@@ -57,5 +58,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-  flags.DEFINE_integer('batch', 2, 'Batch each layer is checked at.')
+  flags.DEFINE_integer('batch', 2, 'Batch each layer is checked at.', lower_bound=1)
   cli.run(main)

@@ -194,6 +194,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # the table is the output
+  cli.check_backend()
   config = FLAGS.config
   config_validation.validate(config)
   if FLAGS.target:
@@ -240,8 +241,11 @@ if __name__ == '__main__':
     0,
     "Devices the run will use (0: this machine's): per-device batch = "
     'config.batch_size / num_devices.',
+    lower_bound=0,
   )
-  flags.DEFINE_integer('per_device_batch', 0, 'Batch for the memory figures (0: from num_devices).')
+  flags.DEFINE_integer(
+    'per_device_batch', 0, 'Batch for the memory figures (0: from num_devices).', lower_bound=0
+  )
   flags.DEFINE_bool('memory', True, 'Compile the training step for its memory (the slow part).')
   flags.DEFINE_bool('compare', True, 'Also summarize the counterpart network (ResNet <-> GSA).')
   flags.DEFINE_string(

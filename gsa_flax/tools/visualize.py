@@ -14,6 +14,8 @@ has no usable config or checkpoint or a flag is wrong.
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,9 +23,14 @@ import flax.linen as nn
 import numpy as np
 from absl import flags
 
+from gsa_flax import files
 from gsa_flax.data import datasets, input_pipeline
 from gsa_flax.tools import attention_maps, cli, images, plots
 from gsa_flax.train import restore
+
+# The most images one figure shows (one column each): laying out a figure takes time and
+# memory in proportion to its columns, and beyond a few dozen nothing can be read in it.
+MAX_IMAGES = 32
 
 
 def save_attention_map(
@@ -54,14 +61,21 @@ def save_attention_map(
     ``path``.
 
   Raises:
-    ValueError: ``model`` has no GSA layer, or no such layer, head or query.
+    ValueError: ``model`` has no GSA layer, or no such layer, head or query, or more than
+      :data:`MAX_IMAGES` images.
+    gsa_flax.files.FileError: ``path`` cannot be written; a file already there is unchanged.
   """
+  if not 0 < len(batch) <= MAX_IMAGES:
+    raise ValueError(f'{len(batch)} images: a figure shows 1 to {MAX_IMAGES}.')
   chosen = attention_maps.select(attention_maps.capture(model, variables, batch), layers, head)
   shown = [plots.display_image(image, spec) for image in batch]
   maps = [
     [attention_maps.attention_maps(c, query, index=i) for c in chosen] for i in range(len(batch))
   ]
-  plots.attention_grid(shown, maps, head=head).savefig(path, dpi=dpi)
+  figure = io.BytesIO()
+  kind = os.path.splitext(str(path))[1].lstrip('.').lower() or 'png'
+  plots.attention_grid(shown, maps, head=head).savefig(figure, format=kind, dpi=dpi)
+  files.write_atomically(path, figure.getvalue())
   return path
 
 
@@ -84,7 +98,7 @@ def run(
     output: the PNG to write.
     paths: image files; none: the first ``count`` eval images.
     layers, query, head: see :func:`save_attention_map`.
-    count: eval images drawn when no file is given.
+    count: eval images drawn when no file is given, 1 to :data:`MAX_IMAGES`.
     data_dir: TFDS data dir of the eval images; None: the run's.
     raw: draw the raw parameters' maps even when the run kept a moving average of them
       (which is drawn by default).
@@ -94,8 +108,16 @@ def run(
 
   Raises:
     WorkdirError: the workdir has no usable config or checkpoint.
-    ValueError: no such layer, head or query.
+    ValueError: no such layer, head or query; ``count`` or the files more than
+      :data:`MAX_IMAGES`.
+    gsa_flax.files.FileError: ``output`` cannot be written.
   """
+  # What can be checked without the network is checked before it is read.
+  if not 0 < count <= MAX_IMAGES:
+    raise ValueError(f'--count={count}: draw 1 to {MAX_IMAGES} eval images.')
+  if len(paths) > MAX_IMAGES:
+    raise ValueError(f'{len(paths)} image files: a figure shows at most {MAX_IMAGES}.')
+  files.check_writable(output)
   trained = restore.load(workdir, raw=raw)
   config = trained.config
   spec = datasets.get(config.dataset)
@@ -138,6 +160,7 @@ FLAGS = flags.FLAGS
 def main(argv: Sequence[str]) -> int:
   if not FLAGS.workdir:
     cli.fail('--workdir is required: the workdir of a training run.')
+  cli.check_backend()
   try:
     query = tuple(int(v) for v in FLAGS.query) if FLAGS.query else None
     return run(
@@ -161,8 +184,14 @@ if __name__ == '__main__':
   flags.DEFINE_string('output', 'attention_map.png', 'PNG to write.')
   flags.DEFINE_list('layers', ['0', '-1'], 'GSA layers: indices in call order (-1: last) or paths.')
   flags.DEFINE_list('query', [], 'Query pixel "x,y" in each layer; default: the center.')
-  flags.DEFINE_integer('head', None, 'One head; default: the mean over heads.')
-  flags.DEFINE_integer('count', 3, 'Eval images to draw when no IMAGE is given.')
+  flags.DEFINE_integer('head', None, 'One head; default: the mean over heads.', lower_bound=0)
+  flags.DEFINE_integer(
+    'count',
+    3,
+    'Eval images to draw when no IMAGE is given.',
+    lower_bound=1,
+    upper_bound=MAX_IMAGES,
+  )
   flags.DEFINE_string('data_dir', None, "TFDS data dir of the eval images; default: the run's.")
   flags.DEFINE_bool(
     'raw', False, 'The raw parameters, not their moving average (if the run kept one).'

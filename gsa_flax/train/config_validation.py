@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,9 @@ from gsa_flax.train import workdir
 DTYPES = ('float32', 'bfloat16', 'float16')
 # jax.random.key keeps the low 32 bits of a larger seed: 2**32 and 0 would be the same run.
 SEED_LIMIT = 2**32
+# The train state counts steps in an int32: a run longer than this could never end (and
+# its cosine would never decay).
+MAX_STEPS = 2**31 - 1
 
 
 class ConfigError(errors.UserError):
@@ -46,12 +50,21 @@ class Field:
     trained: whether the field changes what is trained (the network, the data, the batches,
       the schedule, the seed). A restarted run may change the others freely; a
       ``config.json`` read back may lack them.
+    before: for a field added after the first runs, the value that gives what runs did
+      before it existed (its "off"); a ``config.json`` without the field takes it. ``None``:
+      the field has always existed, and a record without it is damaged.
   """
 
   kind: type
   expected: str
   accepts: Callable[[Any], bool] = lambda value: True
   trained: bool = True
+  before: Any = None
+
+
+def _since(field: Field, before: Any) -> Field:
+  """``field``, added after the first runs; a record without it trained as with ``before``."""
+  return dataclasses.replace(field, before=before)
 
 
 _KINDS = {int: 'an int', float: 'a finite number'}
@@ -88,53 +101,71 @@ FIELDS: dict[str, Field] = {
   'model': _choice(networks.MODELS),
   'stage_sizes': Field(
     tuple,
-    "a tuple of ints > 0 (blocks per stage), or () for the model's own depth",
-    lambda value: all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value),
+    f'a tuple of at most {networks.MAX_STAGES} ints in [1, {networks.MAX_BLOCKS_PER_STAGE}] '
+    "(blocks per stage), or () for the model's own depth",
+    lambda value: (
+      len(value) <= networks.MAX_STAGES
+      and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= networks.MAX_BLOCKS_PER_STAGE
+        for v in value
+      )
+    ),
   ),
-  'num_filters': _positive(),
+  'num_filters': Field(
+    int, f'an int in [1, {networks.MAX_FILTERS}]', lambda v: 0 < v <= networks.MAX_FILTERS
+  ),
   'small_stem': _BOOL,
   'dtype': _choice(DTYPES),
-  'remat': _choice(('', *networks.REMAT_POLICIES)),
-  'gsa.num_heads': _positive(),
+  'remat': _since(_choice(('', *networks.REMAT_POLICIES)), ''),
+  'gsa.num_heads': Field(
+    int, f'an int in [1, {networks.MAX_HEADS}]', lambda v: 0 < v <= networks.MAX_HEADS
+  ),
   'gsa.key_ratio': _fraction(closed_top=True),
   'gsa.rel_length': _at_least(0),
   'gsa.content': _BOOL,
   'gsa.positional': _choice(layers.POSITIONAL_MODES),
-  'gsa.position_embedding': _choice(layers.POSITION_EMBEDDINGS),
-  'gsa.normalize_queries': _BOOL,
-  'gsa.positional_softmax': _BOOL,
-  'gsa.order': _choice(layers.ORDERS),
-  'gsa.implementation': _choice(tuple(i or '' for i in layers.IMPLEMENTATIONS)),
+  'gsa.position_embedding': _since(_choice(layers.POSITION_EMBEDDINGS), 'relative'),
+  'gsa.normalize_queries': _since(_BOOL, False),
+  'gsa.positional_softmax': _since(_BOOL, False),
+  'gsa.order': _since(_choice(layers.ORDERS), 'auto'),
+  'gsa.implementation': _since(_choice(tuple(i or '' for i in layers.IMPLEMENTATIONS)), ''),
   'gsa.attention_stages': Field(
     tuple,
     "a tuple of bools (one per stage), or () for the model's default",
     lambda value: all(isinstance(v, bool) for v in value),
+    before=(),
   ),
   # Data.
   'dataset': _choice(datasets.NAMES),
   'data_dir': _FREE_STRING,
-  'image_size': _positive(),
+  'image_size': Field(
+    int,
+    f'an int in [1, {networks.MAX_IMAGE_SIZE}]',
+    lambda v: 0 < v <= networks.MAX_IMAGE_SIZE,
+  ),
   # Optimisation.
   'batch_size': _positive(),
   'eval_batch_size': _FREE_COUNT,
   'num_epochs': _at_least(0, float),
-  'num_train_steps': Field(int, 'an int >= -1', lambda value: value >= -1),
+  'num_train_steps': Field(
+    int, 'an int in [-1, 2**31 - 1] (-1: num_epochs)', lambda value: -1 <= value <= MAX_STEPS
+  ),
   'learning_rate': _positive(float),
   'warmup_epochs': _at_least(0, float),
   'momentum': _fraction(),
   'nesterov': _BOOL,
   'weight_decay': _at_least(0, float),
-  'label_smoothing': _fraction(),
+  'label_smoothing': _since(_fraction(), 0.0),
   'seed': Field(int, 'an int in [0, 2**32)', lambda value: 0 <= value < SEED_LIMIT),
-  'ema_decay': _fraction(),
+  'ema_decay': _since(_fraction(), 0.0),
   # Augmentation: their types here; their ranges are augment_config.check_config's.
-  'augment.num_layers': Field(int, 'an int'),
-  'augment.magnitude': Field(float, 'a finite number'),
-  'augment.magnitude_std': Field(float, 'a finite number'),
-  'augment.mixup_alpha': Field(float, 'a finite number'),
-  'augment.cutmix_alpha': Field(float, 'a finite number'),
-  'augment.prob': Field(float, 'a finite number'),
-  'augment.switch_prob': Field(float, 'a finite number'),
+  'augment.num_layers': Field(int, 'an int', before=0),
+  'augment.magnitude': Field(float, 'a finite number', before=0.0),
+  'augment.magnitude_std': Field(float, 'a finite number', before=0.0),
+  'augment.mixup_alpha': Field(float, 'a finite number', before=0.0),
+  'augment.cutmix_alpha': Field(float, 'a finite number', before=0.0),
+  'augment.prob': Field(float, 'a finite number', before=1.0),
+  'augment.switch_prob': Field(float, 'a finite number', before=0.5),
   # Read only when a run starts from scratch (a restart continues from its own checkpoint),
   # so it changes nothing once a run has started; config.json keeps the first start's value.
   'init_from': _FREE_STRING,
@@ -237,6 +268,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "by their dotted names, comma-separated (e.g. 'num_train_steps,gsa.num_heads').",
     )
   _validate_trained(config)
+  data_dir = config.data_dir
+  if data_dir and '://' not in data_dir and os.path.exists(data_dir):
+    _require(
+      os.path.isdir(data_dir),
+      f'config.data_dir={data_dir!r} is not a directory: give the TFDS data directory (it is '
+      'created if missing).',
+    )
   # Batches over devices and hosts.
   devices = jax.device_count()
   for name in ('batch_size', 'eval_batch_size'):
@@ -308,6 +346,18 @@ def _validate_trained(config: ml_collections.ConfigDict) -> None:
     f'config.image_size={config.image_size} is too small for {config.model}, which downsamples '
     f'by {stride}; use image_size >= {stride}.',
   )
+  spec = datasets.get(config.dataset)
+  _require(
+    config.image_size >= spec.min_image_size,
+    f'config.image_size={config.image_size} is smaller than {config.dataset} can be stored at; '
+    f'use image_size >= {spec.min_image_size}.',
+  )
+  _require(
+    config.image_size <= spec.max_image_size,
+    f'config.image_size={config.image_size} is beyond what {config.dataset} holds (its largest '
+    f'useful size is {spec.max_image_size}, the rest only upscales its pixels); use image_size '
+    f'<= {spec.max_image_size}.',
+  )
 
 
 def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
@@ -346,6 +396,11 @@ def validate_schedule(
     steps_per_epoch: training steps per epoch at the config's batch size.
     num_train_steps: the run's length in steps.
   """
+  _require(
+    num_train_steps <= MAX_STEPS,
+    f'config.num_epochs={config.num_epochs} is {num_train_steps} steps ({steps_per_epoch} per '
+    f'epoch), more than the step counter holds ({MAX_STEPS}); use fewer epochs.',
+  )
   warmup = int(config.warmup_epochs * steps_per_epoch)
   longest = (num_train_steps - 1) / steps_per_epoch
   _require(
@@ -360,4 +415,10 @@ def validate_schedule(
 FREE_FIELDS = frozenset(name for name, field in FIELDS.items() if not field.trained)
 
 # What the workdir's ledger needs to know of these fields.
-RECORD_RULES = workdir.RecordRules(FREE_FIELDS, validate_record, allowed_changes)
+RECORD_RULES = workdir.RecordRules(
+  FREE_FIELDS,
+  validate_record,
+  allowed_changes,
+  fields=frozenset(FIELDS),
+  defaults={name: field.before for name, field in FIELDS.items() if field.before is not None},
+)

@@ -1,16 +1,19 @@
 """A run's workdir as a ledger with one writer: its paths, its lock and its record.
 
 - **The lock** (``<workdir>/lock.json``, naming host, pid and start time of the run that
-  holds it): on a local disk an ``fcntl.flock`` that the kernel releases when the process
-  dies, on a cloud file system (``gs://``) a :class:`Lease` that expires unless its holder
-  renews it, so a preempted VM cannot hold a workdir for ever. A second run refuses to
-  start and writes nothing.
+  holds it): on a local disk an ``fcntl.flock`` of the workdir that the kernel releases
+  when the process dies, on a cloud file system (``gs://``) a :class:`Lease` that expires
+  unless its holder renews it, so a preempted VM cannot hold a workdir for ever. A second
+  run refuses to start and writes nothing. Every file here is written whole
+  (:mod:`gsa_flax.files`), never through a symbolic link.
 - **The record**: ``config.json`` is written once, when a run starts from scratch. A
   restart compares its config with it and refuses a change to a field that changes what is
   trained unless the field is listed in ``config.allow_config_changes``; an accepted change
   is appended to ``config_history.jsonl`` (time, step, old and new values) and written into
   ``config.json``. Fields that do not change what is trained (intervals, eval settings,
-  ``data_dir``, ``init_from``) may differ freely and are not recorded.
+  ``data_dir``, ``init_from``) may differ freely and are not recorded. A record is read as
+  this code knows it: keys it does not know are reported once and ignored, fields added
+  after it was written take the values runs had before them (:class:`RecordRules`).
 
 What the record's fields mean is the trainer's to say (:class:`RecordRules`: which fields a
 restart may change, how a record is checked), so the ledger imports no model. The
@@ -30,7 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -38,7 +41,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from gsa_flax import errors
+from gsa_flax import errors, files
 
 
 class WorkdirError(errors.UserError):
@@ -56,6 +59,8 @@ class ConfigChangedError(WorkdirError):
 CONFIG_FILE = 'config.json'
 HISTORY_FILE = 'config_history.jsonl'
 LOCK_FILE = 'lock.json'
+# The largest record and lock file read: anything larger is not one.
+MAX_RECORD_BYTES = 16 * files.MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +74,17 @@ class RecordRules:
       usable config.
     allowed_changes: the fields a config accepts changes of (its
       ``allow_config_changes``).
+    fields: dotted names of every field this code knows; a record's other keys (written by
+      another version, or by hand) are reported once and ignored. Empty: keep every key.
+    defaults: the values of fields that a record written before they existed lacks (what
+      such a run trained with); a record lacking one takes it, with a log line.
   """
 
   free_fields: frozenset[str]
   check: Callable[[ml_collections.ConfigDict], None]
   allowed_changes: Callable[[ml_collections.ConfigDict], list[str]]
+  fields: frozenset[str] = frozenset()
+  defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -121,6 +132,8 @@ def check_workdir(workdir: str | os.PathLike, *, evaluate_only: bool = False) ->
   if is_remote(workdir):
     return  # permission errors surface on the first write
   path = workdir_path(workdir)
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(f'--workdir={workdir} is not a directory; choose a directory.')
   try:
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test'):
@@ -145,8 +158,8 @@ def _this_run() -> dict[str, Any]:
 def _read_holder(path: epath.Path) -> dict[str, Any] | None:
   """The holder a lock file names, or None if it names none (absent, empty, damaged)."""
   try:
-    holder = json.loads(path.read_text())
-  except (OSError, ValueError):
+    holder = json.loads(files.read_bytes(path, limit=MAX_RECORD_BYTES, what='a lock file'))
+  except (OSError, ValueError):  # files.FileError is a ValueError
     return None
   return holder if isinstance(holder, dict) else None
 
@@ -165,11 +178,14 @@ def _busy(workdir: epath.Path, holder: dict[str, Any] | None, lease: str = '') -
 
 
 class FileLock:
-  """The lock of a workdir on a local disk: ``fcntl.flock`` on ``<workdir>/lock.json``.
+  """The lock of a workdir on a local disk: ``fcntl.flock`` on the workdir itself.
 
   The kernel releases it when the holding process ends, however it ends (``kill -9``
-  included), so it never needs breaking. The file names the holder (host, pid, start
-  time) for the message of a run that is refused; it stays after the run.
+  included), so it never needs breaking. ``<workdir>/lock.json`` names the holder (host,
+  pid, start time) for the message of a run that is refused; it stays after the run. It is
+  written like every file of the project (:func:`gsa_flax.files.write_atomically`): a
+  ``lock.json`` that is a symbolic link (a workdir received from someone else), a directory
+  or a FIFO is refused in one line and whatever it points to is left alone.
 
   Args:
     workdir: a local workdir (it must exist).
@@ -181,15 +197,36 @@ class FileLock:
     self._fd: int | None = None
 
   def acquire(self) -> None:
-    """Takes the lock or raises :class:`WorkdirBusyError` naming the holder."""
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Takes the lock or raises :class:`WorkdirBusyError` naming the holder.
+
+    Raises:
+      WorkdirBusyError: another run holds the workdir.
+      gsa_flax.files.FileError: ``lock.json`` is a symbolic link, a directory or a FIFO.
+      WorkdirError: the workdir cannot be written (read-only, no permission, full).
+    """
+    files.check_writable(self.path)
+    try:
+      # The directory, not lock.json: lock.json is replaced by a new file on each start,
+      # and a lock held on the old file would not stop a run that opens the new one.
+      fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+      raise WorkdirError(
+        f'--workdir={self.workdir} cannot be opened ({error.strerror}); pass a directory.'
+      ) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
       os.close(fd)
       raise _busy(self.workdir, _read_holder(self.path)) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(_this_run()).encode(), 0)
+    try:
+      files.write_atomically(self.path, json.dumps(_this_run()))
+    except files.FileError as error:
+      os.close(fd)  # releases the lock
+      raise WorkdirError(
+        f'{error.path} {error.reason.split(";")[0]}: a run (eval_only too) writes its lock '
+        'and TensorBoard events in the workdir; use a workdir you can write (copy the run '
+        'there).'
+      ) from None
     self._fd = fd
 
   def release(self) -> None:
@@ -257,7 +294,9 @@ class Lease:
   def renew(self) -> None:
     """Writes the lease with an expiry ``seconds`` from now."""
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self.path.write_text(json.dumps(dict(self._holder, expires=time.time() + self.seconds)))
+    files.write_atomically(
+      self.path, json.dumps(dict(self._holder, expires=time.time() + self.seconds))
+    )
 
   def release(self) -> None:
     """Stops renewing and removes the lease if it is still ours."""
@@ -312,17 +351,12 @@ def lock(workdir: str | os.PathLike) -> FileLock | Lease:
 # ----------------------------------------------------------------------------- the record
 
 
-def _write_atomically(path: epath.Path, text: str) -> None:
-  partial = path.parent / f'.{path.name}.partial'
-  partial.write_text(text)
-  partial.replace(path)
-
-
 def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
   """Writes ``config`` as the run's record, ``<workdir>/config.json`` (process 0 only)."""
   if jax.process_index() == 0:
     path = workdir_path(workdir) / CONFIG_FILE
-    _write_atomically(path, json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+    files.write_atomically(path, text)
 
 
 def has_config(workdir: str | os.PathLike) -> bool:
@@ -344,7 +378,8 @@ def read_config(workdir: str | os.PathLike, rules: RecordRules) -> ml_collection
   root = workdir_path(workdir)
   path = root / CONFIG_FILE
   if not root.is_dir():
-    raise WorkdirError(f'workdir {workdir} does not exist; pass the --workdir of a training run.')
+    missing = 'does not exist' if not root.exists() else 'is not a directory'
+    raise WorkdirError(f'workdir {workdir} {missing}; pass the --workdir of a training run.')
   if not path.exists():
     raise WorkdirError(
       f'{path} is missing: {workdir} is not a training workdir (main.py writes it).'
@@ -353,18 +388,73 @@ def read_config(workdir: str | os.PathLike, rules: RecordRules) -> ml_collection
     'restore it from a copy (every checkpoint keeps one, under "config" in '
     f'{checkpoint_dir(workdir)}/<step>/meta/metadata) or use a new --workdir.'
   )
-  try:
-    value = json.loads(path.read_text())
-  except (ValueError, UnicodeDecodeError) as error:
-    raise WorkdirError(f'{path} is not valid JSON ({error}); {fix}') from None
-  if not isinstance(value, dict):
-    raise WorkdirError(f'{path} holds a JSON {type(value).__name__}, not a config object; {fix}')
-  config = ml_collections.ConfigDict(value)
+  value = _read_record(path, fix)
+  config = ml_collections.ConfigDict(_reconcile(path, value, rules))
   try:
     rules.check(config)
   except ValueError as error:
     raise WorkdirError(f'{path} is not a usable record ({str(error).rstrip(".")}); {fix}') from None
   return config
+
+
+def _read_record(path: epath.Path, fix: str) -> dict[str, Any]:
+  """The JSON object of ``config.json``, as written."""
+  try:
+    value = json.loads(files.read_bytes(path, limit=MAX_RECORD_BYTES, what='a config.json'))
+  except files.FileError as error:
+    raise WorkdirError(f'{error}; {fix}') from None
+  except (ValueError, UnicodeDecodeError) as error:
+    raise WorkdirError(f'{path} is not valid JSON ({error}); {fix}') from None
+  if not isinstance(value, dict):
+    raise WorkdirError(f'{path} holds a JSON {type(value).__name__}, not a config object; {fix}')
+  return value
+
+
+# (record, field) pairs already reported: a run reads its record several times.
+_reported: set[tuple[str, str]] = set()
+
+
+def _report_once(path: epath.Path, name: str, message: str, *args: Any) -> None:
+  if (str(path), name) not in _reported:
+    _reported.add((str(path), name))
+    logging.warning(message, *args)
+
+
+def _reconcile(path: epath.Path, record: dict[str, Any], rules: RecordRules) -> dict[str, Any]:
+  """The record as this code reads it: keys it does not know dropped (each reported once),
+  fields newer than the record given the value a run without them trained with."""
+  flat = _flat(record)
+  if rules.fields:
+    for name in sorted(set(flat) - rules.fields):
+      _report_once(
+        path,
+        name,
+        '%s holds %s, which this gsa-flax does not know (a field of another version, or '
+        'added by hand): ignored.',
+        path,
+        name,
+      )
+      del flat[name]
+  for name, default in rules.defaults.items():
+    if name not in flat:
+      _report_once(
+        path,
+        name,
+        '%s has no %s (written before the field existed): it takes the value runs had '
+        'without it, %r.',
+        path,
+        name,
+        default,
+      )
+      flat[name] = default
+  nested: dict[str, Any] = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split('.')
+    target = nested
+    for parent in parents:
+      target = target.setdefault(parent, {})
+    target[leaf] = value
+  return nested
 
 
 _ABSENT = '(absent)'
@@ -449,9 +539,12 @@ def record_changes(
     'changes': {name: {'old': old, 'new': new} for name, (old, new) in changes.items()},
   }
   history = root / HISTORY_FILE
-  previous = history.read_text() if history.exists() else ''
-  _write_atomically(history, previous + json.dumps(entry, sort_keys=True) + '\n')
-  record = read_config(workdir, rules).to_dict()
+  previous = b''
+  if history.exists():
+    previous = files.read_bytes(history, limit=MAX_RECORD_BYTES, what='a config history')
+  files.write_atomically(history, previous + (json.dumps(entry, sort_keys=True) + '\n').encode())
+  read_config(workdir, rules)  # checked; the file's own keys are kept, unknown ones too
+  record = _read_record(root / CONFIG_FILE, '')
   for name, (_, new) in changes.items():
     *parents, leaf = name.split('.')
     target = record
@@ -461,4 +554,4 @@ def record_changes(
       target.pop(leaf, None)
     else:
       target[leaf] = new
-  _write_atomically(root / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True))
+  files.write_atomically(root / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True))
