@@ -57,7 +57,7 @@ def test_an_import_against_the_layers_fails(tree, module, statement):
   assert 'BROKEN' in result.stdout and dotted in result.stdout
 
 
-@pytest.mark.parametrize('module', ['gsa_flax.train.workdir', 'gsa_flax.tools.cli'])
+@pytest.mark.parametrize('module', ['gsa_flax.train.lock', 'gsa_flax.tools.cli'])
 def test_the_ledger_and_the_command_line_import_no_model(module):
   """The workdir lock and main.py's first imports load neither the kernels nor the model
   (nor TensorFlow): a mistake on the command line is reported in seconds."""

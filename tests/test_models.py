@@ -11,7 +11,7 @@ import pytest
 from flax import serialization
 
 from configs import default, imagenet, imagenet_resnet50
-from gsa_flax.model import networks, transfer, weights
+from gsa_flax.model import networks, pretrained, transfer, weights
 from gsa_flax.model.layers import GSAOptions
 
 DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -195,18 +195,18 @@ def test_load_pretrained_rebuilds_the_exported_network(tmp_path):
   variables = _random(networks.abstract_variables(model, config.image_size), rng)
   card = weights.make_card(config, variables, num_classes=7)
   path = weights.export(tmp_path / 'w.msgpack', config, variables, card)
-  pretrained = networks.load_pretrained(path)
-  assert type(pretrained.model) is networks.GSAResNet and pretrained.card == card
-  assert pretrained.model.num_classes == 7 and pretrained.model.dtype == jnp.bfloat16
-  assert tuple(pretrained.model.stage_attention()) == (True, False)
-  assert pretrained.config.to_dict() == {
+  loaded = pretrained.load_pretrained(path)
+  assert type(loaded.model) is networks.GSAResNet and loaded.card == card
+  assert loaded.model.num_classes == 7 and loaded.model.dtype == jnp.bfloat16
+  assert tuple(loaded.model.stage_attention()) == (True, False)
+  assert loaded.config.to_dict() == {
     **config.to_dict(),
     'stage_sizes': [1, 1],
     'gsa': {**config.gsa.to_dict(), 'attention_stages': [True, False]},
   }
   x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
   np.testing.assert_array_equal(
-    np.asarray(pretrained.model.apply(pretrained.variables, x, train=False)),
+    np.asarray(loaded.model.apply(loaded.variables, x, train=False)),
     np.asarray(model.apply(variables, x, train=False)),
   )
 
@@ -220,7 +220,7 @@ def test_load_pretrained_refuses_variables_its_config_does_not_describe(tmp_path
   wider = _tiny_config(num_filters=16)  # the file claims another width
   path = weights.export(tmp_path / 'w.msgpack', wider, variables, {})
   with pytest.raises(weights.WeightsError) as error:
-    networks.load_pretrained(path)
+    pretrained.load_pretrained(path)
   message = str(error.value)
   assert str(path) in message and '\n' not in message
   assert (
@@ -250,7 +250,7 @@ def test_a_file_claiming_a_larger_network_is_refused_before_it_is_built(
   )
   started = time.perf_counter()
   with pytest.raises(weights.WeightsError) as error:
-    networks.load_pretrained(path)
+    pretrained.load_pretrained(path)
   assert time.perf_counter() - started < 2  # 400 blocks took 137 s to build
   message = str(error.value)
   assert message.startswith(str(path)) and words in message and '\n' not in message, message
@@ -269,10 +269,10 @@ def test_a_file_written_by_flax_with_sorted_keys_is_read_by_every_loader(tmp_pat
   path.write_bytes(resaved)
   weights.check_header(path)
   assert transfer.locate(path).kind == 'weights'  # what config.init_from reads first
-  pretrained = networks.load_pretrained(path)  # what it reads next
+  loaded = pretrained.load_pretrained(path)  # what it reads next
   x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
   np.testing.assert_array_equal(
-    np.asarray(pretrained.model.apply(pretrained.variables, x, train=False)),
+    np.asarray(loaded.model.apply(loaded.variables, x, train=False)),
     np.asarray(model.apply(variables, x, train=False)),
   )
 

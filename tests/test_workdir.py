@@ -25,7 +25,7 @@ from helpers import REPO, environment, main_command, tiny_config
 
 from gsa_flax import files
 from gsa_flax.tools import predict, visualize
-from gsa_flax.train import config_validation, trainer
+from gsa_flax.train import config_validation, lock, trainer
 from gsa_flax.train import workdir as workdir_lib
 
 # ----------------------------------------------------------------------------- one writer
@@ -34,7 +34,7 @@ from gsa_flax.train import workdir as workdir_lib
 def test_a_second_run_is_refused_naming_the_first_and_writes_nothing(digits_dir, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  with workdir_lib.FileLock(workdir):  # this process is "the first run"
+  with lock.FileLock(workdir):  # this process is "the first run"
     command, env = main_command(digits_dir, workdir, devices=1)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-3000:]
@@ -49,14 +49,14 @@ def test_a_second_run_is_refused_naming_the_first_and_writes_nothing(digits_dir,
 
 def test_a_lease_is_renewed_while_held_and_removed_when_released(tmp_path):
   path = tmp_path / 'lock.json'
-  with workdir_lib.Lease(path, seconds=1.0, settle=0):
+  with lock.Lease(path, seconds=1.0, settle=0):
     time.sleep(2.5)  # two and a half lease lengths: only the renewals keep it
     with pytest.raises(workdir_lib.WorkdirBusyError) as refused:
-      workdir_lib.Lease(path, seconds=1.0, settle=0).acquire()
+      lock.Lease(path, seconds=1.0, settle=0).acquire()
     assert f'host {socket.gethostname()}, pid {os.getpid()}, started ' in str(refused.value)
     assert 'its lease expires at' in str(refused.value)
   assert not path.exists()
-  with workdir_lib.Lease(path, seconds=1.0, settle=0):
+  with lock.Lease(path, seconds=1.0, settle=0):
     assert json.loads(path.read_text())['pid'] == os.getpid()
 
 
@@ -74,12 +74,12 @@ def test_a_lease_that_is_no_longer_renewed_expires(tmp_path):
   }
   path.write_text(json.dumps(holder))
   with pytest.raises(workdir_lib.WorkdirBusyError) as refused:
-    workdir_lib.Lease(path, seconds=60, settle=0).acquire()
+    lock.Lease(path, seconds=60, settle=0).acquire()
   assert f'(host preempted-vm, pid 4242, started {started}; its lease expires at ' in str(
     refused.value
   )
   time.sleep(max(expires - time.time(), 0) + 0.5)
-  with workdir_lib.Lease(path, seconds=60, settle=0):
+  with lock.Lease(path, seconds=60, settle=0):
     taken = json.loads(path.read_text())
     assert (taken['host'], taken['pid']) == (socket.gethostname(), os.getpid())
     assert taken['expires'] > time.time() + 50
@@ -251,7 +251,7 @@ def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_left_alone(digi
 def test_a_lock_file_that_is_a_directory_is_one_line(tmp_path):
   (tmp_path / 'lock.json').mkdir()
   with pytest.raises(files.FileError, match=r'lock.json is a directory, not a file'):
-    workdir_lib.FileLock(tmp_path).acquire()
+    lock.FileLock(tmp_path).acquire()
 
 
 @pytest.fixture
@@ -268,18 +268,18 @@ def test_a_read_only_workdir_is_one_line(shared_dir):
   run = shared_dir / 'run'
   run.mkdir()
   run.chmod(0o555)
-  lock = workdir_lib.FileLock(run)
+  held = lock.FileLock(run)
   os.seteuid(65534)
   try:
     with pytest.raises(workdir_lib.WorkdirError) as refused:
-      lock.acquire()
+      held.acquire()
   finally:
     os.seteuid(0)
   message = str(refused.value)
   assert message.startswith(f'{run / "lock.json"} could not be written (Permission denied): a run')
   assert 'use a workdir you can write' in message and '\n' not in message
   assert list(run.iterdir()) == []
-  with workdir_lib.FileLock(run):  # the refused lock was released
+  with lock.FileLock(run):  # the refused lock was released
     pass
 
 

@@ -180,7 +180,7 @@ def adapt(source_variables: Mapping[str, Any], target_variables: Mapping[str, An
 
   Args:
     source_variables: ``{'params': ..., 'batch_stats': ...}`` of the trained network (from
-      a checkpoint or :func:`gsa_flax.model.networks.load_pretrained`).
+      a checkpoint or :func:`gsa_flax.model.pretrained.load_pretrained`).
     target_variables: the target network freshly initialised at its resolution
       (:func:`gsa_flax.model.networks.init_variables`): they give every shape and the values of
       what is re-initialised. Leaves may be ``jax.ShapeDtypeStruct``
@@ -248,7 +248,7 @@ class Source:
   Attributes:
     path: the path as given.
     kind: ``'weights'``: a portable-weights file (read it with
-      :func:`gsa_flax.model.networks.load_pretrained`); ``'run'``: a directory, a training run's
+      :func:`gsa_flax.model.pretrained.load_pretrained`); ``'run'``: a directory, a training run's
       (restore it with ``gsa_flax.train.checkpoints.load``).
   """
 

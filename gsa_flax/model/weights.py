@@ -10,7 +10,7 @@ on reading)::
             'parameters': ..., 'step': ..., 'eval_accuracy': ..., ...}}
 
 Arrays are stored with their dtype and shape, bit for bit. ``config`` is enough to rebuild
-the network (``gsa_flax.model.networks.load_pretrained``); ``card`` describes it for a reader (the
+the network (``gsa_flax.model.pretrained.load_pretrained``); ``card`` describes it for a reader (the
 model card). Files are read and written through ``etils.epath``, so ``gs://`` paths work
 like local ones.
 

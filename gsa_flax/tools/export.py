@@ -9,7 +9,7 @@ exports the raw ones) and a model card: model, dataset, resolution, number of cl
 parameters, the step, the run's evaluation of the exported weights at that step as its
 TensorBoard events recorded it (``ema_eval_accuracy`` for an average, written on the card as
 ``eval_accuracy``), and ``weights: ema (decay D)`` for an average.
-``gsa_flax.model.networks.load_pretrained`` rebuilds the network from the file alone;
+``gsa_flax.model.pretrained.load_pretrained`` rebuilds the network from the file alone;
 ``config.init_from`` starts another run from it. The card is printed as one line.
 
 The file is written atomically (:func:`gsa_flax.files.write_atomically`): a failed export

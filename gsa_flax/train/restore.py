@@ -18,7 +18,7 @@ import ml_collections
 from etils import epath
 
 from gsa_flax.data import datasets
-from gsa_flax.model import networks, transfer, weights
+from gsa_flax.model import pretrained, transfer, weights
 from gsa_flax.train import config_validation, experiment
 from gsa_flax.train import state as state_lib
 from gsa_flax.train.checkpoints import Checkpointer, CheckpointError
@@ -130,7 +130,7 @@ def load_weights(path: str | os.PathLike) -> Trained:
   Args:
     path: a training workdir, its ``checkpoints`` directory or one checkpoint under it
       (:func:`load`: the moving average when the run kept one), or a portable-weights file
-      (:func:`gsa_flax.model.networks.load_pretrained`); local or ``gs://``.
+      (:func:`gsa_flax.model.pretrained.load_pretrained`); local or ``gs://``.
 
   Raises:
     gsa_flax.model.transfer.TransferError: the path does not exist or is a file of another kind.
@@ -140,12 +140,12 @@ def load_weights(path: str | os.PathLike) -> Trained:
   source = transfer.locate(path)
   if source.kind == 'run':
     return load(path)
-  pretrained = networks.load_pretrained(path)
-  step = pretrained.card.get('step')
+  loaded = pretrained.load_pretrained(path)
+  step = loaded.card.get('step')
   return Trained(
-    pretrained.config,
-    pretrained.model,
-    pretrained.variables,
+    loaded.config,
+    loaded.model,
+    loaded.variables,
     -1 if step is None else int(step),
-    origin=f'weights file {path} ({weights.describe(pretrained.card)})',
+    origin=f'weights file {path} ({weights.describe(loaded.card)})',
   )

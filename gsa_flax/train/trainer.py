@@ -40,6 +40,7 @@ from gsa_flax.train import (
   config_validation,
   experiment,
   finetune,
+  lock,
   preemption,
   restore,
   steps,
@@ -61,7 +62,7 @@ def train_and_evaluate(
 ) -> state_lib.TrainState:
   """Trains (resuming from ``<workdir>/checkpoints`` if any) and evaluates periodically.
 
-  The run holds the workdir's lock (:func:`workdir_lib.lock`, process 0) from start to
+  The run holds the workdir's lock (:func:`lock.lock`, process 0) from start to
   end, compares ``config`` with the workdir's record (``config.json``; see
   :mod:`gsa_flax.train.workdir`) before anything is written, and ends with one summary
   line: the final metrics, the checkpoint and the TensorBoard command. SIGTERM or SIGINT
@@ -103,7 +104,7 @@ def train_and_evaluate(
   with contextlib.ExitStack() as stack:
     stop = stack.enter_context(preemption.StopRequests())
     # One writer: a second run refuses here, having written nothing.
-    preemption.on_process_0(lambda: stack.enter_context(workdir_lib.lock(workdir)))
+    preemption.on_process_0(lambda: stack.enter_context(lock.lock(workdir)))
     changes = preemption.on_process_0(
       lambda: workdir_lib.check_against_record(config, workdir, RULES)
     )

@@ -10,7 +10,7 @@ import pytest
 from clu import metric_writers
 from helpers import REPO, environment, tiny_config
 
-from gsa_flax.model import networks, weights
+from gsa_flax.model import pretrained, weights
 from gsa_flax.tools import export
 from gsa_flax.train import checkpoints, experiment
 from gsa_flax.train import state as state_lib
@@ -85,10 +85,10 @@ def test_export_then_load_gives_bit_identical_logits(saved_run, tmp_path, capsys
       assert a.dtype == b.dtype
       np.testing.assert_array_equal(a, b)
 
-  pretrained = networks.load_pretrained(output)
+  loaded = pretrained.load_pretrained(output)
   images = np.random.default_rng().normal(size=(4, 16, 16, 3)).astype(np.float32)
   want = model.apply(state_lib.variables(state), images, train=False)
-  got = pretrained.model.apply(pretrained.variables, images, train=False)
+  got = loaded.model.apply(loaded.variables, images, train=False)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
