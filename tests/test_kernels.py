@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from reference import loop_content, loop_positional  # noqa: E402
 
-from gsa_flax.model import ops  # noqa: E402
+from gsa_flax.model import dispatch, ops  # noqa: E402
 from gsa_flax.model.kernels import axial_tpu, costs, gsa, layout, positional  # noqa: E402
 from gsa_flax.model.layers import GSA  # noqa: E402
 from gsa_flax.tools.sizing import aot, hlo, traffic  # noqa: E402
@@ -587,12 +587,12 @@ def test_support_is_decided_by_the_devices():
   tpu = [axial_tpu.supports(k) for k in ('TPU v4', 'TPU v5 lite', 'TPU v6 lite', 'cpu')]
   assert tpu == [False, True, True, True]
   gpus = {'Tesla V100': '7.0', 'Tesla T4': '7.5', 'A100': '8.0', 'L4': '8.9', 'H100': '9.0'}
-  got = {k: ops.kernels_supported('cuda', [device(k, cc)]) for k, cc in gpus.items()}
+  got = {k: dispatch.kernels_supported('cuda', [device(k, cc)]) for k, cc in gpus.items()}
   assert got == {'Tesla V100': False, 'Tesla T4': False, 'A100': True, 'L4': True, 'H100': True}
-  assert not ops.kernels_supported('rocm', [device('AMD Instinct MI250X', None)])
+  assert not dispatch.kernels_supported('rocm', [device('AMD Instinct MI250X', None)])
   with pytest.raises(ValueError, match="'pallas'.*AMD Instinct MI250X \\(ROCm\\)"):
-    ops.kernels_supported('rocm', [device('AMD Instinct MI250X', None)], 'pallas')
-  assert ops.kernels_supported('cuda', []) and ops.kernels_supported('cpu', [])
+    dispatch.kernels_supported('rocm', [device('AMD Instinct MI250X', None)], 'pallas')
+  assert dispatch.kernels_supported('cuda', []) and dispatch.kernels_supported('cpu', [])
 
 
 @pytest.mark.parametrize(

@@ -16,12 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gsa_flax.model import ops
+from gsa_flax.model import dispatch, ops
 
 POSITIONAL_MODES = ('axial', 'column', 'none')
 POSITION_EMBEDDINGS = ('relative', 'absolute')
 ORDERS = ('auto', 'logits', 'values')
-IMPLEMENTATIONS = ops.IMPLEMENTATIONS
+IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
 
 def global_rel_length(height: int, width: int) -> int:

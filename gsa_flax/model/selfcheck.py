@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsa_flax import errors
-from gsa_flax.model import ops
+from gsa_flax.model import dispatch
 from gsa_flax.model.layers import GSA
 
 # Largest error (relative to the einsum path's largest magnitude) accepted, per compute dtype.
@@ -284,7 +284,7 @@ def kernels_selected(model: nn.Module) -> bool:
   platform = backend
   if backend == 'gpu':
     platform = 'rocm' if 'rocm' in devices[0].client.platform_version.lower() else 'cuda'
-  return implementation_of(model) != 'xla' and ops.kernels_supported(platform, devices)
+  return implementation_of(model) != 'xla' and dispatch.kernels_supported(platform, devices)
 
 
 def implementation_of(model: nn.Module) -> str | None:
