@@ -110,8 +110,9 @@ def get_builder(
 ) -> tfds.core.DatasetBuilder:
   """Returns the TFDS builder of a prepared dataset; cheap (reads metadata only).
 
-  A dataset built on first use (``digits``) is built into ``data_dir`` when missing (a few
-  seconds, no network); the others must have been prepared as their spec says.
+  A dataset built on first use (``digits``), or one whose source files are found on this
+  machine (``fashion_mnist``'s IDX files), is built into ``data_dir`` when missing (seconds,
+  no network); the others must have been prepared as their spec says.
 
   Args:
     spec: the dataset (``gsa_flax.data.datasets.get(name)``).
@@ -124,7 +125,7 @@ def get_builder(
 
   Raises:
     DatasetNotFoundError: the dataset is not prepared in ``data_dir`` (the message says
-      how to prepare it).
+      how to prepare it), or its local source files are bad (the message names the file).
   """
   _hide_accelerators_from_tf()
   data_dir = data_dir or None  # '' (the configs' default) means TFDS's default, not the cwd
@@ -132,20 +133,22 @@ def get_builder(
   builder = tfds.builder(spec.name, config=config, data_dir=data_dir)
   if builder.is_prepared():
     return builder
-  if not spec.built_on_first_use:
-    root = str(builder.data_dir_root)
+  root = str(builder.data_dir_root)
+  # A dataset found as files on this machine is prepared from them, like one built on
+  # first use; the builder that reads it afterwards is TFDS's own.
+  preparer = spec.local_builder(root) if spec.local_builder else None
+  if preparer is None and not spec.built_on_first_use:
     raise DatasetNotFoundError(
       f'dataset {spec.name!r} is not prepared in data_dir={root!r} (nothing valid at '
       f'{builder.data_dir}); ' + spec.prepare.format(data_dir=root)
     )
   try:
-    builder.download_and_prepare()
+    (preparer or builder).download_and_prepare()
   except OSError:
     # Processes sharing data_dir build concurrently: one rename wins, the result is the same.
     if not builder.is_prepared():
       raise
-    builder = tfds.builder(spec.name, config=config, data_dir=data_dir)
-  return builder
+  return tfds.builder(spec.name, config=config, data_dir=data_dir)
 
 
 def class_names(builder: tfds.core.DatasetBuilder) -> list[str]:

@@ -15,15 +15,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from gsa_flax import errors
-from gsa_flax.data.datasets import digits
+from gsa_flax.data.datasets import digits, fashion_mnist
+from gsa_flax.data.datasets.errors import DatasetNotFoundError as DatasetNotFoundError
 
 TRAIN_CROPS = ('inception', 'pad', 'none')
 EVAL_CROPS = ('center', 'square')
-
-
-class DatasetNotFoundError(errors.UserError):
-  """A dataset is not prepared in the data directory; the message says how to prepare it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +45,10 @@ class DatasetSpec:
     min_image_size: the smallest ``image_size`` the dataset can be stored at.
     max_image_size: the largest ``image_size`` worth training at: beyond it the images are
       only upscaled source pixels, at a cost that grows with the square of the size.
+    local_builder: for datasets that can also be prepared from files found on this
+      machine (``fashion_mnist``'s IDX files): given the TFDS data directory, a builder
+      that prepares the dataset from them, or None when none are found (then ``prepare``
+      applies); None for the others.
   """
 
   name: str
@@ -64,6 +64,7 @@ class DatasetSpec:
   builder_config: Callable[[int], Any] | None = None
   min_image_size: int = 1
   max_image_size: int = 1024
+  local_builder: Callable[[str], Any] | None = None
 
   def __post_init__(self):
     if self.train_crop not in TRAIN_CROPS:
@@ -80,7 +81,8 @@ class DatasetSpec:
 # The first needs no download. Statistics: ImageNet and CIFAR-100 use the usual published
 # statistics of their train splits; digits the grey-level statistics of its train split at
 # the source resolution (identical after integer-factor nearest upscaling;
-# tests/test_datasets.py recomputes them).
+# tests/test_datasets.py recomputes them); fashion_mnist the grey-level statistics of its
+# 60,000 training images (72.94 and 90.02).
 SPECS: dict[str, DatasetSpec] = {
   spec.name: spec
   for spec in (
@@ -128,6 +130,20 @@ SPECS: dict[str, DatasetSpec] = {
         'ILSVRC2012_img_val.tar in {data_dir}/downloads/manual, then run once: '
         'tfds build imagenet2012 --data_dir={data_dir}'
       ),
+    ),
+    DatasetSpec(
+      name='fashion_mnist',
+      max_image_size=448,  # 28x28 source images: 16x their side
+      num_classes=10,
+      train_split='train',
+      eval_split='test',
+      mean_rgb=(72.94, 72.94, 72.94),
+      stddev_rgb=(90.02, 90.02, 90.02),
+      train_crop='pad',
+      eval_crop='square',
+      flip=True,  # garments are left-right symmetric enough; the usual recipe flips
+      prepare=fashion_mnist.PREPARE,
+      local_builder=fashion_mnist.local_builder,
     ),
   )
 }
