@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -88,7 +89,7 @@ class Row:
     overrides: ``--config.<key>=<value>`` flags.
     init_from: the row whose seed-0 run the weights come from; '' = from scratch.
     seeds: how many seeds at most (sources: 1).
-    baseline: the row it is compared with (transfer rows), or ''.
+    baseline: the row it is compared with (the difference of the means is reported), or ''.
     transfer: trained after every main row has all its seeds.
   """
 
@@ -108,9 +109,21 @@ class Row:
 
 ROWS = (
   Row('resnet', 'ResNet-tiny (3x3 conv)', FASHION, {**BUDGET, 'model': 'resnet_tiny'}),
-  Row('gsa', 'GSA-ResNet-tiny', FASHION, BUDGET),
-  Row('gsa_content_only', 'GSA, content only', FASHION, {**BUDGET, 'gsa.positional': 'none'}),
-  Row('gsa_positional_only', 'GSA, positional only', FASHION, {**BUDGET, 'gsa.content': False}),
+  Row('gsa', 'GSA-ResNet-tiny', FASHION, BUDGET, baseline='resnet'),
+  Row(
+    'gsa_content_only',
+    'GSA, content only',
+    FASHION,
+    {**BUDGET, 'gsa.positional': 'none'},
+    baseline='resnet',
+  ),
+  Row(
+    'gsa_positional_only',
+    'GSA, positional only',
+    FASHION,
+    {**BUDGET, 'gsa.content': False},
+    baseline='resnet',
+  ),
   Row(
     'digits_source',
     'GSA-ResNet-tiny on digits (source)',
@@ -248,15 +261,25 @@ def report(root: str, results: dict[str, list[dict]], cost: dict[str, dict]) -> 
   """The markdown table."""
   lines = [
     '| row | seeds | test accuracy % (mean ± std) | per seed | params | forward MFLOPs | '
-    's/step (median) | wall min/run | vs |',
+    's/step (median) | wall min/run | minus the baseline (± s.e.) |',
     '|---|---:|---:|---|---:|---:|---:|---:|---|',
   ]
+
+  def accuracies(name: str) -> list[float]:
+    return [100 * r['eval_accuracy'] for r in results.get(name, [])]
+
   for row in ROWS:
     runs = results.get(row.name, [])
     if not runs:
       continue
-    accs = [100 * r['eval_accuracy'] for r in runs]
+    accs = accuracies(row.name)
     mean, std = _mean_std(accs)
+    versus = ''
+    if row.baseline and accuracies(row.baseline):
+      # Difference of the means and its standard error (Welch): sqrt(s1^2/n1 + s2^2/n2).
+      base = accuracies(row.baseline)
+      error = math.sqrt(_mean_std(accs)[1] ** 2 / len(accs) + _mean_std(base)[1] ** 2 / len(base))
+      versus = f'{BY_NAME[row.baseline].label}: {mean - statistics.mean(base):+.2f} ± {error:.2f}'
     steps = [r['step_s'] for r in runs if r.get('step_s')]
     walls = [r['wall_s'] / 60 for r in runs if r.get('wall_s')]
     c = cost.get(row.name, {})
@@ -265,7 +288,7 @@ def report(root: str, results: dict[str, list[dict]], cost: dict[str, dict]) -> 
       f'{", ".join(f"{a:.2f}" for a in accs)} | {c.get("params", 0):,} | '
       f'{c.get("forward_flops", 0) / 1e6:.1f} | '
       f'{statistics.median(steps) if steps else float("nan"):.3f} | '
-      f'{statistics.mean(walls) if walls else float("nan"):.1f} | {row.baseline or ""} |'
+      f'{statistics.mean(walls) if walls else float("nan"):.1f} | {versus} |'
     )
   return '\n'.join(lines)
 

@@ -42,9 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.gsa.attention_stages = ()
 
   # --- Data --------------------------------------------------------------------------
-  config.dataset = (
-    'digits'  # 'digits' (embedded, built from scikit-learn) | 'cifar100' | 'imagenet2012'.
-  )
+  # 'digits' (embedded, built from scikit-learn) | 'fashion_mnist' (docs/fashion_mnist.md) |
+  # 'cifar100' | 'imagenet2012'.
+  config.dataset = 'digits'
   config.data_dir = (
     ''  # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
   )

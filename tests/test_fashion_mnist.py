@@ -194,3 +194,20 @@ def test_normalization_constants_match_train_split():
   assert train.size == 60_000 * 28 * 28
   np.testing.assert_allclose(SPEC.mean_rgb, [train.mean()] * 3, atol=0.01)
   np.testing.assert_allclose(SPEC.stddev_rgb, [train.std()] * 3, atol=0.01)
+
+
+def test_config_and_its_resnet_twin_are_valid():
+  from configs import fashion_mnist as recipe
+  from gsa_flax.model import networks
+  from gsa_flax.train import config_validation
+
+  config = recipe.get_config()
+  assert (config.dataset, config.image_size, config.model) == (
+    'fashion_mnist',
+    28,
+    'gsa_resnet_tiny',
+  )
+  config_validation.validate(config)
+  twin = networks.counterpart_config(config)
+  assert twin.model == 'resnet_tiny'
+  config_validation.validate(twin)
