@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import io
 import json
 import math
 import os
@@ -50,6 +51,7 @@ import sys
 import time
 
 from benchmarks import common
+from gsa_flax import files
 
 # The budget every main row shares (overrides of configs/fashion_mnist.py).
 BUDGET = {
@@ -224,8 +226,8 @@ def train(root: str, row: Row, seed: int) -> dict | None:
     print(f'  failed (exit {proc.returncode}); see {workdir(root, row, seed)}/main.log', flush=True)
     return None
   result = collect(root, row, seed, wall_s=wall, load_start=load_start, load_end=common.loadavg())
-  with open(path, 'w') as file:
-    json.dump(result, file)
+  # Whole or not at all: a result.json is what marks a run as done.
+  files.write_atomically(path, json.dumps(result))
   print(f'  eval_accuracy={result["eval_accuracy"]:.4f} in {wall:.0f} s', flush=True)
   return result
 
@@ -245,7 +247,7 @@ def costs(row: Row) -> dict:
     for parent in parents:
       target = target[parent]
     target[leaf] = value
-  model = networks.build(config, datasets.get(config.dataset).num_classes)
+  model = networks.build(networks.architecture_of(config), datasets.get(config.dataset).num_classes)
   variables = networks.abstract_variables(model, config.image_size)
   params = sum(int(x.size) for x in jax.tree.leaves(variables['params']))
   x = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
@@ -338,7 +340,9 @@ def figure(results: dict[str, list[dict]], path: str) -> None:
   for ax in (ax_loss, ax_acc, ax_transfer):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.savefig(path, dpi=110)
+  image = io.BytesIO()
+  fig.savefig(image, format='png', dpi=110)
+  files.write_atomically(path, image.getvalue())
 
 
 def main() -> None:
@@ -371,23 +375,18 @@ def main() -> None:
   for name in results:
     if name not in cost:
       cost[name] = costs(BY_NAME[name])
-  with open(cost_path, 'w') as file:
-    json.dump(cost, file)
+  files.write_atomically(cost_path, json.dumps(cost))
   table = report(args.root, results, cost)
   print(table)
-  with open(args.json, 'w') as file:
-    json.dump(
-      {
-        'machine': common.machine(),
-        'budget': BUDGET,
-        'budget56': BUDGET56,
-        'costs': cost,
-        'runs': results,
-        'table': table,
-      },
-      file,
-      indent=1,
-    )
+  summary = {
+    'machine': common.machine(),
+    'budget': BUDGET,
+    'budget56': BUDGET56,
+    'costs': cost,
+    'runs': results,
+    'table': table,
+  }
+  files.write_atomically(args.json, json.dumps(summary, indent=1))
   if results:
     figure(results, args.figure)
 
