@@ -124,8 +124,10 @@ def test_sigterm_saves_the_current_step_and_exits(digits_dir, tmp_path):
     ended = time.time()
   assert saved - sent < 60
   # A preempted VM is given seconds: the process ends promptly after its save, without the
-  # interpreter's teardown (which took 4-40 s).
-  assert ended - saved < 5, f'{ended - saved:.1f} s from the save to the end of the process'
+  # interpreter's teardown (which took 4-40 s). Alone on a 2-core machine it ends 0.2-3 s
+  # after its last line; under the test suite's two parallel workers up to 5.2 s was seen,
+  # hence the bound's margin (it still catches the teardown coming back).
+  assert ended - saved < 10, f'{ended - saved:.1f} s from the save to the end of the process'
   text = log.read_text()
   step = _saved_step(text)
   assert 2 <= step < STEPS and step in _steps(tmp_path)
