@@ -3,13 +3,13 @@
 Each step holds the train state (its layout is :func:`gsa_flax.train.state.state_dict`) and a
 JSON record (the step, the config, where the weights came from when the run started from
 trained ones). Orbax writes each step to a temporary directory and renames it into place
-when complete, so a crash during a save never touches the previous checkpoint; orbax's own
-``cleanup_tmp_directories`` removes what an interrupted save left when the manager opens.
-What orbax does not do is here:
+when complete, so a crash during a save never touches the previous checkpoint. What orbax
+does not do is here:
 
 - a save that fails (disk full, permissions) is one :class:`SaveError` naming the cause,
   the space needed and the newest intact step, with the failed step's partial files
-  removed (``cleanup_tmp_directories`` only runs at the next start);
+  removed; what an interrupted save left is removed at the next start
+  (:meth:`Checkpointer.discard_partial`);
 - on restore an unreadable step is set aside in ``<workdir>/checkpoints_unreadable/`` and
   the newest intact one is used; nothing is deleted;
 - a checkpoint whose shapes do not fit the model stops with the first mismatching
@@ -177,8 +177,9 @@ class Checkpointer:
         max_to_keep=None if read_only else keep,
         create=not read_only,
         read_only=read_only,
-        # What an interrupted save left (``<step>.orbax-checkpoint-tmp...``) goes at start.
-        cleanup_tmp_directories=not read_only,
+        # Not orbax's cleanup_tmp_directories: it runs in the background and, in testing,
+        # removed the temporary directory of the restarted run's first save. What an
+        # interrupted save left is removed before training by discard_partial instead.
       ),
       item_handlers={'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
     )
