@@ -25,6 +25,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+# Where benchmarks.pipeline writes its generated ImageNet-like records (a few GB), and
+# benchmarks.train_throughput reads them: under the checkout's runs/, which git ignores.
+RECORDS_DIR = os.path.join('runs', 'pipeline_benchmark')
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -451,7 +451,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--data-dir', default='/tmp/gsa_flax_pipeline_benchmark')
+  parser.add_argument('--data-dir', default=common.RECORDS_DIR)
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--warmup', type=int, default=2, help='batches left out of each sample')
   parser.add_argument('--batches', type=int, default=10, help='batches per sample')

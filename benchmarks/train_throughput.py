@@ -161,7 +161,7 @@ def main() -> None:
   parser.add_argument('--input-batches', type=int, default=30)
   parser.add_argument(
     '--records-dir',
-    default='/tmp/gsa_flax_pipeline_benchmark',
+    default=common.RECORDS_DIR,
     help="where benchmarks.pipeline's generated ImageNet-like records are (written if missing)",
   )
   parser.add_argument('--skip-train', action='store_true')
