@@ -37,9 +37,10 @@ The ranges are those of the common ImageNet recipe (timm's increasing ops, which
 AutoAugment search space), except Posterize, which keeps the AutoAugment paper's 8..4 bits
 where timm's increasing variant goes down to 0 bits (a black image). Translation is a
 fraction of the image size so that it scales with resolution. Geometric ops resample
-bilinearly with ``tf.raw_ops.ImageProjectiveTransformV3`` and fill uncovered pixels with
-``image_ops.FILL_VALUE`` (mid grey). The colour ops follow PIL's ``ImageOps``/``ImageEnhance``
-definitions but round to the nearest grey level where PIL truncates.
+bilinearly (the weights of ``ImageProjectiveTransformV3``'s bilinear mode) and fill
+uncovered pixels with ``image_ops.FILL_VALUE`` (mid grey). The colour ops follow PIL's
+``ImageOps``/``ImageEnhance`` definitions but round to the nearest grey level where PIL
+truncates. Most ops run XLA-compiled (:data:`COMPILED_OPS`).
 
 The ops themselves are :mod:`gsa_flax.data.image_ops`; Mixup and CutMix, which act on a
 batch, are :mod:`gsa_flax.data.mixing`.
@@ -117,6 +118,29 @@ _OPS: dict[str, _Op] = {
   ),
   'Identity': lambda image, m, neg: image,
 }
+
+# Ops that run XLA-compiled (``tf.function(jit_compile=True)``, one executable per image
+# shape): XLA fuses their elementwise arithmetic, gathers and histogram into a few passes
+# where TensorFlow's kernels make one pass per op, 2-5x less CPU per image at 224x224
+# (``benchmarks/augment_ops.py``). The others measured no faster compiled (Brightness,
+# Posterize, Invert), much slower (Sharpness: XLA's CPU depthwise convolution), or would
+# compile once per magnitude (TranslateX/Y: their padding depends on it, and XLA needs
+# padding known when it compiles).
+# Compiled, an op can differ from its TensorFlow run by one grey level on a few pixels in
+# 100,000 (fused multiply-adds round once); a run gives the same bits every time.
+COMPILED_OPS: tuple[str, ...] = (
+  'AutoContrast',
+  'Equalize',
+  'Rotate',
+  'Solarize',
+  'SolarizeAdd',
+  'Color',
+  'Contrast',
+  'ShearX',
+  'ShearY',
+)
+for _name in COMPILED_OPS:
+  _OPS[_name] = tf.function(_OPS[_name], jit_compile=True, reduce_retracing=True)
 
 # The default list: the paper's ops without Identity (timm's RandAugment list).
 OPS: tuple[str, ...] = tuple(name for name in _OPS if name != 'Identity')

@@ -252,24 +252,6 @@ def sharpness(image: tf.Tensor, factor: float | tf.Tensor) -> tf.Tensor:
 # Geometric ops. Coordinates are pixel indices: x is the column, y the row (downwards).
 
 
-def _transform(image: tf.Tensor, rows: list[tf.Tensor]) -> tf.Tensor:
-  """Output pixel ``(x, y)`` samples input point ``(a0 x + a1 y + a2, b0 x + b1 y + b2)``.
-
-  ``rows`` is ``[a0, a1, a2, b0, b1, b2]``: the inverse map, as ``ImageProjectiveTransformV3``
-  takes it. Bilinear; points outside the image read ``FILL_VALUE``.
-  """
-  transform = tf.stack([tf.cast(value, tf.float32) for value in rows] + [0.0, 0.0])
-  transformed = tf.raw_ops.ImageProjectiveTransformV3(
-    images=tf.cast(image, tf.float32)[None],
-    transforms=transform[None],
-    output_shape=tf.shape(image)[:2],
-    fill_value=float(FILL_VALUE),
-    interpolation='BILINEAR',
-    fill_mode='CONSTANT',
-  )
-  return _to_uint8(transformed[0])
-
-
 def _centre(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """``(x, y)`` of the image centre in pixel indices, float32."""
   shape = tf.cast(tf.shape(image), tf.float32)
@@ -279,8 +261,11 @@ def _centre(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 def rotate(image: tf.Tensor, degrees: float | tf.Tensor) -> tf.Tensor:
   """Rotates counterclockwise (as displayed, rows downwards) about the image centre.
 
-  A multiple of 90 degrees on a square image moves pixel centres onto pixel centres: it is
-  ``np.rot90`` exactly.
+  Bilinear: output pixel ``(x, y)`` interpolates the four input pixels around its source
+  point, pixels outside the image reading ``FILL_VALUE`` (the weights and the order of the
+  sums of ``ImageProjectiveTransformV3``'s bilinear, constant-fill mode, as gathers and
+  elementwise arithmetic that XLA compiles into one pass). A multiple of 90 degrees on a
+  square image moves pixel centres onto pixel centres: it is ``np.rot90`` exactly.
 
   Args:
     image: ``uint8 [height, width, 3]``.
@@ -292,11 +277,32 @@ def rotate(image: tf.Tensor, degrees: float | tf.Tensor) -> tf.Tensor:
   radians = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
   cos, sin = tf.cos(radians), tf.sin(radians)
   cx, cy = _centre(image)
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  x = tf.range(width, dtype=tf.float32)[None]
+  y = tf.range(height, dtype=tf.float32)[:, None]
   # Inverse map: input = centre + R(angle) (output - centre), R the rotation that turns the
   # displayed image clockwise, since output pixels look up where their content came from.
-  return _transform(
-    image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy]
+  # A source point at or beyond one pixel outside reads only fill: clipping it to -1 or to
+  # the size keeps that (its weight falls on the fill line at -1 or at the size).
+  source_x = cos * x - sin * y + (cx - cos * cx + sin * cy)
+  source_y = sin * x + cos * y + (cy - sin * cx - cos * cy)
+  source_x = tf.clip_by_value(source_x, -1.0, tf.cast(width, tf.float32))
+  source_y = tf.clip_by_value(source_y, -1.0, tf.cast(height, tf.float32))
+  left, top = tf.floor(source_x), tf.floor(source_y)
+  right_weight, bottom_weight = (source_x - left)[..., None], (source_y - top)[..., None]
+  # One fill line before the image and two after it, so that every corner has an index.
+  padded_width = width + 3
+  pixels = tf.reshape(tf.pad(image, [[1, 2], [1, 2], [0, 0]], constant_values=FILL_VALUE), [-1, 3])
+  corner = tf.cast(top + 1.0, tf.int32) * padded_width + tf.cast(left + 1.0, tf.int32)
+
+  def read(index):
+    return tf.cast(tf.gather(pixels, index), tf.float32)
+
+  upper = (1.0 - right_weight) * read(corner) + right_weight * read(corner + 1)
+  lower = (1.0 - right_weight) * read(corner + padded_width) + right_weight * read(
+    corner + padded_width + 1
   )
+  return _to_uint8((1.0 - bottom_weight) * upper + bottom_weight * lower)
 
 
 def _resample_lines(image: tf.Tensor, offsets: tf.Tensor, axis: int) -> tf.Tensor:
@@ -304,10 +310,8 @@ def _resample_lines(image: tf.Tensor, offsets: tf.Tensor, axis: int) -> tf.Tenso
 
   ``axis=1``: output pixel ``(x, y)`` samples input point ``(x + offsets[y], y)`` (rows move);
   ``axis=0``: ``(x, y + offsets[x])`` (columns move). Shears and translations are such
-  transforms: this is :func:`_transform` for them (the same bilinear weights, the same
-  ``FILL_VALUE`` outside) as two flat gathers and a blend, instead of
-  ``ImageProjectiveTransformV3``'s per-pixel, per-channel projection, which costs about
-  twice as much.
+  transforms: this is :func:`rotate`'s resampling for them (the same bilinear weights,
+  the same ``FILL_VALUE`` outside) with two gathers instead of four.
 
   Args:
     image: ``uint8 [height, width, 3]``.
@@ -318,7 +322,7 @@ def _resample_lines(image: tf.Tensor, offsets: tf.Tensor, axis: int) -> tf.Tenso
   whole = tf.floor(offsets)
   fraction = offsets - whole
   # One fill line on each side; any source point beyond the first or last line reads it,
-  # so that points outside the image read FILL_VALUE as in _transform.
+  # so that points outside the image read FILL_VALUE as in rotate.
   paddings = [[0, 0], [0, 0], [0, 0]]
   paddings[axis] = [1, 1]
   pixels = tf.reshape(tf.pad(image, paddings, constant_values=FILL_VALUE), [-1, 3])
