@@ -56,7 +56,7 @@ def _enhance_factor(magnitude: float, negate: bool) -> float:
 
 @pytest.mark.parametrize('size', SIZES)
 def test_rand_augment_keeps_shape_and_dtype(size):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(101)
   image = _image(rng, *size)
   for num_layers, key in zip((0, 1, 3), _keys(rng, 3), strict=True):
     out = augment.rand_augment(image, key, num_layers=num_layers, magnitude=9, magnitude_std=0.5)
@@ -71,7 +71,7 @@ def test_rand_augment_keeps_shape_and_dtype(size):
 
 
 def test_rand_augment_is_a_function_of_the_key():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(102)
   image = _image(rng, 16, 20)
   keys = _keys(rng, 24)
   kwargs = dict(num_layers=2, magnitude=9, magnitude_std=0.5)
@@ -85,7 +85,7 @@ def test_rand_augment_is_a_function_of_the_key():
 
 
 def test_rand_augment_applies_num_layers_ops_in_sequence():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(103)
   image = _image(rng)
   for num_layers, key in zip((1, 2, 3), _keys(rng, 3), strict=True):
     out = augment.rand_augment(image, key, num_layers=num_layers, magnitude=5, ops=('Invert',))
@@ -94,7 +94,7 @@ def test_rand_augment_applies_num_layers_ops_in_sequence():
 
 
 def test_rand_augment_draws_ops_uniformly_and_signs_evenly():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(104)
   # Away from 0 and 255 so that AutoContrast changes the image.
   image = _image(rng, 12, 14, low=20, high=231)
   magnitude = 9.0
@@ -122,7 +122,7 @@ def test_rand_augment_draws_ops_uniformly_and_signs_evenly():
 
 
 def test_rand_augment_magnitude_jitter_is_gaussian_and_clipped():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(105)
   # Brightness of a constant 100 image is 100 * (1 +- 0.9 m / 10): m is readable to 0.06.
   image = np.full((4, 5, 3), 100, np.uint8)
 
@@ -190,7 +190,7 @@ _PIL_REFERENCES = {
 
 @pytest.mark.parametrize('name', list(_PIL_REFERENCES))
 def test_colour_op_matches_pil(name):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(106)
   reference, (low, high) = _PIL_REFERENCES[name]
   # Away from 0 and 255 so that AutoContrast has something to stretch.
   image = _image(rng, low=20, high=231)
@@ -214,14 +214,14 @@ def test_colour_op_matches_pil(name):
 def test_enhance_ops_at_factor_zero_are_pils_degenerate_images_exactly(op, enhancer):
   # At factor 0 PIL returns its degenerate image untouched (grey, mean grey, black,
   # smoothed), so nothing is truncated and the two must agree to the grey level.
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(107)
   image = _image(rng)
   want = enhancer(Image.fromarray(image)).enhance(0.0)
   np.testing.assert_array_equal(op(image, 0.0), np.asarray(want))
 
 
 def test_solarize_add_closed_form():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(108)
   image = _image(rng)
   for magnitude in (3.0, 9.0):
     addition = math.floor(110 * magnitude / 10)
@@ -246,7 +246,7 @@ def _shifted(image: np.ndarray, down: int, right: int) -> np.ndarray:
 # m = 6; 12.56, 9.32 at m = 9).
 @pytest.mark.parametrize('magnitude', [6.0, 9.0])
 def test_translate_is_an_exact_shift_with_fill(magnitude):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(109)
   image = _image(rng)
   right = round(0.45 * magnitude / 10 * WIDTH)
   down = round(0.45 * magnitude / 10 * HEIGHT)
@@ -261,7 +261,7 @@ def test_translate_is_an_exact_shift_with_fill(magnitude):
 def test_fractional_translation_is_bilinear_along_one_axis(pixels):
   """Between whole pixels: each output pixel interpolates its two source neighbours (the fill
   outside the image), rounded half up; the closed form in float64."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(110)
   image = _image(rng)
   padded = np.full((HEIGHT + 2, WIDTH + 2, 3), FILL, np.float64)
   padded[1:-1, 1:-1] = image
@@ -282,7 +282,7 @@ def test_fractional_translation_is_bilinear_along_one_axis(pixels):
 
 
 def test_rotate_by_right_angles_is_exact():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(111)
   square = _image(rng, 17, 17)
   # Positive angles turn the displayed image counterclockwise, as np.rot90 does.
   np.testing.assert_array_equal(image_ops.rotate(square, 90.0), np.rot90(square, 1))
@@ -316,7 +316,7 @@ def _check_resampled(got: np.ndarray, want: np.ndarray, source_x, source_y) -> N
 
 @pytest.mark.parametrize('negate', [False, True])
 def test_rotate_matches_pil(negate):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(112)
   image = _image(rng)
   magnitude = 9.0
   degrees = (-1 if negate else 1) * 30 * magnitude / 10
@@ -333,7 +333,7 @@ def test_rotate_matches_pil(negate):
 
 @pytest.mark.parametrize('negate', [False, True])
 def test_shear_matches_pil(negate):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(113)
   image = _image(rng)
   magnitude = 9.0
   shear = (-1 if negate else 1) * 0.3 * magnitude / 10
@@ -363,7 +363,7 @@ def test_shear_matches_pil(negate):
 
 
 def test_ops_with_an_argument_are_the_identity_at_magnitude_zero():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(114)
   image = _image(rng)
   no_argument = ('AutoContrast', 'Equalize', 'Invert')
   for name in augment.ALL_OPS:
@@ -403,7 +403,7 @@ def _constant_batch(rng, batch=4, height=10, width=14):
 
 @pytest.mark.parametrize('batch', [5, 6])
 def test_mixup_is_the_convex_combination_with_the_reversed_batch(batch):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(115)
   images, labels = _batch(rng, batch)
   for key in _keys(rng, 4):
     out = mixing.mix_batch(images, labels, key, mixup_alpha=0.4, cutmix_alpha=0.0)
@@ -433,7 +433,7 @@ def _cutmix_box(out, values: np.ndarray) -> np.ndarray:
 
 
 def test_cutmix_pastes_one_rectangle_and_weights_by_the_pixels_kept():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(116)
   images, labels, values = _constant_batch(rng)
   height, width = images.shape[1:3]
   partial = 0
@@ -454,7 +454,7 @@ def test_cutmix_pastes_one_rectangle_and_weights_by_the_pixels_kept():
 
 
 def test_switch_prob_chooses_between_mixup_and_cutmix():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(117)
   images, labels, values = _constant_batch(rng, batch=2, height=6, width=7)
 
   def cutmix_fraction(switch_prob: float, count: int) -> float:
@@ -476,7 +476,7 @@ def test_switch_prob_chooses_between_mixup_and_cutmix():
 
 
 def test_prob_sets_how_often_a_batch_is_mixed():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(118)
   images, labels = _batch(rng, 4, 5, 6)
 
   def mix(prob: float, count: int, cutmix_alpha: float) -> dict[str, np.ndarray]:
@@ -508,7 +508,7 @@ def test_prob_sets_how_often_a_batch_is_mixed():
 
 
 def test_both_alphas_zero_is_the_identity():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(119)
   images, labels = _batch(rng)
   out = mixing.mix_batch(images, labels, _keys(rng, 1)[0], mixup_alpha=0.0, cutmix_alpha=0.0)
   assert sorted(out) == ['image', 'label', 'mix_label', 'mix_weight']
@@ -520,7 +520,7 @@ def test_both_alphas_zero_is_the_identity():
 
 @pytest.mark.parametrize('alpha', [1.0, 0.2])
 def test_mixup_lam_is_beta_distributed(alpha):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(120)
   images, labels = _batch(rng, 2, 1, 1)
   count = 2000
   weights = _map_keys(
@@ -538,7 +538,7 @@ def test_mixup_lam_is_beta_distributed(alpha):
 
 
 def test_mix_batch_is_a_function_of_the_key():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(121)
   images, labels = _batch(rng)
   keys = _keys(rng, 16)
   kwargs = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8)

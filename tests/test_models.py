@@ -189,7 +189,7 @@ def _random(shapes, rng):
 
 
 def test_load_pretrained_rebuilds_the_exported_network(tmp_path):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(125)
   config = _tiny_config()
   model = networks.build(networks.architecture_of(config), num_classes=7)
   variables = _random(networks.abstract_variables(model, config.image_size), rng)
@@ -215,7 +215,7 @@ def test_load_pretrained_refuses_variables_its_config_does_not_describe(tmp_path
   config = _tiny_config()
   variables = _random(
     networks.abstract_variables(networks.build(networks.architecture_of(config), 10), 16),
-    np.random.default_rng(),
+    np.random.default_rng(126),
   )
   wider = _tiny_config(num_filters=16)  # the file claims another width
   path = weights.export(tmp_path / 'w.msgpack', wider, variables, {})
@@ -243,7 +243,7 @@ def test_a_file_claiming_a_larger_network_is_refused_before_it_is_built(
   config = _tiny_config()
   variables = _random(
     networks.abstract_variables(networks.build(networks.architecture_of(config), 10), 16),
-    np.random.default_rng(),
+    np.random.default_rng(127),
   )
   path = weights.export(
     tmp_path / 'w.msgpack', _tiny_config(stage_sizes=stage_sizes), variables, {}
@@ -257,7 +257,7 @@ def test_a_file_claiming_a_larger_network_is_refused_before_it_is_built(
 
 
 def test_a_file_written_by_flax_with_sorted_keys_is_read_by_every_loader(tmp_path):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(128)
   config = _tiny_config()
   model = networks.build(networks.architecture_of(config), num_classes=7)
   variables = _random(networks.abstract_variables(model, config.image_size), rng)

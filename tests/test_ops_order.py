@@ -44,7 +44,7 @@ def _forms(shapes, shape):
 @pytest.mark.parametrize('axis', [1, 2])
 @pytest.mark.parametrize('rel_kind', ['local', 'global', 'oversized'])
 def test_positional_orders_match_loop(order, axis, rel_kind):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(135)
   size = H if axis == 1 else W
   num_rel = {'local': 3, 'global': 2 * size - 1, 'oversized': 2 * size + 5}[rel_kind]
   q, v = _random(rng, B, H, W, HEADS, DK), _random(rng, B, H, W, HEADS, DV)
@@ -88,7 +88,7 @@ def test_auto_order_forms_the_cheaper_intermediate(axis):
 
 @pytest.mark.parametrize('axis', [1, 2])
 def test_values_first_gradients(axis):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(136)
   size = 4 if axis == 1 else 5
   with jax.enable_x64(True):
     q = jnp.asarray(rng.standard_normal((1, 4, 5, 2, DK)), jnp.float64)

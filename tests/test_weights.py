@@ -48,7 +48,7 @@ def _leaves(tree, prefix=''):
 
 
 def test_read_gives_back_what_was_exported(tmp_path):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(151)
   variables = _variables(rng)
   card = weights.make_card(CONFIG, variables, num_classes=10, step=42, metrics={'acc': 0.5})
   assert card == {
@@ -82,7 +82,7 @@ def test_read_gives_back_what_was_exported(tmp_path):
 
 
 def _valid(tmp_path) -> bytes:
-  variables = _variables(np.random.default_rng())
+  variables = _variables(np.random.default_rng(152))
   path = weights.export(tmp_path / 'valid.msgpack', CONFIG, variables, {'model': 'x'})
   return path.read_bytes()
 
@@ -94,7 +94,7 @@ def _packed(contents) -> bytes:
 def _bad_files(tmp_path) -> dict[str, tuple[bytes | None, str]]:
   """name -> (file contents, or None for no file, words the message must hold)."""
   valid = _valid(tmp_path)
-  arrays = _variables(np.random.default_rng())
+  arrays = _variables(np.random.default_rng(153))
   whole = dict(format=weights.FORMAT, version=1, config={}, variables=arrays, card={})
   return {
     'missing': (None, 'does not exist'),
@@ -192,7 +192,7 @@ def test_an_export_never_writes_through_a_link_or_into_what_is_not_a_file(tmp_pa
     'fifo': lambda: os.mkfifo(path),
   }[kind]()
   outcome = finishes_within(
-    10, lambda: weights.export(path, CONFIG, _variables(np.random.default_rng()), {})
+    10, lambda: weights.export(path, CONFIG, _variables(np.random.default_rng(154)), {})
   )
   assert isinstance(outcome.get('error'), files.FileError), outcome
   assert str(outcome['error']).startswith(f'{path} is ') and '\n' not in str(outcome['error'])
