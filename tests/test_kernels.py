@@ -397,7 +397,7 @@ def test_costs_of_a_compiled_layer_are_the_kernels_grid_traffic(target_name, bac
   or an H100: its four kernel calls are priced, at the bytes of the kernels' own closed
   form for one chip's share of the batch."""
   target = aot.get_target(target_name)
-  batch, h, w, heads, dk, dv = 2, 8, 6, 2, 8, 16
+  batch, h, w, heads, dk, dv = 2, 10, 6, 2, 8, 16  # rows of 10: the kernels (SHORT_LINE)
   module = GSA(dv, num_heads=heads, key_features=dk, dtype=jnp.bfloat16)
   x = jax.ShapeDtypeStruct((1, h, w, 8), jnp.bfloat16)
   variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
@@ -521,17 +521,18 @@ def test_default_implementation_lowers_to_einsums_on_cpu():
   assert 'pallas_call' in forced.lower(*args).as_text(debug_info=True)
 
 
-def _compiled_for(target_name, implementation, *, mesh='target'):
+def _compiled_for(target_name, implementation, *, mesh='target', size=(4, 10)):
   """A GSA layer's forward + backward compiled for a target, as its optimized HLO text.
 
   ``mesh``: ``'target'`` the target's own ``jax.make_mesh`` mesh, batch split over it;
   ``'auto'`` a ``jax.sharding.Mesh(devices, ('data',))`` (axes of type Auto), batch split
   and no mesh set; ``'set_auto'`` the same mesh set with ``jax.set_mesh``; ``'single'``
-  one device, no mesh.
+  one device, no mesh. ``size``: the image's ``(height, width)``; the default has rows
+  longer than ``dispatch.SHORT_LINE``.
   """
   target = aot.get_target(target_name)
   devices = np.array(target.devices)
-  step, (params, stats, x) = _gsa_step(implementation, shape=(4 * len(devices), 4, 6, 8))
+  step, (params, stats, x) = _gsa_step(implementation, shape=(4 * len(devices), *size, 8))
   if mesh == 'single':
     whole = split = jax.sharding.SingleDeviceSharding(devices[0])
   else:
@@ -566,6 +567,16 @@ def test_default_implementation_takes_the_kernels_where_the_target_supports_them
   text = _compiled_for(target_name, None)
   assert text.count(kernels) == calls
   assert 'conditional' not in text
+
+
+@pytest.mark.parametrize('target_name, kernels', [('tpu-v5e:2x2', MOSAIC), ('h100', TRITON)])
+def test_images_of_short_lines_take_the_einsums_unless_the_kernels_are_forced(target_name, kernels):
+  """An 8x8 image (no line longer than dispatch.SHORT_LINE = 8) compiles to the einsum ops
+  under implementation=None, on chips that have the kernels; 'pallas' still gets them."""
+  assert dispatch.SHORT_LINE == 8
+  assert _compiled_for(target_name, None, size=(8, 8)).count(kernels) == 0
+  assert _compiled_for(target_name, 'pallas', size=(8, 8)).count(kernels) == 4
+  assert _compiled_for(target_name, None, size=(8, 9)).count(kernels) == 4
 
 
 @pytest.mark.parametrize(
