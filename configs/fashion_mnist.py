@@ -1,4 +1,4 @@
-"""GSA-ResNet-tiny on Fashion-MNIST at 28x28: >= 90% test accuracy on a 2-core CPU.
+"""GSA-ResNet-tiny on Fashion-MNIST at 28x28: 91% test accuracy in an hour on a 2-core CPU.
 
 The data is found on first use when Debian's ``dataset-fashion-mnist`` is installed, or
 in ``{data_dir}/downloads/manual/fashion_mnist``; else ``tfds build fashion_mnist
@@ -21,7 +21,7 @@ def get_config():
 
   config.batch_size = 128
   config.eval_batch_size = 400  # Fewer, larger eval steps: 25 for the 10,000 test images.
-  config.num_epochs = 2.0
+  config.num_epochs = 8.0
   config.learning_rate = 0.4  # Per 256 examples: 0.2 at batch 128.
   config.warmup_epochs = 0.1
   config.weight_decay = 5e-5
