@@ -4,6 +4,7 @@ References are closed forms (bytes of known buffers, multiply-adds of a dot or a
 convolution), the compilers' own memory plan and libtpu's own FLOP count.
 """
 
+import dataclasses
 import os
 
 # Before JAX loads libtpu: other test workers may hold it too.
@@ -338,6 +339,22 @@ def test_roofline_of_a_compute_bound_and_a_memory_bound_step():
   assert memory.step_seconds == pytest.approx(0.003)
   assert memory.examples_per_second == pytest.approx(8 * 4 / 0.003)
   assert memory.mfu is None
+
+
+def test_roofline_counts_kernel_flops_as_the_chips_units_take_them():
+  """A TPU's kernel dots at their MXU-padded FLOPs (the chip's MXU width); a GPU's kernel
+  work on the CUDA cores at their float32 peak; everything else at the bf16 peak."""
+  kernels = dict(kernel_flops=1e12, kernel_padded_flops={128: 4e12, 256: 9e12})
+  analysis = dataclasses.replace(_analysis(3e12, 0.0), **kernels)
+  for name, padded in (('tpu-v5e:2x2', 4e12), ('tpu-v6e:2x2', 9e12)):
+    target = aot.get_target(name)
+    roof = aot.roofline(analysis, target)
+    assert roof.compute_seconds == pytest.approx((3e12 - 1e12 + padded) / target.chip.peak_flops)
+  assert analysis.mxu_occupancy(128) == pytest.approx(0.25)
+  h100 = aot.get_target('h100')  # 989 TFLOP/s bf16 on tensor cores, 67 float32 on CUDA cores
+  gpu = dataclasses.replace(_analysis(3e12, 0.0), kernel_flops=1e12, kernel_vector_flops=6.7e11)
+  roof = aot.roofline(gpu, h100)
+  assert roof.compute_seconds == pytest.approx((3e12 - 6.7e11) / 989e12 + 6.7e11 / 67e12)
 
 
 def test_analysis_hbm_needed_is_arguments_outputs_temporaries_less_donated_plus_code():

@@ -73,7 +73,9 @@ def test_target_report_agrees_with_the_compiled_steps(target_name, batch):
     largest = fit.largest_batch
     assert largest % 8 == 0 and fit.predict(largest) <= fit.usable_bytes < fit.predict(largest + 8)
     memory = s.analysis.hbm_bytes / chip.hbm_bandwidth
-    compute = s.analysis.flops / chip.peak_flops
+    # The GPU's kernels: their CUDA-core work at the float32 peak, the rest at bf16's.
+    vector = s.analysis.kernel_vector_flops
+    compute = (s.analysis.flops - vector) / chip.peak_flops + vector / chip.vector_flops
     assert s.roofline.step_seconds == pytest.approx(max(memory, compute))
     assert s.roofline.examples_per_second == pytest.approx(
       batch * target.num_chips / max(memory, compute)
@@ -91,6 +93,14 @@ def test_target_report_agrees_with_the_compiled_steps(target_name, batch):
   assert rows['fits'][:2] == ['yes', 'yes']
   gflops = [float(v.replace(',', '')) for v in rows['GFLOPs / step'][:2]]
   assert gflops == pytest.approx([s.analysis.flops / 1e9 for s in summaries], rel=1e-3)
+  # (the tiny network computes in float32: all its kernel work is on the CUDA cores)
+  assert 0 < gsa.analysis.kernel_vector_flops <= gsa.analysis.kernel_flops <= gsa.analysis.flops
+  assert resnet.analysis.kernel_flops == 0
+  kernel = rows['kernel GFLOPs / step'][:2]
+  assert float(kernel[0]) == pytest.approx(gsa.analysis.kernel_flops / 1e9, rel=1e-3)
+  assert kernel[1] == '-'
+  vector = rows['kernel GFLOPs on CUDA cores'][0]
+  assert float(vector) == pytest.approx(gsa.analysis.kernel_vector_flops / 1e9, rel=1e-3)
   traffic = [float(v.split()[0]) for v in rows['HBM traffic / step'][:2]]
   assert traffic == pytest.approx([s.analysis.hbm_bytes / 1e9 for s in summaries], rel=1e-3)
   chips = f'{target.num_chips} chip{"s" if target.num_chips > 1 else ""} on 1 host'

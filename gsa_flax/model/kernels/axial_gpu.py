@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from gsa_flax.model.kernels import layout
+from gsa_flax.model.kernels import flops, layout
 from gsa_flax.model.kernels.layout import AxialStep
 
 F32 = jnp.float32
@@ -263,37 +263,70 @@ def block_traffic(
   return out + [math.prod(shape) * itemsize for shape, itemsize in results]
 
 
-def compute_cost(call: layout.KernelCall, batch: int) -> tuple[int, int]:
-  """``(flops, transcendentals)`` of a call on ``batch`` images, as the kernel executes them.
+def kernel_dots(call: layout.KernelCall, batch: int, tensor_cores: bool = True) -> list[flops.Dot]:
+  """The products of a call on ``batch`` images, as the kernel's code writes them.
 
-  Per line of ``A`` positions in tiles of ``AP`` (masked lanes included) and per head:
-  the logits as ``d`` multiply-add passes over ``[AP, AP]``, ``w @ v`` on the tensor cores
-  (``[AP, AP] x [AP, d_v]``, ``d_v`` padded to a power of two); in the backward pass
-  also the value gradient ``w^T g``, the weight gradient in relative coordinates and the
-  query and embedding gradients (passes over ``[AP, LP]``, ``LP`` the used offsets padded)
-  and, with the softmax, the relative logits and ``w @ v`` again; the fused content
-  products one channel at a time (``2 AP d_v`` per channel and product). Transcendentals
-  as :func:`gsa_flax.model.kernels.axial_tpu.compute_cost`.
+  Per line of ``A`` positions in tiles of ``AP`` (masked lanes included), with ``d_v``
+  padded to ``DVP`` (a power of two) and ``LP`` the used offsets padded, per head: the
+  logits as ``d`` CUDA-core multiply-add passes over ``[AP, AP]`` and ``w @ v``,
+  ``[AP, AP] @ [AP, DVP]``, on the tensor cores (``tensor_cores``: 16-bit operands, else
+  on the CUDA cores too); in the backward pass also the value gradient ``w^T g`` (tensor
+  cores), the weight gradient in relative coordinates (``e`` passes over ``[AP, LP]``),
+  the query and embedding gradients (``2 d`` passes over ``[AP, LP]``) and, with the
+  softmax, the relative logits (``d`` passes) and ``w @ v`` again. Each fused content
+  product runs one channel at a time (``d_k`` passes over ``[AP, DVP]``), as do the
+  small per-line multiply-adds of the extras (the affine maps on load, the statistics'
+  sums of squares, the online key softmax's rescaling). See
+  :func:`gsa_flax.model.kernels.flops.inventory` for what counts as a multiply-add.
   """
   step, extras = call.step, call.extras
   ap, lp = _tile(step.length), layout.next_pow2(step.used)
-  dk, dv, n = step.key_dim, step.value_dim, step.heads
-  dvp = _tile(dv)
+  dk, n, e = step.key_dim, step.heads, step.e
+  dkp, dvp = _tile(dk), _tile(step.value_dim)
+  vec, tc = flops.VECTOR, flops.MATRIX if tensor_cores else flops.VECTOR
+  Dot = flops.Dot
   content = 'context' in extras
   key = call.k_off is not None if not call.backward else 'key_stats' in extras
-  per_line = 2 * dk * ap * ap + 2 * n * ap * ap * dvp
+  affine = 'affine' in extras
+  line = [Dot(ap, 1, ap, dk, vec), Dot(ap, ap, dvp, n, tc)]  # logits; w @ v (backward: w^T g)
   if call.backward:
-    per_line += 2 * dv * ap * lp + 4 * dk * ap * lp
+    line.append(Dot(ap, 1, lp, n * e * (1 + int(affine)) + 2 * dk, vec))
     if step.softmax:
-      per_line += 2 * dk * ap * lp + 2 * n * ap * ap * dvp
-  products = 2 if call.backward else 1
-  per_line += 2 * products * dk * ap * dvp * (int(content) + int(key))
+      line += [Dot(ap, 1, lp, dk, vec), Dot(ap, ap, dvp, n, tc), Dot(ap, 1, dvp, n, vec)]
+    # The affine values of the line are only read by the softmax's w @ v and the key
+    # softmax's gradient (the weight gradient gathers its own): without them, dead code.
+    used_v = step.softmax or key
+    per_line = 2 * int('grad_affine' in extras) + int(affine and used_v)
+    per_line += int('bn_sums' in extras)
+    per_line += 2 * dk * (int(content) + int(key))
+    line.append(Dot(ap, 1, dvp, per_line, vec))
+    if content and 'normalize_queries' in extras:
+      line.append(Dot(ap, 1, dkp, 1, vec))
+  else:
+    per_line = int(affine) + int('stats' in extras) + dk * (int(content) + int(key))
+    line.append(Dot(ap, 1, dvp, per_line, vec))
+    if key:  # the online softmax's running sum and the context rows' rescaling
+      line += [Dot(1, 1, dkp, 1, vec), Dot(1, 1, dvp, dk, vec)]
+  return flops.scaled([d for d in line if d.count], batch * step.lines)
+
+
+def compute_cost(call: layout.KernelCall, batch: int) -> tuple[int, int]:
+  """``(flops, transcendentals)`` of a call on ``batch`` images, as the kernel executes them.
+
+  FLOPs: ``2 M K N`` of each of :func:`kernel_dots` (tensor-core dots and CUDA-core
+  multiply-adds); other elementwise work is not counted. Transcendentals as
+  :func:`gsa_flax.model.kernels.axial_tpu.compute_cost`, over the padded tiles.
+  """
+  step, extras = call.step, call.extras
+  ap, lp = _tile(step.length), layout.next_pow2(step.used)
+  dk, n = step.key_dim, step.heads
+  content = 'context' in extras
+  key = call.k_off is not None if not call.backward else 'key_stats' in extras
   exps = n * ap * ap * int(step.softmax) + ap * _tile(dk) * int(key)
   exps += ap * _tile(dk) * int(content and 'normalize_queries' in extras)
   if call.backward and step.softmax:
     exps += n * ap * lp
-  lines = batch * step.lines
-  return lines * per_line, lines * exps
+  return flops.executed_flops(kernel_dots(call, batch)), batch * step.lines * exps
 
 
 def _call(step, kernel, inputs, outputs, interpret, call: layout.KernelCall):

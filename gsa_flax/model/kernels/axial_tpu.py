@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from gsa_flax.model.kernels import layout
+from gsa_flax.model.kernels import flops, layout
 from gsa_flax.model.kernels.layout import AxialStep
 
 LANES = 128
@@ -250,41 +250,75 @@ def block_traffic(
   return out
 
 
-def compute_cost(call: layout.KernelCall, batch: int, width: int) -> tuple[int, int]:
-  """``(flops, transcendentals)`` of a call on ``batch`` images, as the kernel executes them.
+def kernel_dots(call: layout.KernelCall, batch: int, width: int) -> list[flops.Dot]:
+  """The MXU products of a call on ``batch`` images, as the kernel's code writes them.
 
-  Per image of ``N`` pixels, with ``P = width`` offset lanes per head (padding included)
+  Per line of ``A`` positions, with ``P = width`` offset lanes per head (padding included)
   and the relative table block-diagonal over the ``n`` heads (zeros included: the MXU
-  multiplies them): the forward pass's logits ``2 N d_k n P`` and weighted values
-  ``2 N n P d_v``; the backward pass's logits, weight gradient, value gradient, query and
-  embedding gradients (``2 N n P`` times ``d_k``, ``d_v``, ``d_v``, ``d_k``, ``d_k``) and
-  its two row-reversal GEMMs ``2 x 2 N A n P`` (``A`` the line length), plus a column
-  step's forward for each column output it recomputes; each fused content product
-  ``2 N d_k d_v``. Transcendentals: one exponential per weight with the
-  positional softmax, per key channel and pixel for the key softmax, per query channel
-  and pixel when queries are normalised. Elementwise work is not counted.
+  multiplies them): the forward pass's logits ``[A, d_k] @ [d_k, n P]`` and, per head,
+  weighted values ``[A, P] @ [P, d_v]``; the backward pass's logits again and, per head,
+  the weight gradient ``[A, d_v] @ [d_v, P]`` and the value gradient
+  ``[P, A] @ [A, d_v]``, the two row reversals of the skew's transpose
+  ``[A, A] @ [A, n P]``, the query gradient ``[A, n P] @ [n P, d_k]`` and the embedding
+  gradient ``[d_k, A] @ [A, n P]``; a column step's forward for each column output it
+  recomputes; each fused content product once over the image's ``N`` pixels
+  (``[N, d_k] @ [d_k, d_v]`` or its transposes).
   """
   step, extras = call.step, call.extras
   pixels = step.height * step.width
   dk, dv, n = step.key_dim, step.value_dim, step.heads
-  grid = n * width
+  a, lines, grid = step.length, step.lines, n * width
+  Dot = flops.Dot
   content = 'context' in extras
   key = call.k_off is not None if not call.backward else 'key_stats' in extras
   if call.backward:
-    flops = 2 * pixels * grid * (3 * dk + 2 * dv) + 4 * pixels * step.length * grid
-    flops += 4 * pixels * dk * dv * (int(content) + int(key))
+    dots = [
+      Dot(a, dk, grid, lines),
+      Dot(a, dv, width, lines * n),
+      Dot(width, a, dv, lines * n),
+      Dot(a, a, grid, 2 * lines),
+      Dot(a, grid, dk, lines),
+      Dot(dk, a, grid, lines),
+    ]
+    if content:  # dctx = q^T g, the query gradient g context^T
+      dots += [Dot(dk, pixels, dv, 1), Dot(pixels, dv, dk, 1)]
+    if key:  # through the key softmax: v dcontext^T, and p dcontext into the values
+      dots += [Dot(pixels, dv, dk, 1), Dot(pixels, dk, dv, 1)]
   else:
-    flops = 2 * pixels * grid * (dk + dv) + 2 * pixels * dk * dv * (int(content) + int(key))
+    dots = [Dot(a, dk, grid, lines), Dot(a, width, dv, lines * n)]
+    if content:  # q context
+      dots.append(Dot(pixels, dk, dv, 1))
+    if key:  # the context softmax(k)^T v
+      dots.append(Dot(dk, pixels, dv, 1))
+  recomputed = [call.column] if call.column is not None else []
+  recomputed += [step] if 'recompute_grad_y' in extras else []
+  for y in recomputed:
+    y_width = offset_lanes(y)
+    dots += [Dot(y.length, dk, n * y_width, y.lines), Dot(y.length, y_width, dv, y.lines * n)]
+  return flops.scaled(dots, batch)
+
+
+def compute_cost(call: layout.KernelCall, batch: int, width: int) -> tuple[int, int]:
+  """``(flops, transcendentals)`` of a call on ``batch`` images, as the kernel executes them.
+
+  FLOPs: ``2 M K N`` of each of :func:`kernel_dots`; elementwise work is not counted.
+  Transcendentals: one exponential per weight with the positional softmax, per key
+  channel and pixel for the key softmax, per query channel and pixel when queries are
+  normalised.
+  """
+  step, extras = call.step, call.extras
+  pixels = step.height * step.width
+  dk = step.key_dim
+  grid = step.heads * width
+  content = 'context' in extras
+  key = call.k_off is not None if not call.backward else 'key_stats' in extras
   exps = pixels * grid * int(step.softmax) + pixels * dk * int(key)
   exps += pixels * dk * int(content and 'normalize_queries' in extras)
-  # A recomputed column output: the column step's forward over the image once more.
   recomputed = [call.column] if call.column is not None else []
   recomputed += [step] if 'recompute_grad_y' in extras else []
   for y_step in recomputed:
-    y_grid = n * offset_lanes(y_step)
-    flops += 2 * pixels * y_grid * (dk + dv)
-    exps += pixels * y_grid * int(y_step.softmax)
-  return batch * flops, batch * exps
+    exps += pixels * step.heads * offset_lanes(y_step) * int(y_step.softmax)
+  return flops.executed_flops(kernel_dots(call, batch, width)), batch * exps
 
 
 def _call(kernel, inputs, outputs, scratch, interpret, call: layout.KernelCall):

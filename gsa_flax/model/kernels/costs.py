@@ -4,21 +4,23 @@ XLA sees a Pallas kernel as one custom call and cannot look inside it. Each kern
 is named after everything static about it (:class:`~gsa_flax.model.kernels.layout.KernelCall`),
 so a compiled program's custom calls can be priced from their names and their operand and
 result shapes: the HBM bytes its programs copy in and out (the grid and the blocks, as
-:func:`gsa_flax.model.kernels.layout.grid_traffic` counts them) and the FLOPs it executes.
+:func:`gsa_flax.model.kernels.layout.grid_traffic` counts them), the FLOPs it executes and
+how they fall on the chip's units: on TPU what the MXU does for them with its tiles padded,
+on a GPU the part on the CUDA cores (:mod:`gsa_flax.model.kernels.flops`).
 :func:`custom_call_costs` gives those prices in the form
-:func:`gsa_flax.tools.sizing.aot.analyze` takes; each ``pallas_call`` also carries the same
-numbers as its ``pl.CostEstimate``, which libtpu's own cost analysis counts.
+:func:`gsa_flax.tools.sizing.aot.analyze` takes; each ``pallas_call`` also carries its
+bytes and FLOPs as its ``pl.CostEstimate``, which libtpu's own cost analysis counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from jax.experimental import pallas as pl
 
-from gsa_flax.model.kernels import axial_gpu, axial_tpu, layout
+from gsa_flax.model.kernels import axial_gpu, axial_tpu, flops, layout
 
 # Bytes per element of the HLO element types the kernels use.
 _ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4}
@@ -40,7 +42,29 @@ def _array(a: Any) -> tuple[tuple[int, ...], int, bool]:
   return tuple(a.shape), np.dtype(a.dtype).itemsize, True
 
 
-def price(call: Any) -> pl.CostEstimate:
+@dataclasses.dataclass(frozen=True)
+class KernelCost:
+  """One execution of a kernel call: a ``pl.CostEstimate``'s three numbers and where the
+  FLOPs run.
+
+  Attributes:
+    flops: executed FLOPs (``2 M K N`` of each dot, padded tiles' zeros included).
+    transcendentals: exponentials.
+    bytes_accessed: HBM bytes of its programs' blocks.
+    padded_flops: ``{MXU width: FLOPs}`` on a TPU's MXU with each dot's operands rounded
+      up to its tiles (:func:`gsa_flax.model.kernels.flops.padded_flops`); ``{}`` on GPUs.
+    vector_flops: the part of ``flops`` on a GPU's CUDA cores (the rest is tensor-core
+      dots); 0 on TPU.
+  """
+
+  flops: float
+  transcendentals: float
+  bytes_accessed: float
+  padded_flops: Mapping[int, float] = dataclasses.field(default_factory=dict)
+  vector_flops: float = 0.0
+
+
+def price(call: Any) -> KernelCost:
   """HBM bytes and FLOPs of one execution of a kernel call found in a compiled program.
 
   Args:
@@ -52,7 +76,8 @@ def price(call: Any) -> pl.CostEstimate:
   Returns:
     The cost: bytes of every block of an array in HBM (blocks of arrays the compiler
     keeps in on-chip memory move no HBM bytes), FLOPs and transcendentals as the
-    backend's ``compute_cost`` counts them.
+    backend's ``compute_cost`` counts them, and how the FLOPs fall on the chip's units
+    (from the backend's ``kernel_dots``).
 
   Raises:
     ValueError: neither name spells a kernel call.
@@ -64,19 +89,24 @@ def price(call: Any) -> pl.CostEstimate:
   results = [_array(a) for a in call.results]
   sizes = [(shape, itemsize) for shape, itemsize, _ in operands + results]
   batch = results[0][0][0]
+  padded, vector = {}, 0
   if call.target == 'tpu_custom_call':
     moved = axial_tpu.block_traffic(sizes[: len(operands)], sizes[len(operands) :])
     width = operands[1][0][1]  # the relative rows [n*d, P]
-    flops, exps = axial_tpu.compute_cost(kernel, batch, width)
+    flop_count, exps = axial_tpu.compute_cost(kernel, batch, width)
+    dots = axial_tpu.kernel_dots(kernel, batch, width)
+    padded = {mxu: flops.padded_flops(dots, mxu) for mxu in flops.MXU_WIDTHS}
   else:
     moved = axial_gpu.block_traffic(kernel, sizes[: len(operands)], sizes[len(operands) :])
-    flops, exps = axial_gpu.compute_cost(kernel, batch)
+    flop_count, exps = axial_gpu.compute_cost(kernel, batch)
+    sixteen_bit = operands[0][1] == 2  # src: its dtype is the dots' operand dtype
+    vector = flops.executed_flops(axial_gpu.kernel_dots(kernel, batch, sixteen_bit), flops.VECTOR)
   in_hbm = [hbm for _, _, hbm in operands + results]
   hbm_bytes = sum(b for b, hbm in zip(moved, in_hbm, strict=True) if hbm)
-  return pl.CostEstimate(flops=flops, transcendentals=exps, bytes_accessed=hbm_bytes)
+  return KernelCost(flop_count, exps, hbm_bytes, padded, vector)
 
 
-def custom_call_costs() -> Mapping[str, Callable[[Any], pl.CostEstimate]]:
+def custom_call_costs() -> Mapping[str, Callable[[Any], KernelCost]]:
   """Prices of the kernels' custom calls by kernel name, for
   :func:`gsa_flax.tools.sizing.aot.analyze` (each a function of the call: :func:`price`)."""
   return dict.fromkeys(KERNELS, price)

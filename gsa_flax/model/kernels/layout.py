@@ -314,8 +314,8 @@ def tpu_tiled_bytes(shape: Sequence[int], itemsize: int) -> int:
   return int(np.prod(lead, dtype=np.int64)) * rows * round_up(cols, TPU_LANES) * itemsize
 
 
-def grid_traffic(jaxpr) -> dict[str, int]:
-  """HBM bytes the Pallas kernels of a jaxpr copy in and out, per backend.
+def call_traffic(jaxpr) -> list[tuple[str, str, int]]:
+  """HBM bytes each Pallas kernel call of a jaxpr copies in and out.
 
   A custom call's traffic is invisible to XLA's cost analysis, so it is counted from the
   kernel's grid and block specs: every program instance copies each of its input and
@@ -329,10 +329,10 @@ def grid_traffic(jaxpr) -> dict[str, int]:
     jaxpr: a (closed) jaxpr, e.g. from :func:`jax.make_jaxpr`.
 
   Returns:
-    ``{'mosaic': bytes, 'triton': bytes, 'interpret': bytes}`` over the ``pallas_call``
-    equations for TPU, for NVIDIA GPUs and in interpret mode.
+    ``(kernel name, backend, bytes)`` per ``pallas_call`` in program order; the backend
+    is ``'mosaic'`` (TPU), ``'triton'`` (NVIDIA GPUs) or ``'interpret'``.
   """
-  totals = {'mosaic': 0, 'triton': 0, 'interpret': 0}
+  calls = []
 
   def visit(jx):
     for eqn in jx.eqns:
@@ -351,7 +351,7 @@ def grid_traffic(jaxpr) -> dict[str, int]:
             per_program += int(np.prod(shape, dtype=np.int64)) * itemsize
           else:
             per_program += tpu_tiled_bytes(shape, itemsize)
-        totals[kind] += programs * per_program
+        calls.append((eqn.params['name'], kind, programs * per_program))
       for param in eqn.params.values():
         for sub in param if isinstance(param, tuple | list) else (param,):
           inner = getattr(sub, 'jaxpr', sub)
@@ -359,6 +359,23 @@ def grid_traffic(jaxpr) -> dict[str, int]:
             visit(inner)
 
   visit(getattr(jaxpr, 'jaxpr', jaxpr))
+  return calls
+
+
+def grid_traffic(jaxpr) -> dict[str, int]:
+  """HBM bytes the Pallas kernels of a jaxpr copy in and out, per backend.
+
+  Args:
+    jaxpr: a (closed) jaxpr, e.g. from :func:`jax.make_jaxpr`.
+
+  Returns:
+    ``{'mosaic': bytes, 'triton': bytes, 'interpret': bytes}`` summed over the
+    ``pallas_call`` equations for TPU, for NVIDIA GPUs and in interpret mode
+    (:func:`call_traffic`).
+  """
+  totals = {'mosaic': 0, 'triton': 0, 'interpret': 0}
+  for _, kind, moved in call_traffic(jaxpr):
+    totals[kind] += moved
   return totals
 
 

@@ -56,12 +56,17 @@ class Chip:
     hbm_bytes: HBM capacity.
     hbm_bandwidth: HBM bandwidth, bytes/s.
     peak_flops: peak dense bfloat16 FLOP/s (a multiply-add counts 2).
+    mxu: a TPU's MXU width (128 up to v5, 256 from v6); None on GPUs.
+    vector_flops: a GPU's peak float32 FLOP/s on its CUDA cores (no tensor cores); None
+      on TPUs.
   """
 
   name: str
   hbm_bytes: int
   hbm_bandwidth: float
   peak_flops: float
+  mxu: int | None = None
+  vector_flops: float | None = None
 
 
 # Vendor figures per chip.
@@ -78,16 +83,18 @@ class Chip:
 #   T4: NVIDIA T4 datasheet -- FP16 Tensor Core 65 TFLOPS (Turing has no bfloat16 tensor
 #     cores: the FP16 peak stands in for it); 16 GB GDDR6 at 320 GB/s.
 # GPU capacities are the driver's figures, as in each chip's ``<chip>.txtpb``.
+# CUDA-core (non-tensor) float32 peaks, same datasheets: H100 SXM5 67 TFLOPS, A100 19.5,
+# L4 30.3, T4 8.1. MXU widths: JAX's ``pltpu.TpuInfo.mxu_column_size`` (128 before v6).
 # Google gives the TPU capacities as GB for 16/32/95 GiB parts (two, two and six HBM stacks).
 CHIPS: dict[str, Chip] = {
-  'tpu-v4': Chip('TPU v4', 32 * _GIB, 1.2e12, 275e12),
-  'tpu-v5e': Chip('TPU v5e', 16 * _GIB, 819e9, 197e12),
-  'tpu-v5p': Chip('TPU v5p', 95 * _GIB, 2.765e12, 459e12),
-  'tpu-v6e': Chip('TPU v6e', 32 * _GIB, 1.638e12, 918e12),
-  'h100': Chip('NVIDIA H100 SXM5 80GB', 84_942_979_072, 3.35e12, 989e12),
-  'a100': Chip('NVIDIA A100 SXM4 40GB', 42_314_694_656, 1.555e12, 312e12),
-  'l4': Chip('NVIDIA L4', 23_580_639_232, 300e9, 121e12),
-  't4': Chip('NVIDIA Tesla T4', 15_828_320_256, 320e9, 65e12),
+  'tpu-v4': Chip('TPU v4', 32 * _GIB, 1.2e12, 275e12, mxu=128),
+  'tpu-v5e': Chip('TPU v5e', 16 * _GIB, 819e9, 197e12, mxu=128),
+  'tpu-v5p': Chip('TPU v5p', 95 * _GIB, 2.765e12, 459e12, mxu=128),
+  'tpu-v6e': Chip('TPU v6e', 32 * _GIB, 1.638e12, 918e12, mxu=256),
+  'h100': Chip('NVIDIA H100 SXM5 80GB', 84_942_979_072, 3.35e12, 989e12, vector_flops=67e12),
+  'a100': Chip('NVIDIA A100 SXM4 40GB', 42_314_694_656, 1.555e12, 312e12, vector_flops=19.5e12),
+  'l4': Chip('NVIDIA L4', 23_580_639_232, 300e9, 121e12, vector_flops=30.3e12),
+  't4': Chip('NVIDIA Tesla T4', 15_828_320_256, 320e9, 65e12, vector_flops=8.1e12),
 }
 
 # NVIDIA GPUs, each compiled for from its XLA target description ``<chip>.txtpb`` here.
@@ -236,6 +243,11 @@ class Analysis:
     unpriced_custom_calls: custom calls counted only by their operands and results.
     unknown_trip_counts: while loops whose trip count the HLO does not give (counted once).
     collectives: ``{opcode: count}`` of collectives in the program.
+    kernel_flops: the part of ``flops`` that priced custom calls (Pallas kernels) execute.
+    kernel_padded_flops: ``{MXU width: FLOPs}``: what a TPU's MXU does for those kernels,
+      each dot's operands rounded up to its tiles (equal to ``kernel_flops`` where no
+      padding is known).
+    kernel_vector_flops: the part of ``kernel_flops`` on a GPU's CUDA cores.
   """
 
   flops: float
@@ -252,6 +264,14 @@ class Analysis:
   unpriced_custom_calls: tuple[str, ...]
   unknown_trip_counts: int
   collectives: dict[str, int]
+  kernel_flops: float = 0.0
+  kernel_padded_flops: dict[int, float] = dataclasses.field(default_factory=dict)
+  kernel_vector_flops: float = 0.0
+
+  def mxu_occupancy(self, mxu: int) -> float | None:
+    """Executed over MXU-padded FLOPs of the kernels (None without kernels)."""
+    padded = self.kernel_padded_flops.get(mxu, self.kernel_flops)
+    return self.kernel_flops / padded if padded else None
 
   @property
   def hbm_needed(self) -> int:
@@ -319,6 +339,9 @@ def analyze(
     unpriced_custom_calls=costs['unpriced_custom_calls'],
     unknown_trip_counts=costs['unknown_trip_counts'],
     collectives=costs['collectives'],
+    kernel_flops=costs['kernel_flops'],
+    kernel_padded_flops=costs['kernel_padded_flops'],
+    kernel_vector_flops=costs['kernel_vector_flops'],
   )
 
 
@@ -330,7 +353,8 @@ class Roofline:
   """A step's lower bound on time from the chip's peaks, and what it implies.
 
   Attributes:
-    compute_seconds: FLOPs / peak FLOP/s.
+    compute_seconds: FLOPs / peak FLOP/s, with the kernels' FLOPs as the chip's units
+      take them (:func:`roofline`).
     memory_seconds: HBM bytes / HBM bandwidth.
     step_seconds: the larger of the two (compute and memory overlap perfectly).
     bound: ``'compute'`` or ``'memory'``.
@@ -355,6 +379,11 @@ def roofline(
 ) -> Roofline:
   """Step time ``max(FLOPs / peak, bytes / bandwidth)`` per chip, and its consequences.
 
+  The FLOPs of the Pallas kernels count as the chip's units execute them: on a TPU, each
+  kernel dot with its operands padded to the MXU's tiles (``analysis.kernel_padded_flops``
+  at ``target.chip.mxu``); on a GPU, the kernels' CUDA-core work at the CUDA cores' float32
+  peak, the rest at the tensor cores' peak. Everything else is at the chip's peak.
+
   Args:
     analysis: the step's per-chip :class:`Analysis`.
     target: where it runs.
@@ -365,7 +394,14 @@ def roofline(
   Returns:
     The roofline.
   """
-  compute = analysis.flops / target.chip.peak_flops
+  chip = target.chip
+  matrix_flops = analysis.flops - analysis.kernel_vector_flops
+  if chip.mxu is not None:
+    padded = analysis.kernel_padded_flops.get(chip.mxu, analysis.kernel_flops)
+    matrix_flops += padded - analysis.kernel_flops
+  compute = matrix_flops / chip.peak_flops
+  if analysis.kernel_vector_flops:
+    compute += analysis.kernel_vector_flops / (chip.vector_flops or chip.peak_flops)
   memory = analysis.hbm_bytes / target.chip.hbm_bandwidth
   step = max(compute, memory)
   rate = mfu = None

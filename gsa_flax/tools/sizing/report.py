@@ -218,6 +218,28 @@ def format_target_table(summaries: Sequence[TargetSummary]) -> str:
   row('largest batch / chip', largest, lambda v: '-' if v is None else f'{v}')
   row('temporaries', [s.analysis.temp_bytes for s in summaries], tables.format_bytes)
   row('GFLOPs / step', [s.analysis.flops for s in summaries], lambda v: f'{v / 1e9:,.4g}')
+  kernels = [s.analysis.kernel_flops or None for s in summaries]
+  if any(kernels):
+    row('kernel GFLOPs / step', kernels, lambda v: '-' if v is None else f'{v / 1e9:,.4g}')
+    mxu = summaries[0].chip.mxu
+    if mxu is not None:
+      occupancy = [s.analysis.mxu_occupancy(mxu) for s in summaries]
+      row(
+        f'kernel MXU occupancy ({mxu}-wide tiles)',
+        occupancy,
+        lambda v: '-' if v is None else f'{100 * v:.0f}%',
+        [None] * len(summaries),
+      )
+    else:
+      vector = [
+        s.analysis.kernel_vector_flops if s.analysis.kernel_flops else None for s in summaries
+      ]
+      row(
+        'kernel GFLOPs on CUDA cores',
+        vector,
+        lambda v: '-' if v is None else f'{v / 1e9:,.4g}',
+        [None] * len(summaries),
+      )
   row(
     'HBM traffic / step',
     [s.analysis.hbm_bytes for s in summaries],
@@ -283,8 +305,10 @@ def format_target_report(
     f"remat '{config.remat}'; {first.batch_per_chip} examples per chip ({source}).",
     'Per chip, from the training step compiled for the target on this machine (nothing '
     "runs): HBM needed (XLA's memory plan), FLOPs (executed), HBM traffic (estimated from "
-    'the compiled program), roofline step = max(FLOPs / peak, traffic / bandwidth); MFU '
-    'counts 3x the forward pass in its minimal-FLOP order.',
+    'the compiled program), roofline step = max(FLOPs / peak, traffic / bandwidth) with the '
+    "kernels' FLOPs as the chip's units take them (TPU: each dot padded to the MXU's tiles; "
+    'GPU: CUDA-core work at the float32 peak); MFU counts 3x the forward pass in its '
+    'minimal-FLOP order.',
     '',
     format_target_table(summaries),
   ]

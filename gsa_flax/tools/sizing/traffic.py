@@ -58,6 +58,12 @@ class _Totals(NamedTuple):
   hbm_bytes: float = 0.0
   onchip_bytes: float = 0.0
   custom_flops: float = 0.0  # of custom calls priced by the caller
+  # What the priced kernels execute, whether or not the compiler counted it already, and
+  # how it falls on the chip's units (see gsa_flax.model.kernels.costs.KernelCost).
+  kernel_flops: float = 0.0
+  kernel_vector_flops: float = 0.0
+  kernel_padded_128: float = 0.0
+  kernel_padded_256: float = 0.0
 
   def plus(self, other: _Totals, times: float = 1.0) -> _Totals:
     return _Totals(*(a + times * b for a, b in zip(self, other, strict=True)))
@@ -264,7 +270,7 @@ class _Counter:
       results=instruction.shape,
     )
 
-  def custom_call_cost(self, instruction: Instruction) -> tuple[float, float] | None:
+  def custom_call_cost(self, instruction: Instruction) -> _Totals | None:
     call = self.custom_call(instruction)
     target, op_name = call.target, call.op_name
     for key, cost in self.costs.items():
@@ -272,9 +278,18 @@ class _Counter:
         if callable(cost):
           cost = cost(call)
         flops = float(cost.flops)
+        executed = flops
         if target == _MOSAIC and '"cost_estimate"' in instruction.attrs:
           flops = 0.0  # the kernel's own CostEstimate: libtpu's FLOPs include it already
-        return float(cost.bytes_accessed), flops
+        padded = getattr(cost, 'padded_flops', None) or {}
+        return _Totals(
+          hbm_bytes=float(cost.bytes_accessed),
+          custom_flops=flops,
+          kernel_flops=executed,
+          kernel_vector_flops=float(getattr(cost, 'vector_flops', 0.0)),
+          kernel_padded_128=float(padded.get(128, executed)),
+          kernel_padded_256=float(padded.get(256, executed)),
+        )
     return None
 
   def instruction_traffic(self, instruction: Instruction) -> _Totals:
@@ -306,7 +321,7 @@ class _Counter:
         return _Totals()
       priced = self.custom_call_cost(instruction)
       if priced is not None:
-        return _Totals(hbm_bytes=priced[0], custom_flops=priced[1])
+        return priced
       if library_call(target):
         results = results[:1]
       else:
@@ -370,7 +385,12 @@ def hlo_costs(hlo_text: str, custom_call_costs: CustomCallCosts | None = None) -
     ``onchip_bytes`` (the same for buffers the compiler placed in on-chip memory, a TPU's
     VMEM: traffic kept out of HBM), ``matmul_flops``
     (2 x output elements x contraction size of every dot and convolution, fusion bodies
-    included: elementwise work is not counted), ``custom_call_flops`` (from the costs given),
+    included: elementwise work is not counted), ``custom_call_flops`` (from the costs given,
+    less those the compiler counted already: a TPU kernel's own ``CostEstimate``),
+    ``kernel_flops`` (every priced custom call's FLOPs), ``kernel_vector_flops`` (the part
+    of them on a GPU's CUDA cores), ``kernel_padded_flops`` (``{MXU width: FLOPs}``, what a
+    TPU's MXU does for them with its tiles padded; the FLOPs themselves where a price
+    gives no padding),
     ``unpriced_custom_calls`` (custom calls with no cost given: their operands and results
     are counted, what they do inside is not), ``unknown_trip_counts`` (while loops counted
     once), ``collectives`` (``{opcode: count}`` of the collectives in the program).
@@ -389,6 +409,9 @@ def hlo_costs(hlo_text: str, custom_call_costs: CustomCallCosts | None = None) -
     'onchip_bytes': top.onchip_bytes,
     'matmul_flops': counter.computation_flops(entry),
     'custom_call_flops': top.custom_flops,
+    'kernel_flops': top.kernel_flops,
+    'kernel_vector_flops': top.kernel_vector_flops,
+    'kernel_padded_flops': {128: top.kernel_padded_128, 256: top.kernel_padded_256},
     'unpriced_custom_calls': tuple(counter.unpriced),
     'unknown_trip_counts': counter.unknown_trip_counts,
     'collectives': dict(sorted(collectives.items())),
