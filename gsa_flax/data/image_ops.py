@@ -105,7 +105,12 @@ def equalize(image: tf.Tensor) -> tf.Tensor:
   # Each channel's grey levels offset into its own 256 bins: one flat histogram and one
   # flat lookup serve all three channels.
   index = tf.cast(_channel_rows(image), tf.int32) + tf.constant([[0], [256], [512]], tf.int32)
-  histogram = tf.reshape(tf.math.bincount(index, minlength=768, maxlength=768), [3, 256])
+  # A histogram of a fixed size (tf.math.bincount sizes it from the largest value, which
+  # XLA would need to know when it compiles: one compile per image).
+  counts = tf.raw_ops.DenseBincount(
+    input=tf.reshape(index, [-1]), size=768, weights=tf.constant([], tf.int32)
+  )
+  histogram = tf.reshape(counts, [3, 256])
   levels = tf.range(256)[None]
   # The count of each channel's brightest level: its last non-empty bin.
   brightest = tf.reduce_max(tf.where(histogram > 0, levels, 0), axis=1)
