@@ -121,11 +121,13 @@ _OPS: dict[str, _Op] = {
 
 # Ops that run XLA-compiled (``tf.function(jit_compile=True)``, one executable per image
 # shape): XLA fuses their elementwise arithmetic, gathers and histogram into a few passes
-# where TensorFlow's kernels make one pass per op, 2-5x less CPU per image at 224x224
+# where TensorFlow's kernels make one pass per op: 1.3-3.5x less CPU per image at 224x224
 # (``benchmarks/augment_ops.py``). The others measured no faster compiled (Brightness,
 # Posterize, Invert), much slower (Sharpness: XLA's CPU depthwise convolution), or would
 # compile once per magnitude (TranslateX/Y: their padding depends on it, and XLA needs
 # padding known when it compiles).
+# No compiled op may size anything from pixel values (Equalize's histogram has a fixed
+# size): XLA would compile it again for every image.
 # Compiled, an op can differ from its TensorFlow run by one grey level on a few pixels in
 # 100,000 (fused multiply-adds round once); a run gives the same bits every time.
 COMPILED_OPS: tuple[str, ...] = (
