@@ -173,3 +173,33 @@ def resnet_macs(stage_sizes, filters, image_size, classes):
         macs += out * out * channels * 4 * width  # projection shortcut
       channels, size = 4 * width, out
   return macs + channels * classes
+
+
+def compile_gsa_layer(target, *, batch, height, width, heads, key_dim, value_dim):
+  """A ``GSA(value_dim)`` layer's forward + backward (gradients of the variables and the
+  input; loss = sum of squares in float32; train-mode BatchNorm), bfloat16, 8 input
+  channels, compiled for an ``aot`` target with ``batch`` examples per chip, the batch
+  split over the target's chips."""
+  import jax
+  import jax.numpy as jnp
+
+  from gsa_flax.model.layers import GSA
+  from gsa_flax.tools.sizing import aot
+
+  module = GSA(value_dim, num_heads=heads, key_features=key_dim, dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((1, height, width, 8), jnp.bfloat16)
+  variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
+  replicated = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=target.sharding()), variables
+  )
+  x = jax.ShapeDtypeStruct(
+    (batch * target.num_chips, height, width, 8),
+    jnp.bfloat16,
+    sharding=target.sharding(aot.DATA_AXIS),
+  )
+
+  def loss(variables, x):
+    out, _ = module.apply(variables, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(jnp.square(out.astype(jnp.float32)))
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(replicated, x).compile()

@@ -14,9 +14,9 @@ os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
+from helpers import compile_gsa_layer  # noqa: E402
 
 from gsa_flax.model.kernels import axial_gpu, axial_tpu, flops, gsa, layout, positional  # noqa: E402
-from gsa_flax.model.layers import GSA  # noqa: E402
 from gsa_flax.tools.sizing import aot  # noqa: E402
 
 
@@ -172,21 +172,10 @@ def test_a_compiled_layers_kernel_flops_are_its_traced_dots(target_name, backend
   share of the batch."""
   target = aot.get_target(target_name)
   batch, h, w, heads, dk, dv = 2, 10, 6, 2, 8, 16  # rows of 10: the kernels (SHORT_LINE)
-  module = GSA(dv, num_heads=heads, key_features=dk, dtype=jnp.bfloat16)
-  x = jax.ShapeDtypeStruct((1, h, w, 8), jnp.bfloat16)
-  variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
-  replicated = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=target.sharding()), variables
+  compiled = compile_gsa_layer(
+    target, batch=batch, height=h, width=w, heads=heads, key_dim=dk, value_dim=dv
   )
-  x = jax.ShapeDtypeStruct(
-    (batch * target.num_chips, h, w, 8), jnp.bfloat16, sharding=target.sharding(aot.DATA_AXIS)
-  )
-
-  def loss(variables, x):
-    out, _ = module.apply(variables, x, train=True, mutable=['batch_stats'])
-    return jnp.sum(jnp.square(out.astype(jnp.float32)))
-
-  analysis = aot.analyze(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(replicated, x).compile())
+  analysis = aot.analyze(compiled)
   traced = _gsa_jaxpr(backend, (batch, h, w, heads, dk, dv), train=True)
   dots = [d for _, kernel_dots in flops.inventory(traced) for d in kernel_dots]
   assert analysis.kernel_flops == flops.executed_flops(dots)

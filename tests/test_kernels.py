@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from helpers import compile_gsa_layer  # noqa: E402
 from reference import loop_content, loop_positional  # noqa: E402
 
 from gsa_flax.model import dispatch, ops  # noqa: E402
@@ -398,21 +399,9 @@ def test_costs_of_a_compiled_layer_are_the_kernels_grid_traffic(target_name, bac
   form for one chip's share of the batch."""
   target = aot.get_target(target_name)
   batch, h, w, heads, dk, dv = 2, 10, 6, 2, 8, 16  # rows of 10: the kernels (SHORT_LINE)
-  module = GSA(dv, num_heads=heads, key_features=dk, dtype=jnp.bfloat16)
-  x = jax.ShapeDtypeStruct((1, h, w, 8), jnp.bfloat16)
-  variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
-  replicated = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=target.sharding()), variables
+  compiled = compile_gsa_layer(
+    target, batch=batch, height=h, width=w, heads=heads, key_dim=dk, value_dim=dv
   )
-  x = jax.ShapeDtypeStruct(
-    (batch * target.num_chips, h, w, 8), jnp.bfloat16, sharding=target.sharding(aot.DATA_AXIS)
-  )
-
-  def loss(variables, x):
-    out, _ = module.apply(variables, x, train=True, mutable=['batch_stats'])
-    return jnp.sum(jnp.square(out.astype(jnp.float32)))
-
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(replicated, x).compile()
   analysis = aot.analyze(compiled)
   assert analysis.unpriced_custom_calls == ()
   calls = traffic.custom_calls(compiled.as_text())

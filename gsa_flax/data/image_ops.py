@@ -351,6 +351,14 @@ def _resample_lines(image: tf.Tensor, offsets: tf.Tensor, axis: int) -> tf.Tenso
   return _to_uint8((1.0 - fraction) * before + fraction * after)
 
 
+def _shear(image: tf.Tensor, shear: float | tf.Tensor, axis: int) -> tf.Tensor:
+  """Lines along ``axis`` move by ``shear`` times their distance from the centre line."""
+  shear = tf.cast(shear, tf.float32)
+  centre = _centre(image)[axis]  # (cx, cy): rows (axis=1) move by their distance from cy
+  lines = tf.range(tf.shape(image)[1 - axis], dtype=tf.float32)
+  return _resample_lines(image, shear * lines - shear * centre, axis=axis)
+
+
 def shear_x(image: tf.Tensor, shear: float | tf.Tensor) -> tf.Tensor:
   """Shears horizontally about the centre row: row ``y`` reads from ``x + shear * (y - cy)``.
 
@@ -361,26 +369,20 @@ def shear_x(image: tf.Tensor, shear: float | tf.Tensor) -> tf.Tensor:
   Returns:
     ``uint8 [height, width, 3]``; uncovered pixels are ``FILL_VALUE``.
   """
-  shear = tf.cast(shear, tf.float32)
-  _, cy = _centre(image)
-  rows = tf.range(tf.shape(image)[0], dtype=tf.float32)
-  return _resample_lines(image, shear * rows - shear * cy, axis=1)
+  return _shear(image, shear, axis=1)
 
 
 def shear_y(image: tf.Tensor, shear: float | tf.Tensor) -> tf.Tensor:
   """Shears vertically about the centre column: column ``x`` reads from ``y + shear * (x - cx)``.
 
   Args:
-    image: ``uint8 [height, width, 3]``.
+    image: ``uint8 [height, width, 3]``; see ``shear_x``.
     shear: scalar.
 
   Returns:
     ``uint8 [height, width, 3]``; uncovered pixels are ``FILL_VALUE``.
   """
-  shear = tf.cast(shear, tf.float32)
-  cx, _ = _centre(image)
-  cols = tf.range(tf.shape(image)[1], dtype=tf.float32)
-  return _resample_lines(image, shear * cols - shear * cx, axis=0)
+  return _shear(image, shear, axis=0)
 
 
 def _translate(image: tf.Tensor, pixels: tf.Tensor, axis: int) -> tf.Tensor:
